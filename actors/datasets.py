@@ -1,0 +1,210 @@
+"""Read training data in the formats TRL users already have, and tell exactly what is wrong with it.
+
+Formats: JSONL, Parquet, Arrow (IPC file or stream) and `datasets` save_to_disk directories.
+Row shapes: prompt/completion, chat `messages`, and prompt-only with reference columns.
+Imports only pyarrow, so the control plane validates data with the same code the stages read it with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+FORMATS = ("jsonl", "parquet", "arrow", "hf_disk")
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class DataError(ValueError):
+    """A problem with a data file; `row` is 1-based (a line number for JSONL), or None."""
+
+    def __init__(self, file: str | Path, problem: str, row: int | None = None):
+        self.file, self.problem, self.row = str(file), problem, row
+        where = f"{self.file}, row {row}" if row is not None else self.file
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Columns:
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row as text: what the model is asked and, where labelled, the answer."""
+
+    prompt: str
+    completion: str | None
+    references: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: str
+    format: str
+    shape: str  # prompt_completion | messages | prompt_only
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+    def examples(self, cols: Columns = Columns()) -> list[Example]:
+        return [to_example(r, self.shape, cols) for r in self.rows]
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf_disk"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix in (".arrow", ".feather", ".ipc"):
+        return "arrow"
+    raise DataError(path, f"cannot tell the format from the name; set format to one of {', '.join(FORMATS)}")
+
+
+def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
+    """Read a dataset and check its shape row by row. Raises DataError naming file and row."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or directory")
+    fmt = fmt or detect_format(path)
+    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow, "hf_disk": _read_hf_disk}
+    if fmt not in readers:
+        raise DataError(path, f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    rows = readers[fmt](path)
+    columns = sorted({k for r in rows for k in r})
+    shape = detect_shape(path, columns, cols)
+    for i, row in enumerate(rows, start=1):
+        problem = row_problem(row, shape, cols)
+        if problem:
+            raise DataError(path, problem, row=i)
+    return Dataset(str(path), fmt, shape, columns, rows)
+
+
+def detect_shape(path: Path, columns: list[str], cols: Columns) -> str:
+    if cols.messages in columns:
+        return "messages"
+    if cols.prompt in columns and cols.completion in columns:
+        return "prompt_completion"
+    if cols.prompt in columns:
+        return "prompt_only"
+    raise DataError(
+        path, f"no {cols.prompt!r} or {cols.messages!r} column; the columns are {columns or 'none'}"
+    )
+
+
+def row_problem(row: dict[str, Any], shape: str, cols: Columns) -> str | None:
+    """What is wrong with one row's types, or None. Empty values are the audit's business."""
+    if shape == "messages":
+        return _messages_problem(row.get(cols.messages), cols.messages)
+    for name in (cols.prompt, cols.completion) if shape == "prompt_completion" else (cols.prompt,):
+        value = row.get(name)
+        if value is None or isinstance(value, str):
+            continue
+        if isinstance(value, list):  # conversational prompt/completion, as TRL allows
+            problem = _messages_problem(value, name)
+            if problem:
+                return problem
+            continue
+        return f"{name!r} must be a string or a list of messages, not {type(value).__name__}"
+    return None
+
+
+def _messages_problem(messages: Any, name: str) -> str | None:
+    if messages is None:
+        return None
+    if not isinstance(messages, list):
+        return f"{name!r} must be a list of {{role, content}} objects, not {type(messages).__name__}"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"{name}[{j}] must be an object with 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"{name}[{j}].role {m['role']!r} is not one of {sorted(ROLES)}"
+        if m["content"] is not None and not isinstance(m["content"], str):
+            return f"{name}[{j}].content must be a string"
+    return None
+
+
+def to_example(row: dict[str, Any], shape: str, cols: Columns = Columns()) -> Example:
+    """Flatten a row to prompt text, completion text and the other columns (references)."""
+    if shape == "messages":
+        msgs = row.get(cols.messages) or []
+        last_is_answer = bool(msgs) and msgs[-1].get("role") == "assistant"
+        prompt_msgs = msgs[:-1] if last_is_answer else msgs
+        prompt = "\n".join(m.get("content") or "" for m in prompt_msgs)
+        completion = (msgs[-1].get("content") or "") if last_is_answer else None
+        refs = {k: v for k, v in row.items() if k != cols.messages}
+        return Example(prompt, completion, refs)
+    completion = _text(row.get(cols.completion)) if shape == "prompt_completion" else None
+    refs = {k: v for k, v in row.items() if k not in (cols.prompt, cols.completion)}
+    return Example(_text(row.get(cols.prompt)), completion, refs)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\n".join((m.get("content") or "") for m in value if isinstance(m, dict))
+    return str(value)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, f"invalid JSON: {e.msg} at column {e.colno}", row=n) from None
+                if not isinstance(row, dict):
+                    raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=n)
+                rows.append(row)
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text: {e.reason}") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(path, f"not a readable Parquet file: {e}") from None
+
+
+def _read_arrow(path: Path) -> list[dict[str, Any]]:
+    for opener in (ipc.open_file, ipc.open_stream):
+        try:
+            with pa.memory_map(str(path)) as source:
+                return opener(source).read_all().to_pylist()
+        except (pa.ArrowException, OSError):
+            continue
+    raise DataError(path, "not a readable Arrow IPC file or stream")
+
+
+def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
+    """A `datasets` save_to_disk directory: state.json lists the Arrow stream files."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(path, f"is a DatasetDict with splits {splits}; name one, e.g. {path / (splits or ['train'])[0]}")
+    state_file = path / "state.json"
+    if not state_file.exists():
+        raise DataError(path, "a directory without state.json is not a `datasets` save_to_disk directory")
+    try:
+        files = [f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(state_file, f"unreadable state.json: {e}") from None
+    rows: list[dict[str, Any]] = []
+    for name in files:
+        rows.extend(_read_arrow(path / name))
+    return rows
