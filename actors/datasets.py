@@ -96,9 +96,7 @@ def detect_shape(path: Path, columns: list[str], cols: Columns) -> str:
         return "prompt_completion"
     if cols.prompt in columns:
         return "prompt_only"
-    raise DataError(
-        path, f"no {cols.prompt!r} or {cols.messages!r} column; the columns are {columns or 'none'}"
-    )
+    raise DataError(path, f"no {cols.prompt!r} or {cols.messages!r} column; the columns are {columns or 'none'}")
 
 
 def row_problem(row: dict[str, Any], shape: str, cols: Columns) -> str | None:
@@ -196,7 +194,9 @@ def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
     """A `datasets` save_to_disk directory: state.json lists the Arrow stream files."""
     if (path / "dataset_dict.json").exists():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        raise DataError(path, f"is a DatasetDict with splits {splits}; name one, e.g. {path / (splits or ['train'])[0]}")
+        raise DataError(
+            path, f"is a DatasetDict with splits {splits}; name one, e.g. {path / (splits or ['train'])[0]}"
+        )
     state_file = path / "state.json"
     if not state_file.exists():
         raise DataError(path, "a directory without state.json is not a `datasets` save_to_disk directory")
@@ -208,3 +208,18 @@ def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
     for name in files:
         rows.extend(_read_arrow(path / name))
     return rows
+
+
+def columns_of(ref) -> Columns:
+    """Columns named by a stillroom.v1.DatasetRef, with TRL's defaults."""
+    return Columns(
+        ref.prompt_column or "prompt", ref.completion_column or "completion", ref.messages_column or "messages"
+    )
+
+
+def load_ref(ref) -> Dataset:
+    """Load what a stillroom.v1.DatasetRef names."""
+    from stillroom.v1 import job_pb2 as pb
+
+    fmt = pb.DatasetFormat.Name(ref.format).removeprefix("DATASET_FORMAT_").lower()
+    return load(ref.path, "" if fmt == "unspecified" else fmt, columns_of(ref))

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from stillroom.v1 import job_pb2 as pb
 
 from services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from stillroom.v1 import job_pb2 as pb
 
 S = pb.JobState
 TERMINAL = frozenset({S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED})
@@ -29,8 +29,7 @@ ACTIVE = (S.JOB_STATE_RUNNING, S.JOB_STATE_CANCELLING)
 # from a supervisor after the job was already CANCELLED).
 TRANSITIONS = {
     S.JOB_STATE_QUEUED: {S.JOB_STATE_RUNNING, S.JOB_STATE_CANCELLED, S.JOB_STATE_FAILED},
-    S.JOB_STATE_RUNNING: {S.JOB_STATE_CANCELLING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED,
-                          S.JOB_STATE_CANCELLED},
+    S.JOB_STATE_RUNNING: {S.JOB_STATE_CANCELLING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED},
     S.JOB_STATE_CANCELLING: {S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED},
 }
 
@@ -171,8 +170,9 @@ class Store:
                 "INSERT INTO stages (job_id, idx, name, kind, state) VALUES (?,?,?,?,?)",
                 [(job_id, i, n, k, pb.STAGE_STATE_PENDING) for i, (n, k) in enumerate(stages)],
             )
-            self._append(db, job_id, [pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=S.JOB_STATE_QUEUED,
-                                               message="queued")])
+            self._append(
+                db, job_id, [pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=S.JOB_STATE_QUEUED, message="queued")]
+            )
             return self._job(db, job_id), True
 
     def get_job(self, job_id: str, tenant: str | None = None) -> pb.Job:
@@ -221,8 +221,7 @@ class Store:
         states = list(states)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, supervisor_cursor FROM jobs WHERE state IN ({','.join('?' * len(states))})"
-                " ORDER BY seq",
+                f"SELECT id, supervisor_cursor FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY seq",
                 states,
             ).fetchall()
         return [(r["id"], r["supervisor_cursor"]) for r in rows]
@@ -250,6 +249,11 @@ class Store:
                 "SELECT body FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?", (job_id, after_seq, limit)
             ).fetchall()
         return [pb.Event.FromString(r["body"]) for r in rows]
+
+    def notify(self) -> None:
+        """Wake every wait() now."""
+        with self._changed:
+            self._changed.notify_all()
 
     def wait(self, timeout: float) -> None:
         """Block until any write commits, or `timeout` seconds pass."""
@@ -302,8 +306,12 @@ class Store:
                 # Stages that never ran are cancelled (or skipped) with the job.
                 db.execute(
                     "UPDATE stages SET state=? WHERE job_id=? AND state IN (?,?)",
-                    (pb.STAGE_STATE_CANCELLED if e.job_state != S.JOB_STATE_SUCCEEDED else pb.STAGE_STATE_SKIPPED,
-                     job_id, pb.STAGE_STATE_PENDING, pb.STAGE_STATE_RUNNING),
+                    (
+                        pb.STAGE_STATE_CANCELLED if e.job_state != S.JOB_STATE_SUCCEEDED else pb.STAGE_STATE_SKIPPED,
+                        job_id,
+                        pb.STAGE_STATE_PENDING,
+                        pb.STAGE_STATE_RUNNING,
+                    ),
                 )
             if e.job_state == S.JOB_STATE_FAILED:
                 db.execute("UPDATE jobs SET error_stage=?, error_reason=? WHERE id=?", (e.stage, e.message, job_id))
@@ -323,28 +331,42 @@ class Store:
             row = db.execute("SELECT metrics FROM stages WHERE job_id=? AND name=?", (job_id, e.stage)).fetchone()
             if row is not None:
                 metrics = {**json.loads(row["metrics"]), **dict(e.metrics)}
-                db.execute("UPDATE stages SET metrics=? WHERE job_id=? AND name=?",
-                           (json.dumps(metrics), job_id, e.stage))
+                db.execute(
+                    "UPDATE stages SET metrics=? WHERE job_id=? AND name=?", (json.dumps(metrics), job_id, e.stage)
+                )
         elif e.type == pb.EVENT_TYPE_ARTIFACT:
-            db.execute("INSERT OR REPLACE INTO artifacts VALUES (?,?,?)",
-                       (job_id, e.artifact.name, e.artifact.SerializeToString()))
+            db.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?,?,?)",
+                (job_id, e.artifact.name, e.artifact.SerializeToString()),
+            )
         return True
 
     def _job(self, db: sqlite3.Connection, job_id: str) -> pb.Job:
         r = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         job = pb.Job(
-            id=r["id"], request_id=r["request_id"], spec=pb.JobSpec.FromString(r["spec"]), state=r["state"],
+            id=r["id"],
+            request_id=r["request_id"],
+            spec=pb.JobSpec.FromString(r["spec"]),
+            state=r["state"],
             error=pb.JobError(stage=r["error_stage"], reason=r["error_reason"]),
-            create_time=timestamp(r["create_time"]), start_time=timestamp(r["start_time"]),
-            end_time=timestamp(r["end_time"]), last_event_seq=r["last_event_seq"],
+            create_time=timestamp(r["create_time"]),
+            start_time=timestamp(r["start_time"]),
+            end_time=timestamp(r["end_time"]),
+            last_event_seq=r["last_event_seq"],
         )
         for lr in db.execute("SELECT key, value FROM job_labels WHERE job_id=?", (job_id,)):
             job.labels[lr["key"]] = lr["value"]
         for s in db.execute("SELECT * FROM stages WHERE job_id=? ORDER BY idx", (job_id,)):
-            job.stages.append(pb.StageStatus(
-                name=s["name"], kind=s["kind"], state=s["state"],
-                progress=pb.Progress(done=s["done"], total=s["total"], unit=s["unit"]),
-                metrics=json.loads(s["metrics"]), error=s["error"],
-                start_time=timestamp(s["start_time"]), end_time=timestamp(s["end_time"]),
-            ))
+            job.stages.append(
+                pb.StageStatus(
+                    name=s["name"],
+                    kind=s["kind"],
+                    state=s["state"],
+                    progress=pb.Progress(done=s["done"], total=s["total"], unit=s["unit"]),
+                    metrics=json.loads(s["metrics"]),
+                    error=s["error"],
+                    start_time=timestamp(s["start_time"]),
+                    end_time=timestamp(s["end_time"]),
+                )
+            )
         return job

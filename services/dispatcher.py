@@ -1,0 +1,194 @@
+"""The dispatcher: starts queued jobs on Ray in submission order, under a concurrency limit, and
+pulls each running job's events from its supervisor actor into the store.
+
+One background thread; every tick: pull events -> pass on cancels -> start queued jobs.
+At start-up, reconcile() re-attaches to supervisors that outlived a server restart (or fails their
+jobs with a reason) before anything new is dispatched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from stillroom.v1 import job_pb2 as pb
+
+from actors.ray_actors import NAMESPACE, launch_supervisor, supervisor_name
+from services.store import ACTIVE, TERMINAL, Store
+
+log = logging.getLogger("stillroom.dispatcher")
+
+
+@dataclass
+class _Running:
+    handle: ray.actor.ActorHandle
+    cursor: int
+    cancel_sent_at: float | None = None
+    pending: ray.ObjectRef | None = field(default=None, repr=False)
+
+
+def _event(state: int, message: str) -> pb.Event:
+    return pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=state, message=message)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        artifact_root: Path,
+        max_running: int = 2,
+        poll_interval_s: float = 0.2,
+        cancel_grace_s: float = 30.0,
+    ):
+        self.store, self.artifact_root = store, Path(artifact_root)
+        self.max_running, self.poll_interval_s, self.cancel_grace_s = max_running, poll_interval_s, cancel_grace_s
+        self._running: dict[str, _Running] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Re-attach to supervisors of RUNNING/CANCELLING jobs, or fail those jobs with a reason."""
+        for job_id, cursor in self.store.jobs_in(ACTIVE):
+            handle = self._find(job_id)
+            if handle is not None:
+                log.info("re-attached to the supervisor of %s at event %d", job_id, cursor)
+                self._running[job_id] = _Running(handle, cursor)
+                continue
+            state = self.store.get_job(job_id).state
+            final = pb.JOB_STATE_CANCELLED if state == pb.JOB_STATE_CANCELLING else pb.JOB_STATE_FAILED
+            self.store.append_events(
+                job_id,
+                [
+                    _event(
+                        final,
+                        "the job's supervisor was lost while the control service was down "
+                        "(its Ray cluster stopped or the actor died)",
+                    )
+                ],
+            )
+        self._kill_orphans()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def notify(self) -> None:
+        """Wake the loop now (a job was submitted or cancelled)."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep dispatching; the next tick retries
+                log.exception("dispatcher tick failed")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        self._pull()
+        self._pass_on_cancels()
+        self._start_queued()
+
+    # -- the three steps ----------------------------------------------------------------------
+
+    def _pull(self) -> None:
+        for run in self._running.values():
+            if run.pending is None:
+                run.pending = run.handle.events_since.remote(run.cursor)
+        refs = {run.pending: job_id for job_id, run in self._running.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=1.0)
+        for ref in ready:
+            job_id = refs[ref]
+            run = self._running[job_id]
+            run.pending = None
+            try:
+                events, cursor = ray.get(ref)
+            except RayActorError as e:
+                self._lost(job_id, f"the job's supervisor actor died: {e.error_msg if hasattr(e, 'error_msg') else e}")
+                continue
+            if events:
+                self.store.append_events(job_id, [pb.Event.FromString(b) for b in events], cursor)
+                run.cursor = cursor
+            if self.store.get_job(job_id).state in TERMINAL:
+                self._finish(job_id)
+
+    def _pass_on_cancels(self) -> None:
+        for job_id, _ in self.store.jobs_in([pb.JOB_STATE_CANCELLING]):
+            run = self._running.get(job_id)
+            if run is None:
+                self.store.append_events(job_id, [_event(pb.JOB_STATE_CANCELLED, "cancelled")])
+            elif run.cancel_sent_at is None:
+                run.handle.cancel.remote()
+                run.cancel_sent_at = time.monotonic()
+            elif time.monotonic() - run.cancel_sent_at > self.cancel_grace_s:
+                self.store.append_events(
+                    job_id,
+                    [
+                        _event(
+                            pb.JOB_STATE_CANCELLED,
+                            f"cancelled; the supervisor was killed after {self.cancel_grace_s:g}s without stopping",
+                        )
+                    ],
+                )
+                self._finish(job_id)
+
+    def _start_queued(self) -> None:
+        for job_id, _ in self.store.jobs_in([pb.JOB_STATE_QUEUED]):
+            if len(self._running) >= self.max_running:
+                return
+            artifact_dir = self.artifact_root / job_id
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            handle = launch_supervisor(job_id, self.store.spec(job_id).SerializeToString(), str(artifact_dir))
+            ray.get(handle.start.remote(), timeout=60)
+            self._running[job_id] = _Running(handle, cursor=0)
+            self.store.append_events(job_id, [_event(pb.JOB_STATE_RUNNING, f"started {supervisor_name(job_id)}")])
+            log.info("started %s", job_id)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _lost(self, job_id: str, reason: str) -> None:
+        state = self.store.get_job(job_id).state
+        final = pb.JOB_STATE_CANCELLED if state == pb.JOB_STATE_CANCELLING else pb.JOB_STATE_FAILED
+        self.store.append_events(job_id, [_event(final, reason)])
+        self._finish(job_id)
+
+    def _finish(self, job_id: str) -> None:
+        run = self._running.pop(job_id, None)
+        if run is not None:
+            ray.kill(run.handle, no_restart=True)
+
+    def _find(self, job_id: str):
+        try:
+            handle = ray.get_actor(supervisor_name(job_id), namespace=NAMESPACE)
+            ray.get(handle.ping.remote(), timeout=10)
+            return handle
+        except (ValueError, RayActorError, GetTimeoutError):
+            return None
+
+    def _kill_orphans(self) -> None:
+        """Supervisors whose jobs already ended (the server died before it killed them)."""
+        for name in ray.util.list_named_actors(all_namespaces=True):
+            if name.get("namespace") != NAMESPACE or not name["name"].endswith(":supervisor:0"):
+                continue
+            job_id = name["name"].split(":")[0]
+            if job_id not in self._running:
+                try:
+                    ray.kill(ray.get_actor(name["name"], namespace=NAMESPACE), no_restart=True)
+                    log.info("killed orphaned supervisor of %s", job_id)
+                except ValueError:
+                    pass

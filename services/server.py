@@ -1,0 +1,166 @@
+"""`stillroom serve`: the gRPC control service.
+
+Start-up order: open the store -> connect to Ray -> reconcile jobs left RUNNING -> start the
+dispatcher -> accept calls. SIGTERM/SIGINT: stop accepting, let in-flight calls finish (watchers are
+told to resume later), then stop dispatching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from stillroom.v1 import job_pb2 as pb
+from stillroom.v1 import job_service_pb2, job_service_pb2_grpc
+
+from actors.ray_actors import NAMESPACE
+from services.auth import Principal, TokenTable
+from services.dispatcher import Dispatcher
+from services.interceptors import AuthInterceptor, ErrorInterceptor
+from services.servicer import JobService
+from services.store import ACTIVE, Store
+from services.validation import Policy
+
+log = logging.getLogger("stillroom.server")
+SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+MiB = 1024 * 1024
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("STILLROOM_HOME", Path.home() / ".local" / "share" / "stillroom"))
+
+
+@dataclass
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    home: Path = field(default_factory=default_home)
+    store_path: Path | None = None  # default <home>/jobs.db
+    artifact_root: Path | None = None  # default <home>/artifacts
+    data_roots: list[Path] = field(default_factory=lambda: [Path.cwd()])
+    model_roots: list[Path] = field(default_factory=list)
+    tokens_file: Path | None = None
+    allow_anonymous: bool = False  # every caller is tenant "default": for a laptop, never a cluster
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
+    max_running_jobs: int = 2
+    max_queued_per_tenant: int = 100
+    workers: int = 128
+    max_message_mb: int = 16
+    grace_s: float = 20.0
+
+
+class _AnonymousTokens(TokenTable):
+    def __init__(self) -> None:
+        super().__init__({})
+
+    def authenticate(self, metadata) -> Principal:
+        return Principal("default")
+
+
+class Server:
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        tokens = _AnonymousTokens() if cfg.allow_anonymous else TokenTable.load(cfg.tokens_file)
+        if not cfg.allow_anonymous and not len(tokens):
+            raise SystemExit("no API tokens: pass --tokens-file or set STILLROOM_TOKENS (or --allow-anonymous)")
+        self.store = Store(cfg.store_path or cfg.home / "jobs.db")
+        self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address=cfg.ray_address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        self.dispatcher = Dispatcher(self.store, cfg.artifact_root or cfg.home / "artifacts", cfg.max_running_jobs)
+        self.service = JobService(
+            self.store,
+            self.dispatcher,
+            Policy(tuple(Path(p).resolve() for p in cfg.data_roots), tuple(Path(p).resolve() for p in cfg.model_roots)),
+            cfg.max_queued_per_tenant,
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+            interceptors=[ErrorInterceptor(), AuthInterceptor(tokens)],
+            maximum_concurrent_rpcs=cfg.workers,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_mb * MiB),
+                ("grpc.max_send_message_length", cfg.max_message_mb * MiB),
+            ],
+        )
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(self.service, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.port = self._bind()
+        self._stopped = threading.Event()
+
+    def _bind(self) -> int:
+        if self.cfg.tls_cert or self.cfg.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())]
+            )
+            return self.grpc.add_secure_port(self.cfg.address, creds)
+        return self.grpc.add_insecure_port(self.cfg.address)
+
+    def start(self) -> None:
+        self.dispatcher.reconcile()
+        self.dispatcher.start()
+        self.grpc.start()
+        self._set_health(True)
+        threading.Thread(target=self._watch_store, name="health", daemon=True).start()
+        host = self.cfg.address.rsplit(":", 1)[0]
+        print(f"stillroom: listening on {host}:{self.port}", flush=True)
+
+    def _set_health(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _watch_store(self) -> None:
+        while not self._stopped.wait(2.0):
+            try:
+                self.store.check()
+                self._set_health(True)
+            except Exception as e:  # noqa: BLE001 - any store failure means NOT_SERVING
+                log.error("job store unusable: %s", e)
+                self._set_health(False)
+
+    def stop(self) -> None:
+        """Graceful: refuse new calls, finish in-flight ones, tell watchers, stop dispatching."""
+        self._stopped.set()
+        self.service.shutting_down.set()
+        self.health.enter_graceful_shutdown()
+        self.store.notify()  # wake watchers so they see the shutdown
+        self.grpc.stop(self.cfg.grace_s).wait()
+        self.dispatcher.stop()
+        if self.embedded_ray:
+            # The embedded cluster ends with this process, and the supervisors with it.
+            for job_id, _ in self.store.jobs_in(ACTIVE):
+                self.store.append_events(
+                    job_id,
+                    [
+                        pb.Event(
+                            type=pb.EVENT_TYPE_JOB_STATE,
+                            job_state=pb.JOB_STATE_FAILED,
+                            message="the control service stopped, and its embedded Ray cluster with it; resubmit, "
+                            "or run the service against a Ray cluster (--ray-address) so jobs outlive it",
+                        )
+                    ],
+                )
+        ray.shutdown()
+        self.store.close()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        stop.wait()
+        log.info("shutting down")
+        self.stop()

@@ -1,0 +1,135 @@
+"""JobService: translates requests, delegates to validation, the store and the dispatcher.
+
+Raises domain errors only (services/errors.py); services/interceptors.py turns them into status
+codes. The caller's tenant comes from the auth interceptor (context.principal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+
+from stillroom.v1 import job_pb2 as pb
+from stillroom.v1 import job_service_pb2 as api
+from stillroom.v1 import job_service_pb2_grpc as api_grpc
+
+from services.dispatcher import Dispatcher
+from services.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.store import TERMINAL, Store, decode_token, encode_token
+from services.validation import Policy, validate, validate_request
+
+WATCH_POLL_S = 1.0
+
+
+def new_job_id() -> str:
+    return "job-" + secrets.token_hex(6)
+
+
+def request_hash(spec: pb.JobSpec, labels: dict[str, str]) -> str:
+    h = hashlib.sha256(spec.SerializeToString(deterministic=True))
+    for k in sorted(labels):
+        h.update(f"\0{k}\0{labels[k]}".encode())
+    return h.hexdigest()
+
+
+def _page_size(value: int, default: int, most: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument([(field, "must be >= 0")])
+    return min(value or default, most)
+
+
+class JobService(api_grpc.JobServiceServicer):
+    def __init__(self, store: Store, dispatcher: Dispatcher, policy: Policy, max_queued_per_tenant: int = 100):
+        self.store, self.dispatcher, self.policy = store, dispatcher, policy
+        self.max_queued_per_tenant = max_queued_per_tenant
+        self.shutting_down = threading.Event()
+
+    def SubmitJob(self, request: api.SubmitJobRequest, context) -> api.SubmitJobResponse:
+        principal = context.principal
+        if principal.read_only:
+            raise PermissionDenied(f"tenant {principal.tenant!r}: this token is read-only")
+        labels = dict(request.labels)
+        validate_request(request.request_id, labels)
+        spec, _ = validate(request.spec, self.policy)
+        job, created = self.store.create_job(
+            job_id=new_job_id(),
+            tenant=principal.tenant,
+            request_id=request.request_id or secrets.token_hex(16),
+            request_hash=request_hash(request.spec, labels),
+            spec=spec,
+            labels=labels,
+            stages=[(s.name, s.WhichOneof("kind")) for s in spec.stages],
+            max_queued=self.max_queued_per_tenant,
+        )
+        if created:
+            self.dispatcher.notify()
+        return api.SubmitJobResponse(job=job, created=created)
+
+    def ValidateJob(self, request: api.ValidateJobRequest, context) -> api.ValidateJobResponse:
+        _, warnings = validate(request.spec, self.policy)
+        return api.ValidateJobResponse(warnings=warnings)
+
+    def GetJob(self, request: api.GetJobRequest, context) -> api.GetJobResponse:
+        return api.GetJobResponse(job=self.store.get_job(request.job_id, context.principal.tenant))
+
+    def ListJobs(self, request: api.ListJobsRequest, context) -> api.ListJobsResponse:
+        for i, state in enumerate(request.states):
+            if state not in pb.JobState.values() or state == pb.JOB_STATE_UNSPECIFIED:
+                raise InvalidArgument([(f"states[{i}]", f"{state} is not a job state")])
+        jobs, token = self.store.list_jobs(
+            context.principal.tenant,
+            states=request.states,
+            labels=dict(request.labels),
+            page_size=_page_size(request.page_size, 50, 500, "page_size"),
+            page_token=request.page_token,
+        )
+        return api.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    def CancelJob(self, request: api.CancelJobRequest, context) -> api.CancelJobResponse:
+        principal = context.principal
+        job = self.store.get_job(request.job_id, principal.tenant)
+        if principal.read_only:
+            raise PermissionDenied(f"tenant {principal.tenant!r}: this token is read-only")
+        target = pb.JOB_STATE_CANCELLED if job.state == pb.JOB_STATE_QUEUED else pb.JOB_STATE_CANCELLING
+        if job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING):
+            # The store drops the event if the job moved on meanwhile (e.g. it just succeeded).
+            self.store.append_events(
+                job.id, [pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=target, message="cancel requested")]
+            )
+            self.dispatcher.notify()
+        # Cancelling a job that already ended changes nothing and is not an error: cancel is idempotent.
+        return api.CancelJobResponse(job=self.store.get_job(job.id))
+
+    def WatchJob(self, request: api.WatchJobRequest, context):
+        tenant = context.principal.tenant
+        cursor = request.after_seq
+        if cursor < 0:
+            raise InvalidArgument([("after_seq", "must be >= 0")])
+        while True:
+            done = self.store.get_job(request.job_id, tenant).state in TERMINAL
+            events = self.store.events(request.job_id, cursor, limit=500)
+            for event in events:
+                yield api.WatchJobResponse(event=event)
+                cursor = event.seq
+            if events:
+                continue
+            if done:
+                return
+            if self.shutting_down.is_set():
+                raise Unavailable(f"the server is shutting down; resume the watch with after_seq={cursor}")
+            if not context.is_active():
+                return
+            self.store.wait(WATCH_POLL_S)
+
+    def ListEvents(self, request: api.ListEventsRequest, context) -> api.ListEventsResponse:
+        size = _page_size(request.page_size, 100, 1000, "page_size")
+        after = decode_token(request.page_token) if request.page_token else request.after_seq
+        if after < 0:
+            raise InvalidArgument([("after_seq", "must be >= 0")])
+        events = self.store.events(request.job_id, after, limit=size + 1, tenant=context.principal.tenant)
+        token = encode_token(events[size - 1].seq) if len(events) > size else ""
+        return api.ListEventsResponse(events=events[:size], next_page_token=token)
+
+    def ListArtifacts(self, request: api.ListArtifactsRequest, context) -> api.ListArtifactsResponse:
+        return api.ListArtifactsResponse(artifacts=self.store.artifacts(request.job_id, context.principal.tenant))

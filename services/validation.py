@@ -1,0 +1,283 @@
+"""Validate a JobSpec on the server, before anything is queued. Errors carry field paths, e.g.
+`stages[1].grpo.group_size: must be >= 2`, and every violation is reported at once.
+
+validate() returns the spec normalised (absolute data and model paths, stage names filled in);
+ValidateJob and SubmitJob both call it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stillroom.v1 import job_pb2 as pb
+
+from actors import datasets
+from actors.stage_registry import AVAILABLE
+from services.errors import InvalidArgument, PermissionDenied
+
+MAX_STAGES = 32
+LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+NEEDS_TEACHER = {"sft", "grpo", "distill", "evaluate", "export"}
+NEEDS_TRAIN = {"audit", "sft", "grpo"}
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALE_REWARDS = ("group", "batch", "none")
+DISTILL_MODES = ("offline", "on_policy")
+DISTILL_FILTERS = ("best_of_n", "min_reward", "majority_vote", "valid_only")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Operator settings that validation enforces."""
+
+    data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
+    # Model paths may also come from these (e.g. a shared model store); data roots always count.
+    model_roots: tuple[Path, ...] = ()
+
+
+class _Violations:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def check(self, ok: bool, path: str, message: str) -> None:
+        if not ok:
+            self.items.append((path, message))
+
+    def number(
+        self, value: float, path: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    ) -> None:
+        """value == 0 means 'use the default' in proto3, so only set values are range-checked."""
+        if value == 0:
+            return
+        if not math.isfinite(value):
+            self.items.append((path, "must be a finite number"))
+        elif lo is not None and (value <= lo if lo_open else value < lo):
+            self.items.append((path, f"must be {'>' if lo_open else '>='} {lo:g}"))
+        elif hi is not None and value > hi:
+            self.items.append((path, f"must be <= {hi:g}"))
+
+    def choice(self, value: str, path: str, choices: tuple[str, ...]) -> None:
+        self.check(not value or value in choices, path, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
+    """Check `spec`; return (normalised copy, warnings). Raises InvalidArgument, PermissionDenied."""
+    out = pb.JobSpec()
+    out.CopyFrom(spec)
+    v, warnings = _Violations(), []
+    v.check(len(spec.display_name) <= 200, "display_name", "must be at most 200 characters")
+    v.check(len(spec.stages) > 0, "stages", "a job needs at least one stage")
+    v.check(len(spec.stages) <= MAX_STAGES, "stages", f"at most {MAX_STAGES} stages")
+    kinds = _check_stages(out, v)
+    _check_resources(spec.resources, v)
+    if kinds & NEEDS_TEACHER:
+        v.check(
+            bool(spec.teacher.path),
+            "teacher.path",
+            f"required by the {', '.join(sorted(kinds & NEEDS_TEACHER))} stage(s)",
+        )
+    if "distill" in kinds:
+        v.check(bool(spec.student.path), "student.path", "required by the distill stage")
+    if kinds & NEEDS_TRAIN:
+        v.check(
+            bool(spec.data.train.path),
+            "data.train.path",
+            f"required by the {', '.join(sorted(kinds & NEEDS_TRAIN))} stage(s)",
+        )
+    for name in ("teacher", "student"):
+        ref = getattr(out, name)
+        if ref.path:
+            ref.path = _model_path(ref.path, f"{name}.path", policy, v)
+        if ref.tokenizer_path:
+            ref.tokenizer_path = _model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
+    for split in ("train", "eval", "unlabeled", "test"):
+        ref = getattr(out.data, split)
+        if ref.path:
+            _check_dataset(ref, f"data.{split}", policy, v)
+    if v.items:
+        raise InvalidArgument(v.items)
+    return out, warnings
+
+
+def validate_request(request_id: str, labels: dict[str, str]) -> None:
+    v = _Violations()
+    v.check(not request_id or bool(REQUEST_ID.match(request_id)), "request_id", "must match [A-Za-z0-9._-]{1,128}")
+    v.check(len(labels) <= 64, "labels", "at most 64 labels")
+    for k, val in labels.items():
+        v.check(
+            bool(LABEL_KEY.match(k)), f"labels[{k!r}]", "key must be 1-63 of [A-Za-z0-9._/-], alphanumeric at both ends"
+        )
+        v.check(len(val) <= 63, f"labels[{k!r}]", "value must be at most 63 characters")
+    if v.items:
+        raise InvalidArgument(v.items)
+
+
+def _check_stages(spec: pb.JobSpec, v: _Violations) -> set[str]:
+    kinds, names = set(), set()
+    for i, stage in enumerate(spec.stages):
+        kind = stage.WhichOneof("kind")
+        path = f"stages[{i}]"
+        if kind is None:
+            v.check(
+                False,
+                path,
+                "set exactly one stage kind: " + ", ".join(f.name for f in stage.DESCRIPTOR.oneofs[0].fields),
+            )
+            continue
+        kinds.add(kind)
+        if not stage.name:
+            stage.name = kind if kind not in names else f"{kind}-{i}"
+        v.check(
+            bool(re.match(r"^[a-z0-9][a-z0-9_-]{0,62}$", stage.name)),
+            f"{path}.name",
+            "must match [a-z0-9][a-z0-9_-]{0,62}",
+        )
+        v.check(stage.name not in names, f"{path}.name", f"{stage.name!r} is used by an earlier stage")
+        names.add(stage.name)
+        CHECKS[kind](getattr(stage, kind), f"{path}.{kind}", v)
+        v.check(
+            kind in AVAILABLE,
+            f"{path}.{kind}",
+            f"stage kind {kind!r} is not available in this server yet (available: {', '.join(AVAILABLE)})",
+        )
+    return kinds
+
+
+def _audit(s: pb.AuditStage, p: str, v: _Violations) -> None:
+    v.number(s.min_rows, f"{p}.min_rows", lo=0)
+    for name in ("max_empty_fraction", "max_duplicate_fraction", "max_near_duplicate_fraction", "max_leakage_fraction"):
+        v.number(getattr(s, name), f"{p}.{name}", lo=0, hi=1)
+    v.number(s.near_duplicate_threshold, f"{p}.near_duplicate_threshold", lo=0, hi=1, lo_open=True)
+    v.number(s.max_tokens, f"{p}.max_tokens", lo=1)
+
+
+def _lora(s: pb.LoraConfig, p: str, v: _Violations) -> None:
+    v.number(s.r, f"{p}.r", lo=1)
+    v.number(s.alpha, f"{p}.alpha", lo=0, lo_open=True)
+    v.check(0 <= s.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
+
+
+def _optim(s: pb.OptimConfig, p: str, v: _Violations) -> None:
+    v.number(s.learning_rate, f"{p}.learning_rate", lo=0, hi=1, lo_open=True)
+    for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "checkpoint_every"):
+        v.number(getattr(s, name), f"{p}.{name}", lo=1)
+    v.number(s.weight_decay, f"{p}.weight_decay", lo=0)
+    v.number(s.warmup_steps, f"{p}.warmup_steps", lo=0)
+    v.check(0 <= s.zero_stage <= 3, f"{p}.zero_stage", "must be 0, 1, 2 or 3")
+
+
+def _rewards(rewards, p: str, v: _Violations) -> None:
+    for j, r in enumerate(rewards):
+        v.check(bool(r.name), f"{p}[{j}].name", "required: a built-in name, pkg.module:function or model:/path")
+        v.number(r.weight, f"{p}[{j}].weight")
+        v.number(r.timeout_s, f"{p}[{j}].timeout_s", lo=0, lo_open=True)
+
+
+def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
+    _lora(s.lora, f"{p}.lora", v)
+    _optim(s.optim, f"{p}.optim", v)
+    v.number(s.max_length, f"{p}.max_length", lo=1)
+    v.number(s.eval_every, f"{p}.eval_every", lo=1)
+
+
+def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
+    v.check(s.group_size == 0 or s.group_size >= 2, f"{p}.group_size", "must be >= 2")
+    v.choice(s.loss_type, f"{p}.loss_type", LOSS_TYPES)
+    v.choice(s.scale_rewards, f"{p}.scale_rewards", SCALE_REWARDS)
+    v.number(s.beta, f"{p}.beta", lo=0)
+    v.number(s.epsilon, f"{p}.epsilon", lo=0, hi=1, lo_open=True)
+    v.number(s.epsilon_high, f"{p}.epsilon_high", lo=0, hi=1, lo_open=True)
+    v.number(s.num_iterations, f"{p}.num_iterations", lo=1)
+    v.number(s.max_staleness, f"{p}.max_staleness", lo=0)
+    v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
+    v.number(s.temperature, f"{p}.temperature", lo=0)
+    v.number(s.top_p, f"{p}.top_p", lo=0, hi=1, lo_open=True)
+    v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
+    v.check(len(s.rewards) > 0, f"{p}.rewards", "GRPO needs at least one reward function")
+    _rewards(s.rewards, f"{p}.rewards", v)
+    _lora(s.lora, f"{p}.lora", v)
+    _optim(s.optim, f"{p}.optim", v)
+
+
+def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
+    v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
+    v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
+    v.choice(s.kd_loss, f"{p}.kd_loss", KD_LOSSES)
+    v.number(s.num_samples, f"{p}.num_samples", lo=1)
+    v.number(s.top_k, f"{p}.top_k", lo=1)
+    for name in ("alpha", "jsd_beta", "lambda"):
+        v.number(getattr(s, name), f"{p}.{name}", lo=0, hi=1)
+    v.number(s.temperature, f"{p}.temperature", lo=0, lo_open=True)
+    v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
+    _rewards(s.rewards, f"{p}.rewards", v)
+    _optim(s.optim, f"{p}.optim", v)
+
+
+def _evaluate(s: pb.EvaluateStage, p: str, v: _Violations) -> None:
+    _rewards(s.metrics, f"{p}.metrics", v)
+    v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
+    v.number(s.limit, f"{p}.limit", lo=1)
+
+
+def _export(s: pb.ExportStage, p: str, v: _Violations) -> None:
+    v.choice(s.dtype, f"{p}.dtype", DTYPES)
+
+
+CHECKS = {"audit": _audit, "sft": _sft, "grpo": _grpo, "distill": _distill, "evaluate": _evaluate, "export": _export}
+
+
+def _check_resources(r: pb.Resources, v: _Violations) -> None:
+    for role in ("generator", "scorer", "trainer"):
+        rr = getattr(r, role)
+        v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
+        v.number(rr.num_cpus, f"resources.{role}.num_cpus", lo=0)
+        v.number(rr.num_gpus, f"resources.{role}.num_gpus", lo=0)
+
+
+def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:
+    """Absolute path inside one of `roots` (relative paths are taken from the first root)."""
+    p = Path(path)
+    resolved = (p if p.is_absolute() else roots[0] / p).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        raise PermissionDenied(f"{field_path}: {path!r} is outside the server's allowed roots")
+    return resolved
+
+
+def _model_path(path: str, field_path: str, policy: Policy, v: _Violations) -> str:
+    if path.startswith("pkg://"):
+        package, _, rel = path[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            v.check(False, field_path, f"package {package!r} is not installed on the server")
+        elif not (Path(next(iter(spec.submodule_search_locations))) / rel).is_file():
+            v.check(False, field_path, f"package {package!r} has no file {rel!r}")
+        return path
+    resolved = _resolve(path, field_path, policy.data_roots + policy.model_roots)
+    if resolved.is_dir():
+        v.check(
+            any((resolved / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")),
+            field_path,
+            f"{resolved} has no config.json or tokenizer files",
+        )
+    else:
+        v.check(
+            resolved.suffix == ".gguf" and resolved.is_file(),
+            field_path,
+            f"{resolved} is neither a model directory nor a .gguf file",
+        )
+    return str(resolved)
+
+
+def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> None:
+    resolved = _resolve(ref.path, f"{p}.path", policy.data_roots)
+    ref.path = str(resolved)
+    try:
+        datasets.load_ref(ref)
+    except datasets.DataError as e:
+        v.check(False, f"{p}.path", str(e))
