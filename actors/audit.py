@@ -56,16 +56,26 @@ def near_duplicate_pairs(
     num_perm: int = 64,
     bands: int = 16,
     seed: int = 0,
+    tick: Callable[[], None] = lambda: None,
 ) -> list[tuple[int, int, float]]:
     """(i, j, similarity) with Jaccard >= threshold: within `texts` (i < j), or texts[i] vs others[j].
-    LSH over `bands` bands of the MinHash finds candidates; each is confirmed by exact Jaccard."""
+    LSH over `bands` bands of the MinHash finds candidates; each is confirmed by exact Jaccard.
+    `tick` is called every 1000 rows (a stage checks for cancellation there)."""
     rng = np.random.default_rng(seed)
     a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
     b = rng.integers(0, 1 << 31, num_perm, dtype=np.uint64)
-    left = [shingles(t) for t in texts]
-    right = left if others is None else [shingles(t) for t in others]
-    sig_l = [minhash(s, a, b) for s in left]
-    sig_r = sig_l if others is None else [minhash(s, a, b) for s in right]
+
+    def signatures(strings: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        sh, sig = [], []
+        for i, t in enumerate(strings):
+            if i % 1000 == 0:
+                tick()
+            sh.append(shingles(t))
+            sig.append(minhash(sh[-1], a, b))
+        return sh, sig
+
+    left, sig_l = signatures(texts)
+    right, sig_r = (left, sig_l) if others is None else signatures(others)
     rows = num_perm // bands
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for j, sig in enumerate(sig_r):
@@ -73,6 +83,8 @@ def near_duplicate_pairs(
             buckets[(band, sig[band * rows : (band + 1) * rows].tobytes())].append(j)
     found: dict[tuple[int, int], float] = {}
     for i, sig in enumerate(sig_l):
+        if i % 1000 == 0:
+            tick()
         for band in range(bands):
             for j in buckets.get((band, sig[band * rows : (band + 1) * rows].tobytes()), ()):
                 if (others is None and j <= i) or (i, j) in found:
@@ -112,7 +124,10 @@ def label_value(example: datasets.Example, name: str):
 
 
 def audit_split(
-    examples: list[datasets.Example], count_tokens: Callable[[list[str]], list[int]], params: pb.AuditStage
+    examples: list[datasets.Example],
+    count_tokens: Callable[[list[str]], list[int]],
+    params: pb.AuditStage,
+    tick: Callable[[], None] = lambda: None,
 ) -> dict:
     n = len(examples)
     labelled = any(e.completion is not None for e in examples)
@@ -129,7 +144,7 @@ def audit_split(
     # Identical prompts are counted above; near duplicates are the ones that differ a little.
     pairs = [
         (i, j, s)
-        for i, j, s in near_duplicate_pairs(prompts, params.near_duplicate_threshold or 0.85)
+        for i, j, s in near_duplicate_pairs(prompts, params.near_duplicate_threshold or 0.85, tick=tick)
         if normalize(prompts[i]) != normalize(prompts[j])
     ]
     near_rows = {j for _, j, _ in pairs}
@@ -155,11 +170,13 @@ def audit_split(
     return report
 
 
-def leakage(train_side: list[str], eval_side: list[str], threshold: float) -> dict:
+def leakage(
+    train_side: list[str], eval_side: list[str], threshold: float, tick: Callable[[], None] = lambda: None
+) -> dict:
     """Eval-side rows whose prompt also appears (exactly or nearly) on the train side."""
     seen = {normalize(t) for t in train_side}
     exact = {i for i, t in enumerate(eval_side) if normalize(t) in seen}
-    near = {i for i, _, _ in near_duplicate_pairs(eval_side, threshold, others=train_side)} - exact
+    near = {i for i, _, _ in near_duplicate_pairs(eval_side, threshold, others=train_side, tick=tick)} - exact
     return {
         "exact": len(exact),
         "near": len(near),
@@ -203,14 +220,14 @@ def run(params: pb.AuditStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             "path": ref.path,
             "shape": ds.shape,
             "columns": ds.columns,
-            **audit_split(examples[name], count_tokens, params),
+            **audit_split(examples[name], count_tokens, params, tick=ctx.check_cancelled),
         }
         ctx.progress(done + 1, len(splits), "splits")
     threshold = params.near_duplicate_threshold or 0.85
     for a in (s for s in TRAIN_SIDE if s in examples):
         for b in (s for s in EVAL_SIDE if s in examples):
             report["leakage"][f"{a}/{b}"] = leakage(
-                [e.prompt for e in examples[a]], [e.prompt for e in examples[b]], threshold
+                [e.prompt for e in examples[a]], [e.prompt for e in examples[b]], threshold, tick=ctx.check_cancelled
             )
     report["violations"] = violations(report, params)
     out = ctx.artifact_dir / "audit"

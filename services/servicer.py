@@ -15,7 +15,7 @@ from stillroom.v1 import job_service_pb2 as api
 from stillroom.v1 import job_service_pb2_grpc as api_grpc
 
 from services.dispatcher import Dispatcher
-from services.errors import InvalidArgument, PermissionDenied, Unavailable
+from services.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from services.store import TERMINAL, Store, decode_token, encode_token
 from services.validation import Policy, validate, validate_request
 
@@ -87,18 +87,21 @@ class JobService(api_grpc.JobServiceServicer):
         return api.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     def CancelJob(self, request: api.CancelJobRequest, context) -> api.CancelJobResponse:
+        """QUEUED -> CANCELLED; RUNNING -> CANCELLING (-> CANCELLED once the supervisor stops);
+        CANCELLING/CANCELLED: no change (idempotent); SUCCEEDED/FAILED: FAILED_PRECONDITION."""
         principal = context.principal
         job = self.store.get_job(request.job_id, principal.tenant)
         if principal.read_only:
             raise PermissionDenied(f"tenant {principal.tenant!r}: this token is read-only")
-        target = pb.JOB_STATE_CANCELLED if job.state == pb.JOB_STATE_QUEUED else pb.JOB_STATE_CANCELLING
+        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED):
+            raise FailedPrecondition(f"job {job.id} already ended {pb.JobState.Name(job.state)}; nothing to cancel")
         if job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING):
-            # The store drops the event if the job moved on meanwhile (e.g. it just succeeded).
-            self.store.append_events(
-                job.id, [pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=target, message="cancel requested")]
-            )
+            target = pb.JOB_STATE_CANCELLED if job.state == pb.JOB_STATE_QUEUED else pb.JOB_STATE_CANCELLING
+            # The store drops this event if the job moved on meanwhile (e.g. it just started or ended).
+            event = pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=target, message="cancel requested")
+            if not self.store.append_events(job.id, [event]) and target == pb.JOB_STATE_CANCELLED:
+                return self.CancelJob(request, context)  # it started meanwhile: cancel the running job
             self.dispatcher.notify()
-        # Cancelling a job that already ended changes nothing and is not an error: cancel is idempotent.
         return api.CancelJobResponse(job=self.store.get_job(job.id))
 
     def WatchJob(self, request: api.WatchJobRequest, context):

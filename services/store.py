@@ -20,7 +20,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 from stillroom.v1 import job_pb2 as pb
 
-from services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 S = pb.JobState
 TERMINAL = frozenset({S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED})
@@ -111,15 +111,26 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def _tx(self):
+    def _read(self):
+        """The connection, under the lock; SQLite failures become Unavailable (the client may retry)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+            except sqlite3.OperationalError as e:
+                raise Unavailable(f"the job store is unavailable: {e}") from None
+
+    @contextmanager
+    def _tx(self):
+        """One write transaction, committed (durably: synchronous=FULL) before the caller returns."""
+        with self._read() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
             self._changed.notify_all()
 
     def check(self) -> None:
@@ -176,16 +187,9 @@ class Store:
             return self._job(db, job_id), True
 
     def get_job(self, job_id: str, tenant: str | None = None) -> pb.Job:
-        with self._lock:
+        with self._read() as db:
             self._require(job_id, tenant)
-            return self._job(self._db, job_id)
-
-    def job_tenant(self, job_id: str) -> str:
-        with self._lock:
-            row = self._db.execute("SELECT tenant FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"job {job_id!r} not found")
-        return row["tenant"]
+            return self._job(db, job_id)
 
     def list_jobs(
         self,
@@ -210,25 +214,25 @@ class Store:
             args.extend([k, v])
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(page_size + 1)
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-            jobs = [self._job(self._db, r["id"]) for r in rows[:page_size]]
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+            jobs = [self._job(db, r["id"]) for r in rows[:page_size]]
         token = encode_token(rows[page_size - 1]["seq"]) if len(rows) > page_size else ""
         return jobs, token
 
     def jobs_in(self, states: Iterable[int]) -> list[tuple[str, int]]:
         """(job id, supervisor cursor) of jobs in these states, in submission order."""
         states = list(states)
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 f"SELECT id, supervisor_cursor FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY seq",
                 states,
             ).fetchall()
         return [(r["id"], r["supervisor_cursor"]) for r in rows]
 
     def spec(self, job_id: str) -> pb.JobSpec:
-        with self._lock:
-            row = self._db.execute("SELECT spec FROM jobs WHERE id=?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT spec FROM jobs WHERE id=?", (job_id,)).fetchone()
         return pb.JobSpec.FromString(row["spec"])
 
     # -- events -------------------------------------------------------------------------------
@@ -243,9 +247,9 @@ class Store:
             return appended
 
     def events(self, job_id: str, after_seq: int = 0, limit: int = 1000, tenant: str | None = None) -> list[pb.Event]:
-        with self._lock:
+        with self._read() as db:
             self._require(job_id, tenant)
-            rows = self._db.execute(
+            rows = db.execute(
                 "SELECT body FROM events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?", (job_id, after_seq, limit)
             ).fetchall()
         return [pb.Event.FromString(r["body"]) for r in rows]
@@ -261,9 +265,9 @@ class Store:
             self._changed.wait(timeout)
 
     def artifacts(self, job_id: str, tenant: str | None = None) -> list[pb.Artifact]:
-        with self._lock:
+        with self._read() as db:
             self._require(job_id, tenant)
-            rows = self._db.execute("SELECT body FROM artifacts WHERE job_id=? ORDER BY name", (job_id,)).fetchall()
+            rows = db.execute("SELECT body FROM artifacts WHERE job_id=? ORDER BY name", (job_id,)).fetchall()
         return [pb.Artifact.FromString(r["body"]) for r in rows]
 
     # -- internals ----------------------------------------------------------------------------

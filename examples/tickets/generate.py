@@ -16,21 +16,62 @@ INSTRUCTION = (
     "Read the support ticket and answer with JSON: "
     '{"category": billing|shipping|technical|account, "priority": low|medium|high, "refund": true|false}.'
 )
-PRODUCTS = ["Aero kettle", "Nimbus router", "Pixel lamp", "Orbit headphones", "Kite backpack", "Vega blender",
-            "Lumen monitor", "Drift scooter", "Nova keyboard", "Echo speaker"]
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kara", "Liam", "Mei",
-         "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
+PRODUCTS = [
+    "Aero kettle",
+    "Nimbus router",
+    "Pixel lamp",
+    "Orbit headphones",
+    "Kite backpack",
+    "Vega blender",
+    "Lumen monitor",
+    "Drift scooter",
+    "Nova keyboard",
+    "Echo speaker",
+]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kara",
+    "Liam",
+    "Mei",
+    "Noah",
+    "Olga",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+]
 ISSUES = {
-    "billing": [("I was charged twice for my {p}", "double_charge"),
-                ("the invoice for my {p} shows the wrong amount", "wrong_amount"),
-                ("I need a copy of the receipt for my {p}", "receipt"),
-                ("my card was declined when paying for the {p}", "declined")],
-    "shipping": [("my {p} has not arrived yet", "late"), ("the {p} box arrived damaged", "damaged"),
-                 ("I want to change the delivery address for my {p}", "address")],
-    "technical": [("my {p} stopped working", "broken"), ("the {p} keeps disconnecting", "flaky"),
-                  ("how do I update the firmware on my {p}", "howto")],
-    "account": [("I cannot log in to my account", "login"), ("please delete my account", "delete"),
-                ("I want to change the email on my account", "email")],
+    "billing": [
+        ("I was charged twice for my {p}", "double_charge"),
+        ("the invoice for my {p} shows the wrong amount", "wrong_amount"),
+        ("I need a copy of the receipt for my {p}", "receipt"),
+        ("my card was declined when paying for the {p}", "declined"),
+    ],
+    "shipping": [
+        ("my {p} has not arrived yet", "late"),
+        ("the {p} box arrived damaged", "damaged"),
+        ("I want to change the delivery address for my {p}", "address"),
+    ],
+    "technical": [
+        ("my {p} stopped working", "broken"),
+        ("the {p} keeps disconnecting", "flaky"),
+        ("how do I update the firmware on my {p}", "howto"),
+    ],
+    "account": [
+        ("I cannot log in to my account", "login"),
+        ("please delete my account", "delete"),
+        ("I want to change the email on my account", "email"),
+    ],
 }
 URGENT = ["This is urgent.", "I need this fixed today.", "Our whole team is blocked.", "Please help ASAP."]
 CALM = ["No rush.", "Whenever you have time.", "Just a quick question."]
@@ -55,8 +96,10 @@ def ticket(rng: random.Random) -> tuple[str, dict]:
     text, issue = rng.choice(ISSUES[category])
     product, name, days = rng.choice(PRODUCTS), rng.choice(NAMES), rng.randint(1, 60)
     urgent, calm, enterprise = rng.random() < 0.25, rng.random() < 0.2, rng.random() < 0.15
-    parts = [f"Hi, {name} here.", text.format(p=product) + f" (order #{rng.randint(10000, 99999)}, "
-             f"bought {days} days ago)."]
+    parts = [
+        f"Hi, {name} here.",
+        text.format(p=product) + f" (order #{rng.randint(10000, 99999)}, bought {days} days ago).",
+    ]
     parts += [rng.choice(URGENT)] if urgent else []
     parts += [rng.choice(CALM)] if calm and not urgent else []
     parts += ["We are on the enterprise plan."] if enterprise else []

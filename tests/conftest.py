@@ -1,0 +1,193 @@
+"""Shared fixtures: data files, a tiny tokenizer, a real local Ray cluster, real server processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = {"alice": "tok-alice-" + secrets.token_hex(4), "bob": "tok-bob-" + secrets.token_hex(4)}
+READ_ONLY_TOKEN = "tok-viewer-" + secrets.token_hex(4)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A small BPE tokenizer trained here, saved in HF format (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [f"ticket {i} about billing shipping refund priority order {i * 7}" for i in range(200)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    out = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (head node), shared by the session's servers; stopped at the end."""
+    temp = Path(f"/tmp/srt{secrets.token_hex(3)}")
+    port, dash = free_port(), free_port()
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        f"--temp-dir={temp}",
+        "--include-dashboard=true",
+        f"--dashboard-port={dash}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    yield address
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster):
+    """This test process connected to the cluster, for Ray's state API and killing actors."""
+    import ray
+
+    ray.init(address=ray_cluster, namespace="stillroom", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tokens_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens.yaml"
+    lines = ["tokens:"] + [f"  - {{tenant: {t}, token: {tok}}}" for t, tok in TOKENS.items()]
+    lines.append(f"  - {{tenant: alice, token: {READ_ONLY_TOKEN}, read_only: true}}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ServerProcess:
+    """`stillroom serve` in a subprocess on a loopback port, with its own home (store, artifacts)."""
+
+    def __init__(
+        self, home: Path, ray_address: str, tokens_file: Path, data_root: Path, *extra: str, port: int | None = None
+    ):
+        self.home, self.port = home, port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.cmd = [
+            str(BIN / "stillroom"),
+            "serve",
+            "--address",
+            self.address,
+            "--home",
+            str(home),
+            "--ray-address",
+            ray_address,
+            "--tokens-file",
+            str(tokens_file),
+            "--data-root",
+            str(data_root),
+            *extra,
+        ]
+        self.proc: subprocess.Popen | None = None
+        self.log = home / "server.log"
+
+    def start(self, timeout: float = 90) -> ServerProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STILLROOM_TOKENS")}
+        logf = self.log.open("a")
+        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        mark = f"listening on {self.address}"
+        while mark not in self.log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        return self
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def client(self, tenant: str = "alice", token: str | None = None):
+        from services.client import Client
+
+        return Client(self.address, token=token if token is not None else TOKENS[tenant], timeout_s=60)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    write_jsonl(
+        root / "train.jsonl",
+        [{"prompt": f"question number {i} about topic {i % 5}", "completion": f"answer {i}"} for i in range(20)],
+    )
+    write_jsonl(root / "eval.jsonl", [{"prompt": f"held out question {i}", "completion": f"a{i}"} for i in range(5)])
+    return root
+
+
+@pytest.fixture
+def start_server(tmp_path, ray_cluster, tokens_file):
+    """Factory: start_server(data_root, *extra_args, port=None) -> running ServerProcess."""
+    servers: list[ServerProcess] = []
+
+    def start(data_root: Path, *extra: str, home: Path | None = None, port: int | None = None) -> ServerProcess:
+        server = ServerProcess(home or tmp_path / "home", ray_cluster, tokens_file, data_root, *extra, port=port)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def audit_spec(data_root: Path, **audit):
+    from services.recipes import parse
+
+    return parse(
+        {
+            "display_name": "audit-test",
+            "data": {
+                "train": {"path": str(data_root / "train.jsonl")},
+                "eval": {"path": str(data_root / "eval.jsonl")},
+            },
+            "stages": [{"audit": {"warn_only": True, **audit}}],
+        }
+    )

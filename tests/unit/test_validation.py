@@ -1,0 +1,165 @@
+"""Server-side JobSpec validation: every violation with its field path, files named with their row."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.errors import InvalidArgument, PermissionDenied
+from services.recipes import parse
+from services.validation import Policy, validate, validate_request
+from tests.conftest import write_jsonl
+
+
+def violations(doc: dict, root) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as e:
+        validate(parse(doc), Policy((root,)))
+    return dict(e.value.violations)
+
+
+def test_valid_audit_spec_is_normalised(data_root):
+    spec, warnings = validate(
+        parse({"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {}}]}), Policy((data_root,))
+    )
+    assert spec.data.train.path == str(data_root / "train.jsonl")  # relative -> under the first data root
+    assert spec.stages[0].name == "audit"
+    assert warnings == []
+
+
+def test_grpo_group_size_field_path(data_root):
+    doc = {
+        "teacher": {"path": str(data_root)},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [{"audit": {}}, {"grpo": {"group_size": 1, "rewards": [{"name": "json_valid"}]}}],
+    }
+    v = violations(doc, data_root)
+    assert v["stages[1].grpo.group_size"] == "must be >= 2"
+
+
+@pytest.mark.parametrize(
+    ("stage", "field", "message"),
+    [
+        ({"grpo": {"loss_type": "ppo"}}, "stages[0].grpo.loss_type", "'ppo' is not one of grpo, dr_grpo, dapo, bnpo"),
+        ({"grpo": {"epsilon": 1.5}}, "stages[0].grpo.epsilon", "must be <= 1"),
+        ({"grpo": {"beta": -0.1}}, "stages[0].grpo.beta", "must be >= 0"),
+        ({"grpo": {}}, "stages[0].grpo.rewards", "GRPO needs at least one reward function"),
+        ({"sft": {"lora": {"dropout": 1.0}}}, "stages[0].sft.lora.dropout", "must be in [0, 1)"),
+        ({"sft": {"optim": {"zero_stage": 4}}}, "stages[0].sft.optim.zero_stage", "must be 0, 1, 2 or 3"),
+        ({"distill": {"alpha": 2}}, "stages[0].distill.alpha", "must be <= 1"),
+        (
+            {"distill": {"kd_loss": "mse"}},
+            "stages[0].distill.kd_loss",
+            "'mse' is not one of forward_kl, reverse_kl, jsd",
+        ),
+        ({"audit": {"max_empty_fraction": 3}}, "stages[0].audit.max_empty_fraction", "must be <= 1"),
+        (
+            {"audit": {"near_duplicate_threshold": "NaN"}},
+            "stages[0].audit.near_duplicate_threshold",
+            "must be a finite number",
+        ),
+        ({}, "stages[0]", "set exactly one stage kind"),
+    ],
+)
+def test_stage_parameter_violations(data_root, stage, field, message):
+    doc = {
+        "teacher": {"path": str(data_root)},
+        "student": {"path": str(data_root)},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [stage],
+    }
+    v = violations(doc, data_root)
+    assert v[field].startswith(message)
+
+
+def test_all_violations_reported_at_once(data_root):
+    v = violations({"stages": [{"grpo": {"group_size": 1}}], "resources": {"trainer": {"replicas": -1}}}, data_root)
+    assert {
+        "stages[0].grpo.group_size",
+        "stages[0].grpo.rewards",
+        "teacher.path",
+        "data.train.path",
+        "resources.trainer.replicas",
+        "stages[0].grpo",
+    } <= set(v)
+    assert "not available in this server yet" in v["stages[0].grpo"]
+
+
+def test_no_stages_and_duplicate_names(data_root):
+    assert "stages" in violations({"stages": []}, data_root)
+    v = violations(
+        {
+            "data": {"train": {"path": "train.jsonl"}},
+            "stages": [{"name": "a", "audit": {}}, {"name": "a", "audit": {}}],
+        },
+        data_root,
+    )
+    assert v["stages[1].name"] == "'a' is used by an earlier stage"
+
+
+def test_malformed_jsonl_names_file_and_row(data_root):
+    bad = data_root / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "completion": "x"}\n{"prompt": "broken", \n')
+    v = violations({"data": {"train": {"path": "bad.jsonl"}}, "stages": [{"audit": {}}]}, data_root)
+    assert v["data.train.path"].startswith(f"{bad}, row 2: invalid JSON")
+
+
+def test_wrong_types_name_the_row(data_root):
+    write_jsonl(data_root / "t.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "b"}])
+    v = violations({"data": {"train": {"path": "t.jsonl"}}, "stages": [{"audit": {}}]}, data_root)
+    assert (
+        v["data.train.path"]
+        == f"{data_root / 't.jsonl'}, row 2: 'prompt' must be a string or a list of messages, not int"
+    )
+
+
+def test_missing_columns_and_files(data_root):
+    write_jsonl(data_root / "nocol.jsonl", [{"text": "a"}])
+    v = violations(
+        {"data": {"train": {"path": "nocol.jsonl"}, "eval": {"path": "missing.jsonl"}}, "stages": [{"audit": {}}]},
+        data_root,
+    )
+    assert "no 'prompt' or 'messages' column; the columns are ['text']" in v["data.train.path"]
+    assert v["data.eval.path"].endswith("missing.jsonl: no such file or directory")
+
+
+def test_path_outside_data_roots_is_permission_denied(data_root, tmp_path):
+    outside = write_jsonl(tmp_path / "elsewhere" / "x.jsonl", [{"prompt": "a"}])
+    with pytest.raises(PermissionDenied, match=r"data.train.path: .* is outside the server's allowed roots"):
+        validate(parse({"data": {"train": {"path": str(outside)}}, "stages": [{"audit": {}}]}), Policy((data_root,)))
+    with pytest.raises(PermissionDenied):
+        validate(
+            parse({"data": {"train": {"path": "../elsewhere/x.jsonl"}}, "stages": [{"audit": {}}]}),
+            Policy((data_root,)),
+        )
+
+
+def test_model_paths(data_root, tiny_tokenizer):
+    v = violations(
+        {
+            "teacher": {"path": "pkg://no_such_pkg_xyz/model.gguf"},
+            "stages": [{"audit": {}}],
+            "data": {"train": {"path": "train.jsonl"}},
+            "student": {"path": "train.jsonl"},
+        },
+        data_root,
+    )
+    assert v["teacher.path"] == "package 'no_such_pkg_xyz' is not installed on the server"
+    assert "is neither a model directory nor a .gguf file" in v["student.path"]
+    spec, _ = validate(
+        parse(
+            {
+                "teacher": {"path": str(tiny_tokenizer)},
+                "stages": [{"audit": {}}],
+                "data": {"train": {"path": "train.jsonl"}},
+            }
+        ),
+        Policy((data_root,), (tiny_tokenizer,)),
+    )
+    assert spec.teacher.path == str(tiny_tokenizer)
+
+
+def test_request_id_and_labels():
+    validate_request("nightly-2026.11.30_a", {"team": "search", "app.kubernetes.io/name": "x"})
+    with pytest.raises(InvalidArgument) as e:
+        validate_request("has space", {"-bad": "v", "ok": "x" * 64})
+    fields = [f for f, _ in e.value.violations]
+    assert fields == ["request_id", "labels['-bad']", "labels['ok']"]
