@@ -110,6 +110,9 @@ def _watch(client: Client, job_id: str, fmt: str) -> int:
 
 
 def cmd_serve(args) -> int:
+    from services.ray_auth import enable_ray_token_auth
+
+    enable_ray_token_auth()  # before ray is imported
     from services.server import Server, ServerConfig, default_home
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

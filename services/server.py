@@ -59,6 +59,11 @@ class ServerConfig:
     grace_s: float = 20.0
 
 
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local one."""
+    ray.init(address=address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+
+
 class _AnonymousTokens(TokenTable):
     def __init__(self) -> None:
         super().__init__({})
@@ -75,7 +80,7 @@ class Server:
             raise SystemExit("no API tokens: pass --tokens-file or set STILLROOM_TOKENS (or --allow-anonymous)")
         self.store = Store(cfg.store_path or cfg.home / "jobs.db")
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=cfg.ray_address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        connect_ray(cfg.ray_address)
         artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
         self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs)
         self.service = JobService(

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from services.ray_auth import enable_ray_token_auth, ray_token_available
+
 BIN = Path(sys.executable).parent
+# Tests run Ray with its token authentication on, as in production: make sure a token exists, and
+# turn token mode on before anything imports ray (tests join the fixture cluster by address).
+if not ray_token_available():
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, capture_output=True)
+enable_ray_token_auth()
+
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = {"alice": "tok-alice-" + secrets.token_hex(4), "bob": "tok-bob-" + secrets.token_hex(4)}
 READ_ONLY_TOKEN = "tok-viewer-" + secrets.token_hex(4)
@@ -60,6 +68,7 @@ def ray_cluster():
         f"--port={port}",
         "--num-cpus=2",
         f"--temp-dir={temp}",
+        "--node-ip-address=127.0.0.1",
         "--include-dashboard=true",
         f"--dashboard-port={dash}",
         "--disable-usage-stats",
