@@ -129,10 +129,11 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STILLROOM_TOKENS")}
         logf = self.log.open("a")
+        offset = logf.tell()  # a restart appends to the same log: look only at what this run writes
         self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         mark = f"listening on {self.address}"
-        while mark not in self.log.read_text():
+        while mark not in self.log.read_text()[offset:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"server did not start:\n{self.log.read_text()[-4000:]}")
             time.sleep(0.2)
