@@ -74,6 +74,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     v.check(len(spec.display_name) <= 200, "display_name", "must be at most 200 characters")
     v.check(len(spec.stages) > 0, "stages", "a job needs at least one stage")
     v.check(len(spec.stages) <= MAX_STAGES, "stages", f"at most {MAX_STAGES} stages")
+    _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
     if kinds & NEEDS_TEACHER:
@@ -98,7 +99,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
             ref.tokenizer_path = _model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
     for split in ("train", "eval", "unlabeled", "test"):
         ref = getattr(out.data, split)
-        if ref.path:
+        if ref.path and ref.format in pb.DatasetFormat.values():
             _check_dataset(ref, f"data.{split}", policy, v)
     if v.items:
         raise InvalidArgument(v.items)
@@ -116,6 +117,20 @@ def validate_request(request_id: str, labels: dict[str, str]) -> None:
         v.check(len(val) <= 63, f"labels[{k!r}]", "value must be at most 63 characters")
     if v.items:
         raise InvalidArgument(v.items)
+
+
+def _check_enums(msg, path: str, v: _Violations) -> None:
+    """Proto3 enums are open: a client can send a number no enum value has. Refuse those, anywhere."""
+    for fd, value in msg.ListFields():
+        name = f"{path}.{fd.name}" if path else fd.name
+        if fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
+            items = value if fd.is_repeated else [value]
+            for i, item in enumerate(items):
+                _check_enums(item, f"{name}[{i}]" if fd.is_repeated else name, v)
+        elif fd.enum_type is not None:
+            for item in value if fd.is_repeated else [value]:
+                known = ", ".join(e.name for e in fd.enum_type.values)
+                v.check(item in fd.enum_type.values_by_number, name, f"{item} is not a {fd.enum_type.name} ({known})")
 
 
 def _check_stages(spec: pb.JobSpec, v: _Violations) -> set[str]:

@@ -163,3 +163,14 @@ def test_request_id_and_labels():
         validate_request("has space", {"-bad": "v", "ok": "x" * 64})
     fields = [f for f, _ in e.value.violations]
     assert fields == ["request_id", "labels['-bad']", "labels['ok']"]
+
+
+def test_unknown_enum_numbers_are_refused(data_root):
+    spec = parse({"data": {"train": {"path": "train.jsonl", "format": 1}}, "stages": [{"sft": {"adapter": 1}}]})
+    spec.data.train.format = 17  # proto3 enums are open: a client can send any number
+    spec.stages[0].sft.adapter = -3
+    with pytest.raises(InvalidArgument) as e:
+        validate(spec, Policy((data_root,)))
+    v = dict(e.value.violations)
+    assert v["data.train.format"].startswith("17 is not a DatasetFormat (DATASET_FORMAT_UNSPECIFIED")
+    assert v["stages[0].sft.adapter"].startswith("-3 is not a AdapterType")
