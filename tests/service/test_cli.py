@@ -1,0 +1,144 @@
+"""The `stillroom` CLI against a real server: exit codes, machine output, errors with field paths, TLS."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+from stillroom.v1 import job_pb2 as pb
+
+from tests.conftest import BIN, TOKENS, audit_spec
+from tests.service.helpers import code, slow_spec
+
+pytestmark = pytest.mark.slow
+
+
+def cli(server, *args: str, token: str = TOKENS["alice"]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STILLROOM_ADDRESS": server.address, "STILLROOM_TOKEN": token}
+    return subprocess.run([str(BIN / "stillroom"), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def recipe(data_root):
+    path = data_root / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "display_name": "cli",
+                "data": {"train": {"path": "train.jsonl"}, "eval": {"path": "eval.jsonl"}},
+                "stages": [{"audit": {"warn_only": True}}],
+                "labels": {"team": "search"},
+            }
+        )
+    )
+    return path
+
+
+def test_submit_wait_get_list_events_artifacts(start_server, data_root, recipe):
+    server = start_server(data_root)
+    r = cli(server, "submit", str(recipe), "--wait", "--request-id", "cli-1")
+    assert r.returncode == 0, r.stderr
+    assert "job SUCCEEDED" in r.stdout and "audit" in r.stdout
+    job_id = r.stdout.split()[1]
+    assert json.loads(cli(server, "get", job_id, "-o", "json").stdout)["state"] == "JOB_STATE_SUCCEEDED"
+    listed = yaml.safe_load(cli(server, "list", "-l", "team=search", "-o", "yaml").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+    events = json.loads(cli(server, "events", job_id, "--after", "1", "-o", "json").stdout)
+    assert events[0]["seq"] == "2"  # int64 is a string in the JSON mapping
+    arts = json.loads(cli(server, "artifacts", job_id, "-o", "json").stdout)
+    assert {a["name"] for a in arts} == {"audit/report.json", "audit/report.md"}
+    again = cli(server, "submit", str(recipe), "--request-id", "cli-1")
+    assert again.returncode == 0 and again.stdout.strip() == f"already submitted {job_id}"
+
+
+def test_failure_and_cancel_exit_codes(start_server, data_root, recipe):
+    server = start_server(data_root)
+    failed = cli(
+        server,
+        "submit",
+        str(recipe),
+        "--set",
+        "stages[0].audit.warn_only=false",
+        "--set",
+        "stages[0].audit.min_rows=1000",
+        "--wait",
+    )
+    assert failed.returncode == 1
+    assert "error    [audit] data audit failed: train has 20 rows, fewer than min_rows 1000" in failed.stdout
+    c = server.client()
+    job = c.submit(slow_spec(data_root, stages=2)).job
+    c.cancel(job.id)
+    assert cli(server, "watch", job.id).returncode == 3
+
+
+def test_errors_are_clear_and_non_zero(start_server, data_root, recipe):
+    server = start_server(data_root)
+    bad = cli(server, "validate", str(recipe), "--set", "stages[1].grpo.group_size=1")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "stages[1].grpo.group_size: must be >= 2" in bad.stderr
+    assert cli(server, "validate", str(recipe)).stdout.strip() == "valid"
+    unauth = cli(server, "list", token="nope")
+    assert unauth.returncode == 1 and "UNAUTHENTICATED" in unauth.stderr and "nope" not in unauth.stderr
+    missing = cli(server, "get", "job-nothere")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    typo = cli(server, "submit", str(recipe), "--set", "stages[0].audit.min_rowz=3")
+    assert typo.returncode == 1 and "min_rowz" in typo.stderr
+    assert "tok-" not in (data_root.parent / "home" / "server.log").read_text()  # tokens are never logged
+
+
+def test_concurrency_limit_runs_one_at_a_time_in_order(start_server, data_root):
+    c = start_server(data_root, "--max-running-jobs", "1").client()
+    jobs = [c.submit(audit_spec(data_root)).job.id for _ in range(3)]
+    done = [c.wait(j) for j in jobs]
+    assert all(j.state == pb.JOB_STATE_SUCCEEDED for j in done)
+    for earlier, later in zip(done, done[1:], strict=False):
+        assert later.start_time.ToNanoseconds() >= earlier.end_time.ToNanoseconds()
+
+
+def _self_signed(tmp_path):
+    crypto = pytest.importorskip("cryptography")
+    del crypto
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_tls(start_server, data_root, tmp_path):
+    from services.client import Client
+
+    cert, key = _self_signed(tmp_path)
+    server = start_server(data_root, "--tls-cert", str(cert), "--tls-key", str(key))
+    secure = Client(server.address, token=TOKENS["alice"], tls_ca=cert)
+    assert list(secure.list()) == []
+    plain = Client(server.address, token=TOKENS["alice"], timeout_s=5)
+    assert code(lambda: list(plain.list())).name == "UNAVAILABLE"
