@@ -65,29 +65,26 @@ class Client:
     def get(self, job_id: str) -> pb.Job:
         return self._call(self.stub.GetJob, api.GetJobRequest(job_id=job_id)).job
 
+    def _pages(self, rpc, request, field: str) -> Iterator:
+        """Every item of a paginated List call, following next_page_token."""
+        while True:
+            resp = self._call(rpc, request)
+            yield from getattr(resp, field)
+            if not resp.next_page_token:
+                return
+            request.page_token = resp.next_page_token
+
     def list(self, states=(), labels: dict[str, str] | None = None, page_size: int = 0) -> Iterator[pb.Job]:
         """Every matching job, newest first, across pages."""
-        token = ""
-        while True:
-            req = api.ListJobsRequest(page_size=page_size, page_token=token, states=states, labels=labels)
-            resp = self._call(self.stub.ListJobs, req)
-            yield from resp.jobs
-            token = resp.next_page_token
-            if not token:
-                return
+        req = api.ListJobsRequest(page_size=page_size, states=states, labels=labels)
+        return self._pages(self.stub.ListJobs, req, "jobs")
 
     def cancel(self, job_id: str) -> pb.Job:
         return self._call(self.stub.CancelJob, api.CancelJobRequest(job_id=job_id)).job
 
     def events(self, job_id: str, after_seq: int = 0, page_size: int = 0) -> Iterator[pb.Event]:
-        token = ""
-        while True:
-            req = api.ListEventsRequest(job_id=job_id, after_seq=after_seq, page_size=page_size, page_token=token)
-            resp = self._call(self.stub.ListEvents, req)
-            yield from resp.events
-            token = resp.next_page_token
-            if not token:
-                return
+        req = api.ListEventsRequest(job_id=job_id, after_seq=after_seq, page_size=page_size)
+        return self._pages(self.stub.ListEvents, req, "events")
 
     def artifacts(self, job_id: str) -> list[pb.Artifact]:
         return list(self._call(self.stub.ListArtifacts, api.ListArtifactsRequest(job_id=job_id)).artifacts)
