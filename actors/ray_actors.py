@@ -1,24 +1,47 @@
-"""The one place where role classes become Ray actors, with their names and restart policies.
+"""The one place where role classes become Ray actors: names, resources, restart policies and the
+job's placement group.
 
-Names read well in the Ray dashboard: `<job-id>:<role>:<rank>`.
+Names read well in the Ray dashboard: `<job-id>:<role>:<rank>`. Role classes are imported lazily
+(they pull in torch), so the control plane can import this module for the supervisor alone.
 """
 
 from __future__ import annotations
 
+import socket
+from dataclasses import dataclass, replace
+
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.supervisor import Supervisor
 
 NAMESPACE = "stillroom"
 
+# Explicit restart policy per role. Generators and scorers hold no state that a restart loses
+# (the supervisor re-sends weights and unfinished batches); a trainer rank is never restarted
+# alone, because a collective group cannot take one new member: the supervisor restarts the whole
+# group from its latest checkpoint instead. The supervisor reruns a job from the start, so Ray
+# must not restart it either: its death fails the job with a reason.
+RESTARTS = {
+    "supervisor": {"max_restarts": 0, "max_task_retries": 0},
+    "generator": {"max_restarts": 2, "max_task_retries": 0},
+    "scorer": {"max_restarts": 2, "max_task_retries": 0},
+    "trainer": {"max_restarts": 0, "max_task_retries": 0},
+}
+# Generators and scorers take weight syncs and stats calls while their serve loop runs.
+CONCURRENCY = {"generator": 4, "scorer": 4, "trainer": 1}
+
+
+def actor_name(job_id: str, role: str, rank: int) -> str:
+    return f"{job_id}:{role}:{rank}"
+
 
 def supervisor_name(job_id: str) -> str:
-    return f"{job_id}:supervisor:0"
+    return actor_name(job_id, "supervisor", 0)
 
 
-# The supervisor is not restarted by Ray: a restarted one would rerun the job from its first stage.
-# Its death fails the job with a reason instead (the control service notices it).
-SupervisorActor = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(Supervisor)
+SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
 
 
 def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str):
@@ -26,3 +49,96 @@ def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str):
     return SupervisorActor.options(
         name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
     ).remote(job_id, spec, artifact_dir)
+
+
+def _role_class(role: str):
+    if role == "generator":
+        from actors.teacher import TeacherGenerator
+
+        return TeacherGenerator
+    if role == "scorer":
+        from actors.reward import RewardScorer
+
+        return RewardScorer
+    from actors.trainer import Trainer
+
+    return Trainer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Resources of one role: replicas, and per replica CPUs and GPUs."""
+
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.num_cpus} if self.num_cpus else {}
+        if self.num_gpus:
+            bundle["GPU"] = self.num_gpus
+        return bundle or {"CPU": 0.01}  # a bundle may not be empty
+
+
+@ray.remote(num_cpus=0)
+def _endpoint() -> tuple[str, int]:
+    """An address and a free port on this node, for the trainer group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+class RoleGroup:
+    """A job's role actors in one placement group. Owned by the supervisor: killing the supervisor
+    takes the actors and the placement group with it."""
+
+    def __init__(self, job_id: str, placements: dict[str, Placement], timeout_s: float = 300):
+        self.job_id, self.placements = job_id, placements
+        self.offsets, bundles = {}, []
+        for role, p in placements.items():
+            self.offsets[role] = len(bundles)
+            bundles += [p.bundle() for _ in range(p.replicas)]
+        self.pg = placement_group(bundles, strategy="PACK", name=f"{job_id}:placement")
+        ray.get(self.pg.ready(), timeout=timeout_s)
+        self.actors: dict[str, list] = {}
+
+    def _options(self, role: str, rank: int) -> dict:
+        p = self.placements[role]
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offsets[role] + rank)
+        return {
+            "name": actor_name(self.job_id, role, rank),
+            "namespace": NAMESPACE,
+            "num_cpus": p.num_cpus,
+            "num_gpus": p.num_gpus,
+            "scheduling_strategy": strategy,
+            "max_concurrency": CONCURRENCY[role],
+            **RESTARTS[role],
+        }
+
+    def start(self, role: str, spec) -> list:
+        """One actor per replica; each gets its own copy of `spec` with its name (and rank)."""
+        cls = ray.remote(_role_class(role))
+        handles = []
+        n = self.placements[role].replicas
+        if role == "trainer":
+            strategy = self._options(role, 0)["scheduling_strategy"]
+            addr, port = ray.get(_endpoint.options(scheduling_strategy=strategy).remote())
+            spec = replace(spec, world_size=n, master_addr=addr, master_port=port)
+        for rank in range(n):
+            extra = {"rank": rank} if role == "trainer" else {}
+            handles.append(
+                cls.options(**self._options(role, rank)).remote(
+                    replace(spec, name=actor_name(self.job_id, role, rank), **extra)
+                )
+            )
+        self.actors[role] = handles
+        return handles
+
+    def stop(self, role: str) -> None:
+        for handle in self.actors.pop(role, []):
+            ray.kill(handle, no_restart=True)
+
+    def close(self) -> None:
+        for role in list(self.actors):
+            self.stop(role)
+        remove_placement_group(self.pg)

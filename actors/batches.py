@@ -1,0 +1,70 @@
+"""The batch schema on the queues: Arrow record batches with a stable `batch_id`, and the helpers
+that turn them into padded tensors for a trainer.
+
+Rollout batch columns: batch_id (metadata), sample_id, prompt, completion, prompt_ids, completion_ids,
+completion_logprobs, optionally topk_ids (int32) / topk_logprobs (float16), reference columns, and,
+once scored, reward and rewards/<fn>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+BATCH_ID = b"stillroom.batch_id"
+
+
+def make_batch(batch_id: str, columns: dict[str, list]) -> pa.RecordBatch:
+    """A record batch that carries its id in the schema metadata."""
+    batch = pa.RecordBatch.from_pydict(columns)
+    return batch.replace_schema_metadata({BATCH_ID: batch_id.encode()})
+
+
+def batch_id(batch: pa.RecordBatch) -> str:
+    return (batch.schema.metadata or {})[BATCH_ID].decode()
+
+
+def with_columns(batch: pa.RecordBatch, columns: dict[str, list]) -> pa.RecordBatch:
+    """A copy of `batch` with columns added or replaced; keeps the id."""
+    data = {name: batch.column(name) for name in batch.schema.names}
+    data.update({k: pa.array(v) for k, v in columns.items()})
+    return make_batch(batch_id(batch), data)
+
+
+def pad(seqs: Iterable[list[int]], pad_id: int, length: int | None = None) -> np.ndarray:
+    """Right-pad int sequences to one length. -> (B, T) int64."""
+    seqs = [list(s) for s in seqs]
+    length = length or max((len(s) for s in seqs), default=0)
+    out = np.full((len(seqs), length), pad_id, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s[:length]
+    return out
+
+
+def training_arrays(batch: pa.RecordBatch, pad_id: int, weight_column: str | None = None) -> dict[str, np.ndarray]:
+    """Prompt+completion token ids, right-padded, with masks. The loss mask marks completion tokens,
+    shifted by one to line up with token_logprobs: input_ids, attention_mask (B, T), loss_mask
+    (B, T-1), weights (B,)."""
+    prompts = batch.column("prompt_ids").to_pylist()
+    completions = batch.column("completion_ids").to_pylist()
+    full = [p + c for p, c in zip(prompts, completions, strict=True)]
+    length = max(len(s) for s in full)
+    input_ids = pad(full, pad_id, length)
+    attention = np.zeros_like(input_ids)
+    loss_mask = np.zeros((len(full), length - 1), dtype=np.int64)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        attention[i, : len(p) + len(c)] = 1
+        loss_mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1
+    weights = np.ones(len(full), dtype=np.float32)
+    if weight_column:
+        weights = np.nan_to_num(np.asarray(batch.column(weight_column).to_pylist(), dtype=np.float32))
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, "weights": weights}
+
+
+def shard(arrays: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    """Rank `rank`'s contiguous share of the rows (data parallelism)."""
+    n = len(next(iter(arrays.values())))
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    return {k: v[bounds[rank] : bounds[rank + 1]] for k, v in arrays.items()}

@@ -1,0 +1,28 @@
+"""Custom Ray metrics, tagged with job id and role: they appear in the Ray dashboard's metrics
+(Prometheus) next to Ray's own. Outside a Ray worker they are not recorded."""
+
+from __future__ import annotations
+
+_GAUGES: dict[str, object] = {}
+
+
+def record(name: str, value: float, job_id: str, role: str) -> None:
+    """Set gauge `stillroom_<name>` for (job_id, role), e.g. tokens_generated_per_s."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.metrics import Gauge
+
+    gauge = _GAUGES.get(name)
+    if gauge is None:
+        gauge = _GAUGES[name] = Gauge(
+            f"stillroom_{name}", description=name.replace("_", " "), tag_keys=("job_id", "role")
+        )
+    gauge.set(float(value), tags={"job_id": job_id, "role": role})
+
+
+def role_of(name: str) -> tuple[str, str]:
+    """("job-x", "generator") from an actor name "job-x:generator:0"."""
+    job_id, _, rest = name.partition(":")
+    return job_id, rest.partition(":")[0]

@@ -1,0 +1,178 @@
+"""generate -> score -> train through bounded queues: the loop that GRPO and distillation build on.
+
+    prompts --q--> TeacherGenerator x n --q--> RewardScorer x m --q--> train loop (Trainer group x k)
+                         ^------------------- weight sync ----------------------------'
+
+The train loop runs here (in the supervisor): it takes scored batches in batch-id order (so the
+data cursor means the same thing after a restart), shards each across the trainer ranks, syncs
+weights to the generators and checkpoints every few steps. A trainer that dies is replaced, with
+its whole group, from the newest complete checkpoint; batches trained since then are trained again
+from memory, and what the teacher generated is replayed from the journal, never regenerated.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import ray
+from ray.exceptions import RayActorError
+from ray.util.queue import Queue
+
+from actors.batches import batch_id, shard, training_arrays
+from actors.metrics import record
+from actors.queues import END, Channel, Journal, Seen
+from actors.ray_actors import RoleGroup
+from actors.teacher import SamplingParams
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    weight_column: str | None = "reward"
+    sync_every: int = 1
+    checkpoint_every: int = 1
+    queue_size: int = 4
+    max_trainer_restarts: int = 2
+
+
+@dataclass
+class LoopResult:
+    trained: list[str] = field(default_factory=list)  # batch ids, in training order (replays included)
+    steps: list[dict] = field(default_factory=list)
+    syncs: list[float] = field(default_factory=list)  # seconds per weight sync
+    trainer_restarts: int = 0
+    replayed: int = 0  # batches taken from the journal instead of generated
+    duplicates_dropped: int = 0
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        roles: RoleGroup,
+        trainer_spec,
+        journal: Journal,
+        cfg: LoopConfig,
+        report: Callable[[dict], None] = lambda m: None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ):
+        self.roles, self.trainer_spec, self.journal, self.cfg = roles, trainer_spec, journal, cfg
+        self.report, self.cancelled = report, cancelled
+        self.prompts = Channel(Queue(maxsize=cfg.queue_size))
+        self.rollouts = Channel(Queue(maxsize=cfg.queue_size))
+        self.scored = Channel(Queue(maxsize=cfg.queue_size))
+        self.result = LoopResult()
+
+    def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
+        """Train on every batch, in order; returns what happened."""
+        start = self._start_trainers()
+        todo = prompt_batches[start:]
+        generators, scorers = self.roles.actors["generator"], self.roles.actors["scorer"]
+        self._sync_weights()
+        loops = [
+            g.serve.remote(self.prompts, self.rollouts, self.cfg.sampling, str(self.journal.root)) for g in generators
+        ]
+        scoring = [s.serve.remote(self.rollouts, self.scored) for s in scorers]
+        threading.Thread(target=self._feed, args=(todo, loops, len(scorers)), daemon=True).start()
+        pending: dict[str, pa.RecordBatch] = {}
+        seen, since_checkpoint = Seen(), []
+        for i, expected in enumerate(batch_id(b) for b in todo):
+            while expected not in pending:
+                batch = self._next_scored()
+                if seen.fresh(batch_id(batch)):
+                    pending[batch_id(batch)] = batch
+            since_checkpoint.append(pending.pop(expected))
+            since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
+        ray.get(loops + scoring)
+        self.result.duplicates_dropped = seen.dropped
+        return self.result
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def _feed(self, todo: list[pa.RecordBatch], loops: list, scorers: int) -> None:
+        """Prompts to the generators, or the journal's copy straight to the scorers; then END."""
+        for batch in todo:
+            if self.journal.has(batch_id(batch)):
+                self.rollouts.put(self.journal.read(batch_id(batch)))
+                self.result.replayed += 1
+            else:
+                self.prompts.put(batch)
+        for _ in loops:
+            self.prompts.put(END)
+        ray.wait(loops, num_returns=len(loops), timeout=None)
+        for _ in range(scorers):
+            self.rollouts.put(END)
+
+    def _next_scored(self) -> pa.RecordBatch:
+        while True:
+            if self.cancelled():
+                raise InterruptedError("cancelled")
+            try:
+                return self.scored.get(timeout=1.0)
+            except Exception as e:  # noqa: BLE001 - ray.util.queue.Empty on timeout
+                if type(e).__name__ != "Empty":
+                    raise
+            record("queue_depth", self.rollouts.size(), self.roles.job_id, "rollouts")
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _train(self, batches: list[pa.RecordBatch], cursor: int) -> list[pa.RecordBatch]:
+        """Train on batches[-1]; the others were trained since the last checkpoint. If a trainer
+        dies, restart the group from that checkpoint and train them all again. Returns the batches
+        that no checkpoint covers yet."""
+        replay: list[pa.RecordBatch] = []
+        while True:
+            try:
+                for batch in [*replay, batches[-1]]:
+                    self._step(batch)
+                if cursor % self.cfg.sync_every == 0:
+                    self._sync_weights()
+                if cursor % self.cfg.checkpoint_every == 0:
+                    ray.get([t.save_checkpoint.remote(cursor) for t in self.roles.actors["trainer"]])
+                    return []
+                return batches
+            except RayActorError:
+                if self.result.trainer_restarts >= self.cfg.max_trainer_restarts:
+                    raise
+                self.result.trainer_restarts += 1
+                self._start_trainers()
+                replay = batches[:-1]
+
+    def _step(self, batch: pa.RecordBatch) -> None:
+        trainers = self.roles.actors["trainer"]
+        arrays = training_arrays(batch, pad_id=0, weight_column=self.cfg.weight_column)
+        metrics = ray.get([t.train_step.remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)])
+        step = {
+            "batch_id": batch_id(batch),
+            "loss": sum(m["loss"] for m in metrics) / len(metrics),
+            "tokens": sum(m["tokens"] for m in metrics),
+            "step_s": max(m["step_s"] for m in metrics),
+            "step": metrics[0]["step"],
+        }
+        self.result.trained.append(step["batch_id"])
+        self.result.steps.append(step)
+        self.report({"train/loss": step["loss"], "train/tokens_per_s": step["tokens"] / max(step["step_s"], 1e-9)})
+
+    def _start_trainers(self) -> int:
+        """(Re)create the trainer group; every rank resumes from the newest complete checkpoint."""
+        if "trainer" in self.roles.actors:
+            self.roles.stop("trainer")
+            time.sleep(1.0)  # let Ray release the names
+        trainers = self.roles.start("trainer", self.trainer_spec)
+        return ray.get([t.resume.remote() for t in trainers])[0]
+
+    def _sync_weights(self) -> None:
+        """Trainer -> generators: the adapter under LoRA, else full weights, as numpy copies."""
+        started = time.perf_counter()
+        trainers = self.roles.actors["trainer"]
+        weights = ray.get([t.weights.remote() for t in trainers])[0]  # every rank gathers under ZeRO-3
+        ref = ray.put(weights)
+        version = len(self.result.steps)
+        ray.get([g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]])
+        seconds = time.perf_counter() - started
+        self.result.syncs.append(seconds)
+        record("weight_sync_s", seconds, self.roles.job_id, "trainer")
+        self.report({"sync/seconds": seconds, "policy/version": version})

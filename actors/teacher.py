@@ -1,0 +1,215 @@
+"""TeacherGenerator: batched sampling with transformers, from a base model plus an optional PEFT
+adapter. Returns, per sample, the token ids, per-token log-probs and, on request, the top-k
+log-probs per token stored compactly (int32 ids, float16 log-probs). A plain class; made a Ray
+actor in actors/ray_actors.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.batches import batch_id, make_batch
+from actors.metrics import record, role_of
+from actors.queues import Channel, Journal, pump
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    model_path: str
+    name: str = "generator"  # <job-id>:generator:<rank> when it runs as an actor
+    adapter_path: str = ""  # a saved PEFT adapter to start from
+    # The LoRA shape of the policy being trained, so synced adapters load into the same modules.
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = ()
+    chat_template: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    topk_logprobs: int = 0  # record the top-k log-probs per token (for logit KD)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class TeacherGenerator:
+    def __init__(self, spec: GeneratorSpec):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec, self.version = spec, 0
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_dtype(spec.dtype))
+        if spec.adapter_path:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, spec.adapter_path, is_trainable=False)
+        elif spec.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            targets = list(spec.target_modules) or "all-linear"
+            model = get_peft_model(
+                model,
+                LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets, task_type="CAUSAL_LM"),
+            )
+        self.model = model.to(self.device).eval()
+        # A weight sync waits for the batch being generated: one batch never mixes two policies.
+        self._lock = threading.Lock()
+        torch.manual_seed(spec.seed)
+
+    def __repr__(self) -> str:
+        return f"TeacherGenerator({self.spec.name}, policy version {self.version})"
+
+    def serve(self, inbox: Channel, outbox: Channel, params: SamplingParams, journal_dir: str = "") -> int:
+        """Generate for every prompt batch in the inbox until END; journal each result before
+        handing it on. Returns the number of batches."""
+        journal = Journal(journal_dir) if journal_dir else None
+        job_id, role = role_of(self.spec.name)
+
+        def work(batch: pa.RecordBatch) -> pa.RecordBatch:
+            out = self.generate(batch, params)
+            if journal is not None:
+                journal.write(out)
+            return out
+
+        def report(_, out: pa.RecordBatch, seconds: float) -> None:
+            tokens = sum(len(ids) for ids in out.column("completion_ids").to_pylist())
+            record("tokens_generated_per_s", tokens / max(seconds, 1e-9), job_id, role)
+
+        return pump(inbox, outbox, work, report)
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        if self.spec.chat_template:
+            return [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+                )
+                for p in prompts
+            ]
+        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
+        """Sample params.n completions per prompt row. Other columns are repeated per sample."""
+        with self._lock, torch.no_grad():
+            return self._generate(batch, params)
+
+    def _generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
+        prompts = batch.column("prompt").to_pylist()
+        prompt_ids = self.encode_prompts(prompts)
+        enc = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
+        out = self.model.generate(
+            **enc,
+            do_sample=params.temperature > 0,
+            temperature=params.temperature or None,
+            top_p=params.top_p,
+            top_k=params.top_k or None,
+            max_new_tokens=params.max_new_tokens,
+            num_return_sequences=params.n,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        width = enc["input_ids"].shape[1]
+        new = out.sequences[:, width:]
+        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # (B*n, T_new, V)
+        return self._rows(batch, prompt_ids, new, logp, params)
+
+    def _rows(self, batch, prompt_ids, new, logp, params: SamplingParams) -> pa.RecordBatch:
+        eos = self.tokenizer.eos_token_id
+        columns: dict[str, list] = {
+            k: []
+            for k in (
+                "sample_id",
+                "prompt",
+                "completion",
+                "prompt_ids",
+                "completion_ids",
+                "completion_logprobs",
+                "policy_version",
+                "truncated",
+            )
+        }
+        extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name != "prompt"}
+        for name in extra:
+            columns[name] = []
+        if params.topk_logprobs:
+            columns["topk_ids"], columns["topk_logprobs"] = [], []
+        prompts = batch.column("prompt").to_pylist()
+        for row in range(new.shape[0]):
+            src = row // params.n
+            ids = new[row].tolist()
+            length = ids.index(eos) + 1 if eos in ids else len(ids)
+            chosen = logp[row, torch.arange(length), new[row, :length]]
+            columns["sample_id"].append(f"{batch_id(batch)}/{src}/{row % params.n}")
+            columns["prompt"].append(prompts[src])
+            columns["completion"].append(self.tokenizer.decode(ids[:length], skip_special_tokens=True))
+            columns["prompt_ids"].append(prompt_ids[src])
+            columns["completion_ids"].append(ids[:length])
+            columns["completion_logprobs"].append(chosen.tolist())
+            columns["policy_version"].append(self.version)
+            columns["truncated"].append(eos not in ids[:length])
+            for name, values in extra.items():
+                columns[name].append(values[src])
+            if params.topk_logprobs:
+                top = torch.topk(logp[row, :length], params.topk_logprobs, dim=-1)
+                columns["topk_ids"].append(top.indices.to(torch.int32).numpy().reshape(-1).tolist())
+                columns["topk_logprobs"].append(top.values.to(torch.float16).numpy().reshape(-1).tolist())
+        rb = make_batch(batch_id(batch), columns)
+        if params.topk_logprobs:  # compact storage: int32 ids, float16 log-probs, flattened (T*k)
+            rb = rb.set_column(
+                rb.schema.get_field_index("topk_ids"),
+                "topk_ids",
+                pa.array(columns["topk_ids"], type=pa.list_(pa.int32())),
+            )
+            rb = rb.set_column(
+                rb.schema.get_field_index("topk_logprobs"),
+                "topk_logprobs",
+                pa.array(columns["topk_logprobs"], type=pa.list_(pa.float16())),
+            )
+        return rb.replace_schema_metadata(batch.schema.metadata)
+
+    def load_weights(self, weights: dict[str, np.ndarray], version: int) -> float:
+        """Install weights from the trainer: a PEFT adapter state dict under LoRA, else full
+        parameters. Returns the seconds it took."""
+        started = time.perf_counter()
+        tensors = {k: torch.from_numpy(v).to(self.device, dtype=_dtype(self.spec.dtype)) for k, v in weights.items()}
+        with self._lock:
+            self._install(tensors)
+        self.version = version
+        return time.perf_counter() - started
+
+    def _install(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.spec.lora_r or self.spec.adapter_path:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, tensors)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"adapter keys the generator does not have: {result.unexpected_keys[:3]}")
+        else:
+            missing = set(tensors) - set(dict(self.model.named_parameters()))
+            if missing:
+                raise ValueError(f"weights the generator does not have: {sorted(missing)[:3]}")
+            self.model.load_state_dict(tensors, strict=False)
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """input_ids (B, T) -> logits (B, T, V) float32."""
+        return self.model(input_ids=torch.from_numpy(input_ids).to(self.device)).logits.float().cpu().numpy()

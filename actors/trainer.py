@@ -1,0 +1,251 @@
+"""Trainer: one rank of a data-parallel group running DeepSpeed (ZeRO 0-3) on a causal LM, with
+LoRA through peft or full fine-tuning. A plain class: the supervisor makes k of them Ray actors
+(actors/ray_actors.py); tests and GPU scripts use it directly.
+
+Checkpoints hold the weights (or adapter), optimizer, scheduler, RNG and the data cursor. They are
+written atomically: DeepSpeed writes <dir>/step-N/, then rank 0 writes step-N/COMPLETE after every
+rank is done; resume picks the newest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actors.losses import token_logprobs, weighted_nll
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """Everything one trainer rank needs, and nothing else."""
+
+    model_path: str
+    name: str = "trainer"  # <job-id>:trainer:<rank> when it runs as an actor
+    adapter: str = "lora"  # lora | none
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    zero_stage: int = 0
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+    dtype: str = "float32"  # bfloat16 on GPUs
+    checkpoint_dir: str = ""
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    extra_ds_config: dict = field(default_factory=dict)
+
+
+def _quiet_deepspeed() -> None:
+    """Skip DeepSpeed's op probing and its shared-memory comm op: compiling it costs ~60 s on the
+    first init and training never uses it (STACK.md). An empty table marks every op unavailable."""
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in deepspeed.ops.__dict__:
+        deepspeed.ops.__dict__["__compatible_ops__"] = {}
+    deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
+
+
+def ds_config(spec: TrainerSpec) -> dict:
+    zero: dict = {"stage": spec.zero_stage}
+    if spec.zero_stage >= 2:
+        zero["overlap_comm"] = False  # overlap makes every CPU step take ~1 s (STACK.md)
+    cfg = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": spec.dtype == "bfloat16"},
+    }
+    return {**cfg, **spec.extra_ds_config}
+
+
+class Trainer:
+    def __init__(self, spec: TrainerSpec):
+        self.spec = spec
+        self.step = 0
+        self._seed(spec.seed + spec.rank)
+        self._init_distributed()
+        self.model = self._build_model()
+        self.engine = self._build_engine()
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"Trainer({s.name}, rank {s.rank}/{s.world_size}, zero {s.zero_stage}, step {self.step})"
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _init_distributed(self) -> None:
+        _quiet_deepspeed()
+        import deepspeed
+
+        s = self.spec
+        os.environ.update(
+            MASTER_ADDR=s.master_addr,
+            MASTER_PORT=str(s.master_port),
+            RANK=str(s.rank),
+            WORLD_SIZE=str(s.world_size),
+            LOCAL_RANK="0",
+        )
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(
+                backend, init_method=f"tcp://{s.master_addr}:{s.master_port}", rank=s.rank, world_size=s.world_size
+            )
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+
+    def _build_model(self):
+        from transformers import AutoModelForCausalLM
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.spec.dtype]
+        model = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
+        if self.spec.adapter == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = list(self.spec.target_modules) or "all-linear"
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=self.spec.lora_r,
+                    lora_alpha=self.spec.lora_alpha,
+                    lora_dropout=self.spec.lora_dropout,
+                    target_modules=targets,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        return model
+
+    def _build_engine(self):
+        import deepspeed
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=ds_config(self.spec))
+        return engine
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights),
+        in micro-batches with gradient accumulation. Returns loss, tokens and timing."""
+        started = time.perf_counter()
+        n = len(arrays["input_ids"])
+        chunks = max(1, self.spec.gradient_accumulation_steps)
+        bounds = np.linspace(0, n, chunks + 1).astype(int)
+        losses, tokens = [], 0
+        self.engine.train()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            t = {k: torch.from_numpy(v[lo:hi]).to(self.engine.device) for k, v in arrays.items()}
+            logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+            loss = weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t["weights"])
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.item())
+            tokens += int(t["attention_mask"].sum())
+        self.step += 1
+        return {
+            "loss": float(np.mean(losses)),
+            "tokens": tokens,
+            "step_s": time.perf_counter() - started,
+            "step": self.step,
+        }
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The trainable weights as numpy copies: the adapter (peft names) under LoRA, else every
+        parameter. Copies, never ZeRO views: pickling a view ships its whole flat buffer (STACK.md).
+        Under ZeRO-3 every rank must call this (it gathers the partitions)."""
+        module = self.engine.module
+        if self.spec.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return _state(module, self.spec.adapter == "lora")
+        return _state(module, self.spec.adapter == "lora")
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Forward pass in eval mode. input_ids (B, T) -> logits (B, T, V) float32."""
+        self.engine.eval()
+        with torch.no_grad():
+            out = self.engine(input_ids=torch.from_numpy(input_ids).to(self.engine.device)).logits
+        return out.float().cpu().numpy()
+
+    def digest(self) -> str:
+        """SHA-256 over every parameter this rank holds: equal digests mean bitwise-equal replicas."""
+        h = hashlib.sha256()
+        for name, value in sorted(self.weights().items()):
+            h.update(name.encode())
+            h.update(value.tobytes())
+        return h.hexdigest()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, cursor: int) -> str:
+        """Write step-N with the data cursor; every rank calls this. Returns the directory."""
+        root = Path(self.spec.checkpoint_dir)
+        tag = f"step-{self.step:08d}"
+        state = {"cursor": cursor, "step": self.step}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, root / tag / f"rng-rank{self.spec.rank}.pt")
+        dist.barrier()
+        if self.spec.rank == 0:
+            (root / tag / COMPLETE).write_text(json.dumps(state))
+        dist.barrier()
+        return str(root / tag)
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; return its data cursor (0 when none)."""
+        tag = latest_complete(self.spec.checkpoint_dir)
+        if tag is None:
+            return 0
+        root = Path(self.spec.checkpoint_dir)
+        _, state = self.engine.load_checkpoint(str(root), tag=tag)
+        rng = torch.load(root / tag / f"rng-rank{self.spec.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.step = state["step"]
+        return state["cursor"]
+
+
+def latest_complete(checkpoint_dir: str) -> str | None:
+    """The newest step-N directory with a COMPLETE marker; half-written ones are ignored."""
+    root = Path(checkpoint_dir)
+    tags = sorted(p.name for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.exists() else []
+    return tags[-1] if tags else None
+
+
+def _state(module: torch.nn.Module, adapter_only: bool) -> dict[str, np.ndarray]:
+    if adapter_only:
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(module)
+    else:
+        tensors = dict(module.named_parameters())
+    return {name: t.detach().float().cpu().numpy().copy() for name, t in tensors.items()}
