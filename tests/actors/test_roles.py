@@ -1,0 +1,166 @@
+"""The role classes without Ray: generation, rewards, the trainer, weight sync, the journal."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.batches import batch_id, make_batch, training_arrays
+from actors.queues import END, Channel, Journal, Seen, pump
+from actors.reward import RewardScorer, RewardSpec, ScorerSpec, resolve
+from actors.rewards import exact_match, json_fields, json_valid, length_penalty, numeric_match, regex_format
+from actors.teacher import GeneratorSpec, SamplingParams, TeacherGenerator
+from actors.trainer import Trainer, TrainerSpec, latest_complete
+
+PROMPTS = make_batch("b000", {"prompt": ["ticket about billing", "order shipping refund"], "answer": ["1", "2"]})
+
+
+def boom(prompts, completions, **_):
+    raise RuntimeError("reward bug")
+
+
+def sleepy(prompts, completions, **_):
+    time.sleep(3)
+    return [1.0] * len(completions)
+
+
+def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
+    gen = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=1))
+    out = gen.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=1.0, topk_logprobs=4))
+    assert out.num_rows == 6 and batch_id(out) == "b000"
+    assert out.column("answer").to_pylist() == ["1", "1", "1", "2", "2", "2"]
+    assert out.schema.field("topk_ids").type == pa.list_(pa.int32())
+    assert out.schema.field("topk_logprobs").type == pa.list_(pa.float16())
+    for row in out.to_pylist():
+        ids = row["prompt_ids"] + row["completion_ids"]
+        logits = gen.logits(np.array([ids]))[0]
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+        start = len(row["prompt_ids"])
+        expected = [logp[start - 1 + t, tok] for t, tok in enumerate(row["completion_ids"])]
+        np.testing.assert_allclose(row["completion_logprobs"], expected, atol=1e-4)
+        k = np.array(row["topk_logprobs"], dtype=np.float32).reshape(-1, 4)
+        assert np.all(k[:, 0] >= np.array(row["completion_logprobs"]) - 1e-2)  # the top-1 is the max
+        assert 1 <= len(row["completion_ids"]) <= 8
+
+
+def test_builtin_rewards_by_hand():
+    p = ["q"] * 3
+    assert exact_match(p, [" 4", "5", "4"], answer=["4", "4", None]) == [1.0, 0.0, None]
+    assert numeric_match(p, ["so 1,234.0", "x", "12"], answer=["#### 1234", "3", "12.5"]) == [1.0, 0.0, 0.0]
+    assert regex_format(p, ["<a>1</a>", "a", " <a>x</a> "], pattern=r"<a>.*</a>") == [1.0, 0.0, 1.0]
+    assert length_penalty(p, ["x" * 10, "x" * 15, "x" * 40], max_chars="10") == [0.0, -0.5, -1.0]
+    assert json_valid(p, ['{"a": 1}', "[1]", "nope"]) == [1.0, 0.0, 0.0]
+    ref = '{"category": "billing", "refund": true}'
+    assert json_fields(p, ['{"category": "billing", "refund": false}', "x", ref], completion=[ref, ref, None]) == [
+        0.5,
+        0.0,
+        None,
+    ]
+
+
+def test_scorer_survives_raising_and_slow_functions():
+    spec = ScorerSpec(
+        (
+            RewardSpec("exact_match", weight=2.0, args=(("column", "answer"),)),
+            RewardSpec("tests.actors.test_roles:boom"),
+            RewardSpec("tests.actors.test_roles:sleepy", timeout_s=0.5),
+        ),
+        allowed_modules=("tests.actors",),
+    )
+    scorer = RewardScorer(spec)
+    batch = make_batch("b1", {"prompt": ["a", "b"], "completion": ["1", "x"], "answer": ["1", "2"]})
+    out = scorer.score(batch)
+    assert out.column("reward").to_pylist() == [2.0, 0.0]
+    assert out.column("rewards/boom").to_pylist() == [None, None]
+    assert out.column("rewards/sleepy").to_pylist() == [None, None]
+    assert scorer.stats() == {"scored": 2.0, "rewards/boom/errors": 1.0, "rewards/sleepy/timeouts": 1.0}
+    assert batch_id(out) == "b1"
+
+
+def test_reward_import_paths_obey_the_allow_list():
+    with pytest.raises(PermissionError, match="'os' is not in the operator's allow-list"):
+        resolve("os:system", ("tests",))
+    assert resolve("tests.actors.test_roles:boom", ("tests",)) is boom
+    with pytest.raises(ValueError, match="unknown reward"):
+        resolve("nonsense", ())
+
+
+def test_journal_and_seen(tmp_path):
+    j = Journal(tmp_path / "journal")
+    j.write(make_batch("s1/b002", {"x": [1, 2]}))
+    j.write(make_batch("s1/b001", {"x": [3]}))
+    assert j.ids() == ["s1/b001", "s1/b002"] and j.has("s1/b001")
+    assert [batch_id(b) for b in j.replay()] == ["s1/b001", "s1/b002"]
+    assert j.read("s1/b002").column("x").to_pylist() == [1, 2]
+    seen = Seen()
+    assert [seen.fresh(i) for i in ("a", "b", "a")] == [True, True, False] and seen.dropped == 1
+
+
+def test_pump_moves_every_batch_once():
+    inbox, outbox = Channel(queue.Queue(), by_ref=False), Channel(queue.Queue(maxsize=100), by_ref=False)
+    for i in range(5):
+        inbox.put(make_batch(f"b{i}", {"x": [i]}))
+    inbox.put(END)
+    assert pump(inbox, outbox, lambda b: b) == 5
+    assert [batch_id(outbox.get()) for _ in range(5)] == [f"b{i}" for i in range(5)]
+
+
+def _arrays(n=4, t=10, vocab=50):
+    rng = np.random.default_rng(0)
+    batch = make_batch(
+        "t",
+        {
+            "prompt_ids": [list(rng.integers(1, vocab, 4)) for _ in range(n)],
+            "completion_ids": [list(rng.integers(1, vocab, t - 4)) for _ in range(n)],
+        },
+    )
+    return training_arrays(batch, pad_id=0)
+
+
+def test_training_arrays_mask_only_completion_tokens():
+    batch = make_batch(
+        "t", {"prompt_ids": [[5, 6, 7], [5]], "completion_ids": [[8, 9], [8, 9, 10]], "reward": [1.0, None]}
+    )
+    a = training_arrays(batch, pad_id=0, weight_column="reward")
+    assert a["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
+    assert a["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # logprob t predicts token t+1: completion tokens of row 0 sit at 3, 4 -> positions 2, 3
+    assert a["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    assert a["weights"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_trainer_learns_checkpoints_resumes_and_syncs(tiny_model, tmp_path, adapter):
+    spec = TrainerSpec(
+        str(tiny_model),
+        adapter=adapter,
+        learning_rate=1e-2,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        master_port=29000 + (adapter == "lora"),
+    )
+    trainer = Trainer(spec)
+    arrays = _arrays()
+    losses = [trainer.train_step(arrays)["loss"] for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.1
+    trainer.save_checkpoint(cursor=5)
+    (tmp_path / "ckpt" / "step-00000009").mkdir()  # a half-written checkpoint: no COMPLETE marker
+    assert latest_complete(spec.checkpoint_dir) == "step-00000005"
+    digest, after = trainer.digest(), trainer.train_step(arrays)["loss"]
+    again = Trainer(spec)
+    assert again.resume() == 5 and again.step == 5 and again.digest() == digest
+    assert again.train_step(arrays)["loss"] == pytest.approx(after, abs=1e-5)
+
+    gen = TeacherGenerator(GeneratorSpec(str(tiny_model), lora_r=8 if adapter == "lora" else 0))
+    ids = arrays["input_ids"][:2]
+    assert not np.allclose(gen.logits(ids), again.logits(ids), atol=1e-4)
+    gen.load_weights(again.weights(), version=6)
+    np.testing.assert_allclose(gen.logits(ids), again.logits(ids), atol=1e-5)
+    assert gen.version == 6
