@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
-from ray.util.queue import Queue
+from ray.util.queue import Empty, Queue
 
 from actors.batches import batch_id, shard, training_arrays
 from actors.metrics import record
@@ -65,6 +65,7 @@ class TrainLoop:
         self.rollouts = Channel(Queue(maxsize=cfg.queue_size))
         self.scored = Channel(Queue(maxsize=cfg.queue_size))
         self.result = LoopResult()
+        self.producers: list = []
 
     def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
         """Train on every batch, in order; returns what happened."""
@@ -112,9 +113,11 @@ class TrainLoop:
                 raise InterruptedError("cancelled")
             try:
                 return self.scored.get(timeout=1.0)
-            except Exception as e:  # noqa: BLE001 - ray.util.queue.Empty on timeout
-                if type(e).__name__ != "Empty":
-                    raise
+            except Empty:
+                done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
+                ray.get(done)  # a generator or scorer loop that failed raises its error here
+                if len(done) == len(self.producers):
+                    raise RuntimeError("the generators and scorers finished, but a batch never arrived") from None
             record("queue_depth", self.rollouts.size(), self.roles.job_id, "rollouts")
 
     # -- training -------------------------------------------------------------------------------

@@ -82,15 +82,17 @@ class Channel:
         if self.by_ref and item is not END:
             import ray
 
-            item = ray.put(item)
+            # In a list: Ray resolves an ObjectRef passed directly as an argument (to the queue
+            # actor), which would copy the batch into the queue instead of its reference.
+            item = [ray.put(item)]
         self.queue.put(item)
 
     def get(self, timeout: float | None = None):
         item = self.queue.get(timeout=timeout)
-        if self.by_ref and not (isinstance(item, str) and item == END):
+        if self.by_ref and isinstance(item, list):
             import ray
 
-            return ray.get(item)
+            return ray.get(item[0])
         return item
 
     def size(self) -> int:

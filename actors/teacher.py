@@ -190,7 +190,7 @@ class TeacherGenerator:
         """Install weights from the trainer: a PEFT adapter state dict under LoRA, else full
         parameters. Returns the seconds it took."""
         started = time.perf_counter()
-        tensors = {k: torch.from_numpy(v).to(self.device, dtype=_dtype(self.spec.dtype)) for k, v in weights.items()}
+        tensors = {k: torch.tensor(v, dtype=_dtype(self.spec.dtype), device=self.device) for k, v in weights.items()}
         with self._lock:
             self._install(tensors)
         self.version = version

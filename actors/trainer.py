@@ -159,7 +159,7 @@ class Trainer:
         losses, tokens = [], 0
         self.engine.train()
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            t = {k: torch.from_numpy(v[lo:hi]).to(self.engine.device) for k, v in arrays.items()}
+            t = {k: torch.tensor(v[lo:hi], device=self.engine.device) for k, v in arrays.items()}
             logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
             loss = weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t["weights"])
             self.engine.backward(loss)
