@@ -44,11 +44,11 @@ def supervisor_name(job_id: str) -> str:
 SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
 
 
-def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str):
+def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
     """Create (or find, after a crash between create and record) the job's detached supervisor."""
     return SupervisorActor.options(
         name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(job_id, spec, artifact_dir)
+    ).remote(job_id, spec, artifact_dir, reward_modules)
 
 
 def _role_class(role: str):
@@ -72,11 +72,18 @@ class Placement:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    custom: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, spec, default_cpus: float = 1.0) -> Placement:
+        """From a stillroom.v1.RoleResources (zero means the default)."""
+        return cls(spec.replicas or 1, spec.num_cpus or default_cpus, spec.num_gpus, tuple(sorted(spec.custom.items())))
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.num_cpus} if self.num_cpus else {}
         if self.num_gpus:
             bundle["GPU"] = self.num_gpus
+        bundle.update(self.custom)
         return bundle or {"CPU": 0.01}  # a bundle may not be empty
 
 

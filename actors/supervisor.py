@@ -89,8 +89,9 @@ class StageContext:
 
 
 class Supervisor:
-    def __init__(self, job_id: str, spec: bytes, artifact_dir: str):
+    def __init__(self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
         self.job_id = job_id
+        self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
         self.spec = pb.JobSpec.FromString(spec)
         self.artifact_dir = Path(artifact_dir)
         self.log = EventLog()

@@ -123,6 +123,7 @@ def cmd_serve(args) -> int:
         artifact_root=args.artifact_root,
         data_roots=args.data_root or [Path.cwd()],
         model_roots=args.model_root or [],
+        reward_modules=args.reward_module or [],
         tokens_file=args.tokens_file,
         allow_anonymous=args.allow_anonymous,
         tls_cert=args.tls_cert,
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifact-root", type=Path, help="where jobs write artifacts (default <home>/artifacts)")
     s.add_argument("--data-root", type=Path, action="append", help="directory jobs may read data from (repeat)")
     s.add_argument("--model-root", type=Path, action="append", help="directory jobs may read models from (repeat)")
+    s.add_argument("--reward-module", action="append", help="module reward functions may be imported from (repeat)")
     s.add_argument("--tokens-file", type=Path, help="YAML token table (or $STILLROOM_TOKENS)")
     s.add_argument("--allow-anonymous", action="store_true", help="no auth: one tenant 'default' (local use only)")
     s.add_argument("--tls-cert", type=Path)

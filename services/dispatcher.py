@@ -42,9 +42,11 @@ class Dispatcher:
         store: Store,
         artifact_root: Path,
         max_running: int = 2,
+        reward_modules: tuple[str, ...] = (),
         poll_interval_s: float = 0.2,
         cancel_grace_s: float = 30.0,
     ):
+        self.reward_modules = reward_modules
         self.store, self.artifact_root = store, Path(artifact_root)
         self.max_running, self.poll_interval_s, self.cancel_grace_s = max_running, poll_interval_s, cancel_grace_s
         self._running: dict[str, _Running] = {}
@@ -153,7 +155,8 @@ class Dispatcher:
                 return
             artifact_dir = self.artifact_root / job_id
             artifact_dir.mkdir(parents=True, exist_ok=True)
-            handle = launch_supervisor(job_id, self.store.spec(job_id).SerializeToString(), str(artifact_dir))
+            spec = self.store.spec(job_id).SerializeToString()
+            handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules)
             ray.get(handle.start.remote(), timeout=60)
             self._running[job_id] = _Running(handle, cursor=0)
             self.store.append_events(job_id, [_event(pb.JOB_STATE_RUNNING, f"started {supervisor_name(job_id)}")])

@@ -47,6 +47,7 @@ class ServerConfig:
     artifact_root: Path | None = None  # default <home>/artifacts
     data_roots: list[Path] = field(default_factory=lambda: [Path.cwd()])
     model_roots: list[Path] = field(default_factory=list)
+    reward_modules: list[str] = field(default_factory=list)  # import paths reward functions may come from
     tokens_file: Path | None = None
     allow_anonymous: bool = False  # every caller is tenant "default": for a laptop, never a cluster
     tls_cert: Path | None = None
@@ -82,11 +83,15 @@ class Server:
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         connect_ray(cfg.ray_address)
         artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
-        self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs)
+        self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs, tuple(cfg.reward_modules))
         self.service = JobService(
             self.store,
             self.dispatcher,
-            Policy(tuple(Path(p).resolve() for p in cfg.data_roots), tuple(Path(p).resolve() for p in cfg.model_roots)),
+            Policy(
+                tuple(Path(p).resolve() for p in cfg.data_roots),
+                tuple(Path(p).resolve() for p in cfg.model_roots),
+                tuple(cfg.reward_modules),
+            ),
             cfg.max_queued_per_tenant,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)

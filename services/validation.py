@@ -16,6 +16,8 @@ from pathlib import Path
 from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets
+from actors.reward import module_allowed
+from actors.rewards import BUILTINS
 from actors.stage_registry import AVAILABLE
 from services.errors import InvalidArgument, PermissionDenied
 
@@ -39,11 +41,15 @@ class Policy:
     data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
     # Model paths may also come from these (e.g. a shared model store); data roots always count.
     model_roots: tuple[Path, ...] = ()
+    # Reward functions named by import path run on the cluster: only these modules (and their
+    # submodules) may be named.
+    reward_modules: tuple[str, ...] = ()
 
 
 class _Violations:
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy = Policy()) -> None:
         self.items: list[tuple[str, str]] = []
+        self.policy = policy
 
     def check(self, ok: bool, path: str, message: str) -> None:
         if not ok:
@@ -70,7 +76,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     """Check `spec`; return (normalised copy, warnings). Raises InvalidArgument, PermissionDenied."""
     out = pb.JobSpec()
     out.CopyFrom(spec)
-    v, warnings = _Violations(), []
+    v, warnings = _Violations(policy), []
     v.check(len(spec.display_name) <= 200, "display_name", "must be at most 200 characters")
     v.check(len(spec.stages) > 0, "stages", "a job needs at least one stage")
     v.check(len(spec.stages) <= MAX_STAGES, "stages", f"at most {MAX_STAGES} stages")
@@ -189,9 +195,31 @@ def _optim(s: pb.OptimConfig, p: str, v: _Violations) -> None:
 
 def _rewards(rewards, p: str, v: _Violations) -> None:
     for j, r in enumerate(rewards):
-        v.check(bool(r.name), f"{p}[{j}].name", "required: a built-in name, pkg.module:function or model:/path")
+        _reward_name(r.name, f"{p}[{j}].name", v)
         v.number(r.weight, f"{p}[{j}].weight")
         v.number(r.timeout_s, f"{p}[{j}].timeout_s", lo=0, lo_open=True)
+
+
+def _reward_name(name: str, path: str, v: _Violations) -> None:
+    """A built-in, `model:/path`, or `pkg.module:fn` from an allowed module that imports."""
+    if name in BUILTINS:
+        return
+    if name.startswith("model:"):
+        _model_path(name.removeprefix("model:"), path, v.policy, v)
+        return
+    module, sep, fn = name.partition(":")
+    if not sep or not module or not fn.isidentifier():
+        v.check(False, path, f"{name!r} is not a built-in ({', '.join(BUILTINS)}), pkg.module:function or model:/path")
+        return
+    if not module_allowed(module, v.policy.reward_modules):
+        raise PermissionDenied(
+            f"{path}: reward module {module!r} is not in the server's allow-list (stillroom serve --reward-module)"
+        )
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    v.check(found, path, f"module {module!r} does not import on the server")
 
 
 def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
@@ -253,6 +281,8 @@ def _check_resources(r: pb.Resources, v: _Violations) -> None:
         v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
         v.number(rr.num_cpus, f"resources.{role}.num_cpus", lo=0)
         v.number(rr.num_gpus, f"resources.{role}.num_gpus", lo=0)
+        for name, amount in rr.custom.items():
+            v.number(amount, f"resources.{role}.custom[{name!r}]", lo=0)
 
 
 def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:

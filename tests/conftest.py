@@ -58,11 +58,13 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (head node), shared by the session's servers; stopped at the end."""
+    """A real two-node Ray cluster on this machine: a head with custom resource node_a and a worker
+    node with node_b, as `ray start` makes them; token auth on. Stopped at the end of the session."""
     temp = Path(f"/tmp/srt{secrets.token_hex(3)}")
     port, dash = free_port(), free_port()
-    cmd = [
-        str(BIN / "ray"),
+    ray = str(BIN / "ray")
+    head = [
+        ray,
         "start",
         "--head",
         f"--port={port}",
@@ -72,11 +74,22 @@ def ray_cluster():
         "--include-dashboard=true",
         f"--dashboard-port={dash}",
         "--disable-usage-stats",
+        '--resources={"node_a": 4}',
     ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    subprocess.run(head, check=True, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
+    worker = [
+        ray,
+        "start",
+        f"--address={address}",
+        "--num-cpus=1",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        '--resources={"node_b": 4}',
+    ]
+    subprocess.run(worker, check=True, capture_output=True, timeout=120)
     yield address
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
     shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -137,3 +137,40 @@ def test_killed_trainer_resumes_from_checkpoint_at_the_same_cursor(ray_client, t
         group.close()
     assert wait_for(lambda: alive(ray_client, "job-pipe2") == ([], []), timeout=30)
     assert batch_id(prompts()[0]) == "b000"
+
+
+def test_roles_span_two_nodes(ray_client, tiny_model, tmp_path):
+    from ray.util.state import list_actors
+
+    from actors.ray_actors import Placement as P
+
+    nodes = {n["NodeID"] for n in ray_client.nodes() if n["Alive"]}
+    assert len(nodes) == 2
+    group = RoleGroup(
+        "job-2node",
+        {
+            "generator": P(1, 0.5, custom=(("node_a", 1.0),)),
+            "scorer": P(1, 0.25, custom=(("node_b", 1.0),)),
+            "trainer": P(2, 0.25, custom=(("node_b", 1.0),)),
+        },
+    )
+    try:
+        group.start("generator", GeneratorSpec(str(tiny_model), lora_r=4, target_modules=("q_proj", "v_proj")))
+        group.start("scorer", ScorerSpec((RewardSpec("json_valid"),)))
+        loop = TrainLoop(
+            group,
+            trainer_spec(tiny_model, tmp_path),
+            Journal(tmp_path / "journal"),
+            LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=4)),
+        )
+        assert loop.run(prompts(2)).trained == ["b000", "b001"]
+        placed = {
+            a.name: a.node_id
+            for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.name.startswith("job-2node")
+        }
+        assert placed["job-2node:generator:0"] != placed["job-2node:trainer:0"]
+        assert placed["job-2node:trainer:0"] == placed["job-2node:trainer:1"] == placed["job-2node:scorer:0"]
+        assert len(loop.result.syncs) == 3  # weights crossed nodes, trainer -> generator
+    finally:
+        group.close()

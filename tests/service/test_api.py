@@ -103,6 +103,9 @@ def test_error_codes(server, data_root, tmp_path):
     outside.data.train.path = "/etc/passwd.jsonl"
     assert code(c.submit, outside) == C.PERMISSION_DENIED
     assert code(c.submit, audit_spec(data_root), request_id="bad id") == C.INVALID_ARGUMENT
+    remote_code = audit_spec(data_root)
+    remote_code.stages.add(name="rl").grpo.rewards.add(name="os:system")  # reward code runs on the cluster
+    assert code(c.submit, remote_code) == C.PERMISSION_DENIED
     assert code(lambda: list(c.list(page_size=-1))) == C.INVALID_ARGUMENT
     assert code(c.stub.ListJobs, api.ListJobsRequest(page_token="garbage"), metadata=c.metadata) == C.INVALID_ARGUMENT
     assert code(lambda: list(c.events("job-x"))) == C.NOT_FOUND

@@ -174,3 +174,26 @@ def test_unknown_enum_numbers_are_refused(data_root):
     v = dict(e.value.violations)
     assert v["data.train.format"].startswith("17 is not a DatasetFormat (DATASET_FORMAT_UNSPECIFIED")
     assert v["stages[0].sft.adapter"].startswith("-3 is not a AdapterType")
+
+
+def test_reward_functions_obey_the_allow_list(data_root):
+    def spec(name):
+        return parse(
+            {
+                "teacher": {"path": str(data_root)},
+                "data": {"train": {"path": "train.jsonl"}},
+                "stages": [{"grpo": {"rewards": [{"name": name}]}}],
+            }
+        )
+
+    with pytest.raises(PermissionDenied, match=r"stages\[0\].grpo.rewards\[0\].name: reward module 'os'"):
+        validate(spec("os:system"), Policy((data_root,), reward_modules=("examples",)))
+    with pytest.raises(InvalidArgument) as e:
+        validate(spec("examples.nothere:fn"), Policy((data_root,), reward_modules=("examples",)))
+    assert (
+        dict(e.value.violations)["stages[0].grpo.rewards[0].name"]
+        == "module 'examples.nothere' does not import on the server"
+    )
+    with pytest.raises(InvalidArgument) as e:
+        validate(spec("json_valid"), Policy((data_root,)))
+    assert "stages[0].grpo.rewards[0].name" not in dict(e.value.violations)  # built-ins need no allow-list
