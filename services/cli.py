@@ -129,6 +129,7 @@ def cmd_serve(args) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         ray_address=args.ray_address,
+        runtime_env=args.runtime_env,
         max_running_jobs=args.max_running_jobs,
         max_queued_per_tenant=args.max_queued_per_tenant,
     )
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", type=Path)
     s.add_argument("--tls-key", type=Path)
     s.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else an embedded one)")
+    s.add_argument("--runtime-env", type=Path, help="Ray runtime_env YAML for job actors (cluster/runtime_env.yaml)")
     s.add_argument("--max-running-jobs", type=int, default=2)
     s.add_argument("--max-queued-per-tenant", type=int, default=100)
     s.add_argument("--log-level", default="info")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import ray
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from stillroom.v1 import job_pb2 as pb
@@ -53,6 +54,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
+    runtime_env: Path | None = None  # a Ray runtime_env YAML for every job's actors
     max_running_jobs: int = 2
     max_queued_per_tenant: int = 100
     workers: int = 128
@@ -60,9 +62,13 @@ class ServerConfig:
     grace_s: float = 20.0
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local one."""
-    ray.init(address=address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+def connect_ray(address: str | None, runtime_env: Path | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local one. A
+    runtime_env file (YAML) applies to every actor of every job."""
+    env = yaml.safe_load(Path(runtime_env).read_text()) if runtime_env else None
+    ray.init(
+        address=address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, runtime_env=env
+    )
 
 
 class _AnonymousTokens(TokenTable):
@@ -81,7 +87,7 @@ class Server:
             raise SystemExit("no API tokens: pass --tokens-file or set STILLROOM_TOKENS (or --allow-anonymous)")
         self.store = Store(cfg.store_path or cfg.home / "jobs.db")
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-        connect_ray(cfg.ray_address)
+        connect_ray(cfg.ray_address, cfg.runtime_env)
         artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
         self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs, tuple(cfg.reward_modules))
         self.service = JobService(
