@@ -51,6 +51,29 @@ def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str, reward_module
     ).remote(job_id, spec, artifact_dir, reward_modules)
 
 
+def placement_name(job_id: str) -> str:
+    return f"{job_id}:placement"
+
+
+def release_job(job_id: str) -> None:
+    """Kill whatever of the job is still alive: its supervisor (and with it the role actors it
+    owns), any named actor of the job, and its placement group. A placement group is fate-shared
+    with the driver that created its creator, not with the supervisor, so it must go explicitly."""
+    prefix = f"{job_id}:"
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == NAMESPACE and entry["name"].startswith(prefix):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass  # already gone
+    while True:
+        try:
+            pg = ray.util.get_placement_group(placement_name(job_id))
+        except ValueError:
+            return
+        remove_placement_group(pg)
+
+
 def _role_class(role: str):
     if role == "generator":
         from actors.teacher import TeacherGenerator
@@ -105,7 +128,7 @@ class RoleGroup:
         for role, p in placements.items():
             self.offsets[role] = len(bundles)
             bundles += [p.bundle() for _ in range(p.replicas)]
-        self.pg = placement_group(bundles, strategy="PACK", name=f"{job_id}:placement")
+        self.pg = placement_group(bundles, strategy="PACK", name=placement_name(job_id))
         ray.get(self.pg.ready(), timeout=timeout_s)
         self.actors: dict[str, list] = {}
 

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from stillroom.v1 import job_pb2 as pb
 
-from actors.ray_actors import NAMESPACE, launch_supervisor, supervisor_name
+from actors.ray_actors import NAMESPACE, launch_supervisor, release_job, supervisor_name
 from services.store import ACTIVE, TERMINAL, Store
 
 log = logging.getLogger("stillroom.dispatcher")
@@ -171,9 +171,9 @@ class Dispatcher:
         self._finish(job_id)
 
     def _finish(self, job_id: str) -> None:
-        run = self._running.pop(job_id, None)
-        if run is not None:
-            ray.kill(run.handle, no_restart=True)
+        """The job ended: nothing of it may stay on the cluster."""
+        self._running.pop(job_id, None)
+        release_job(job_id)
 
     def _find(self, job_id: str):
         try:
@@ -184,14 +184,11 @@ class Dispatcher:
             return None
 
     def _kill_orphans(self) -> None:
-        """Supervisors whose jobs already ended (the server died before it killed them)."""
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            if name.get("namespace") != NAMESPACE or not name["name"].endswith(":supervisor:0"):
-                continue
-            job_id = name["name"].split(":")[0]
-            if job_id not in self._running:
-                try:
-                    ray.kill(ray.get_actor(name["name"], namespace=NAMESPACE), no_restart=True)
-                    log.info("killed orphaned supervisor of %s", job_id)
-                except ValueError:
-                    pass
+        """Supervisors whose jobs already ended (the server died before it released them)."""
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry.get("namespace") == NAMESPACE and name.endswith(":supervisor:0"):
+                job_id = name.split(":")[0]
+                if job_id not in self._running:
+                    release_job(job_id)
+                    log.info("released the orphaned supervisor of %s", job_id)

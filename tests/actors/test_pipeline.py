@@ -10,7 +10,7 @@ import pytest
 from actors.batches import make_batch
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
-from actors.ray_actors import Placement, RoleGroup
+from actors.ray_actors import Placement, RoleGroup, release_job
 from actors.reward import RewardSpec, ScorerSpec
 from actors.teacher import GeneratorSpec, SamplingParams
 from actors.trainer import TrainerSpec
@@ -172,3 +172,28 @@ def test_roles_span_two_nodes(ray_client, tiny_model, tmp_path):
         assert len(loop.result.syncs) == 3  # weights crossed nodes, trainer -> generator
     finally:
         group.close()
+
+
+class _Owner:
+    """Stands in for a job's supervisor: it creates the job's role group and owns it."""
+
+    def make(self, job_id: str) -> bool:
+        self.group = RoleGroup(job_id, {"scorer": Placement(1, 0.25), "generator": Placement(1, 0.25)})
+        self.group.start("scorer", ScorerSpec((RewardSpec("json_valid"),)))
+        return True
+
+
+def test_killing_the_owner_leaves_no_actor_or_placement_group(ray_client):
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import tests/
+    owner = ray_client.remote(num_cpus=0)(_Owner).remote()
+    assert ray_client.get(owner.make.remote("job-owned"))
+    assert wait_for(lambda: alive(ray_client, "job-owned")[0] and alive(ray_client, "job-owned")[1], timeout=60)
+    ray_client.kill(owner)  # a supervisor that dies takes the role actors it owns...
+    assert wait_for(lambda: not alive(ray_client, "job-owned")[0], timeout=60)
+    assert alive(ray_client, "job-owned")[1]  # ...but not the placement group:
+    release_job("job-owned")  # the dispatcher releases it when the job ends
+    assert wait_for(lambda: alive(ray_client, "job-owned") == ([], []), timeout=60)
