@@ -25,6 +25,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	# buf is on npm; the API stays buf-lint clean (STANDARD rules)
+	cd protos && npx --yes @bufbuild/buf lint
 
 proto: $(STAMP)
 	$(BIN)/python -m services.protogen

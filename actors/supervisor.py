@@ -53,6 +53,21 @@ class StageContext:
     ):
         self.job_id, self.stage, self.artifact_dir, self.seed = job_id, stage, artifact_dir, seed
         self._log, self._cancelled = log_, cancelled
+        self._groups: list = []
+
+    def roles(self, resources: pb.Resources, roles: tuple[str, ...] = ("generator", "scorer", "trainer")):
+        """The stage's role actors' placement group, sized from the job's resources. This
+        supervisor owns it; it is closed when the stage ends, however it ends."""
+        from actors.ray_actors import Placement, RoleGroup
+
+        group = RoleGroup(self.job_id, {r: Placement.of(getattr(resources, r)) for r in roles})
+        self._groups.append(group)
+        return group
+
+    def close(self) -> None:
+        for group in self._groups:
+            group.close()
+        self._groups.clear()
 
     def progress(self, done: int, total: int, unit: str) -> None:
         self._log.append(
@@ -124,7 +139,10 @@ class Supervisor:
             try:
                 ctx.check_cancelled()
                 self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)
-                runner(kind)(getattr(stage, kind), self.spec, ctx)
+                try:
+                    runner(kind)(getattr(stage, kind), self.spec, ctx)
+                finally:
+                    ctx.close()
             except Cancelled:
                 self._stage_state(stage.name, pb.STAGE_STATE_CANCELLED)
                 return self._job_state(pb.JOB_STATE_CANCELLED, message="cancelled")

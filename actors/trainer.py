@@ -39,6 +39,7 @@ class TrainerSpec:
     target_modules: tuple[str, ...] = ()
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
     zero_stage: int = 0
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -144,8 +145,15 @@ class Trainer:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
-        engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=ds_config(self.spec))
+        warmup = max(1, self.spec.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        engine, *_ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(self.spec)
+        )
         return engine
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
 
     # -- training -------------------------------------------------------------------------------
 

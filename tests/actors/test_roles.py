@@ -150,12 +150,14 @@ def test_trainer_learns_checkpoints_resumes_and_syncs(tiny_model, tmp_path, adap
     arrays = _arrays()
     losses = [trainer.train_step(arrays)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.1
+    lr = trainer.learning_rate()
     trainer.save_checkpoint(cursor=5)
     (tmp_path / "ckpt" / "step-00000009").mkdir()  # a half-written checkpoint: no COMPLETE marker
     assert latest_complete(spec.checkpoint_dir) == "step-00000005"
     digest, after = trainer.digest(), trainer.train_step(arrays)["loss"]
     again = Trainer(spec)
     assert again.resume() == 5 and again.step == 5 and again.digest() == digest
+    assert again.learning_rate() == lr  # the scheduler came back too
     assert again.train_step(arrays)["loss"] == pytest.approx(after, abs=1e-5)
 
     gen = TeacherGenerator(GeneratorSpec(str(tiny_model), lora_r=8 if adapter == "lora" else 0))
@@ -164,3 +166,36 @@ def test_trainer_learns_checkpoints_resumes_and_syncs(tiny_model, tmp_path, adap
     gen.load_weights(again.weights(), version=6)
     np.testing.assert_allclose(gen.logits(ids), again.logits(ids), atol=1e-5)
     assert gen.version == 6
+
+
+def test_zero3_trainer_gathers_full_weights_for_sync(tiny_model, tmp_path):
+    trainer = Trainer(
+        TrainerSpec(
+            str(tiny_model), adapter="none", zero_stage=3, learning_rate=1e-2, checkpoint_dir=str(tmp_path / "ckpt")
+        )
+    )
+    arrays = _arrays()
+    losses = [trainer.train_step(arrays)["loss"] for _ in range(3)]
+    assert losses[-1] < losses[0]
+    weights = trainer.weights()
+    assert weights["model.embed_tokens.weight"].ndim == 2  # gathered, not a ZeRO-3 partition
+    gen = TeacherGenerator(GeneratorSpec(str(tiny_model)))
+    gen.load_weights(weights, version=3)
+    ids = arrays["input_ids"][:2]
+    np.testing.assert_allclose(gen.logits(ids), trainer.logits(ids), atol=1e-5)
+
+
+def test_reward_model_scores(tiny_model, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = LlamaConfig.from_pretrained(tiny_model, num_labels=1)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    scorer = RewardScorer(ScorerSpec((RewardSpec(f"model:{tmp_path / 'rm'}"),)))
+    out = scorer.score(make_batch("b", {"prompt": ["ticket", "order"], "completion": [" refund", " billing x"]}))
+    rewards = out.column("reward").to_pylist()
+    assert all(isinstance(r, float) for r in rewards) and rewards[0] != rewards[1]
+    assert scorer.stats() == {"scored": 2.0}
