@@ -25,3 +25,86 @@ def weighted_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor, weights: torch
     if weights is not None:
         nll = nll * weights.to(nll.dtype).unsqueeze(-1)
     return masked_mean(nll, loss_mask)
+
+
+# -- GRPO ----------------------------------------------------------------------------------------
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """Group-relative advantages. rewards (B,), B = prompts * group_size, each group contiguous.
+    A = r - mean(group); divided by the group's std ("group", GRPO), the batch's std ("batch") or
+    nothing ("none", the Dr. GRPO fix). Returns (advantages (B,), zero_std (B/G,) bool)."""
+    grouped = rewards.view(-1, group_size)
+    std = grouped.std(dim=1, keepdim=True)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (std + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be group, batch or none, not {scale!r}")
+    return centred.reshape(-1), std.squeeze(1) < 1e-8
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(policy || reference): exp(d) - d - 1 with d = ref - logp.
+    Both (B, T) -> (B, T), >= 0."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate policy loss, as TRL defines the loss types.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (B, T) over completion tokens; advantages (B,).
+    per-token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3
+    grpo: mean over each sequence's tokens, then over sequences;  bnpo: mean over the batch's tokens;
+    dr_grpo: sum / (B * max_completion_length);  dapo: sum / num_items (tokens in the global batch,
+    default this batch's). Returns (loss, metrics)."""
+    mask = mask.to(logprobs.dtype)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * a, clipped * a)
+    metrics = {}
+    if beta:
+        kl = k3_kl(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+        metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+    tokens = mask.sum().clamp(min=1)
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / tokens
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (logprobs.shape[0] * (max_completion_length or logprobs.shape[1]))
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / (num_items or tokens)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    low = ((ratio < 1 - epsilon) & (a < 0)).to(mask.dtype)
+    high = ((ratio > 1 + eps_high) & (a > 0)).to(mask.dtype)
+    metrics["clip_ratio/low_mean"] = float((low * mask).sum() / tokens)
+    metrics["clip_ratio/high_mean"] = float((high * mask).sum() / tokens)
+    metrics["clip_ratio/region_mean"] = float(((low + high) * mask).sum() / tokens)
+    return loss, metrics
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean token entropy of the policy over masked positions. logits (B, T, V), mask (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return float(masked_mean(ent, mask))

@@ -1,0 +1,115 @@
+"""Losses and advantages against numbers worked out by hand, and against a plain loop reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from actors.losses import group_advantages, grpo_loss, k3_kl, masked_mean, token_logprobs, weighted_nll
+
+
+def test_token_logprobs_and_weighted_nll_by_hand():
+    # vocab 2, logits [0, 0] -> log p = -log 2 for either token
+    logits = torch.zeros(1, 3, 2)
+    ids = torch.tensor([[0, 1, 0]])
+    lp = token_logprobs(logits, ids)
+    assert torch.allclose(lp, torch.full((1, 2), -math.log(2)))
+    mask = torch.tensor([[0, 1]])
+    assert weighted_nll(lp, mask).item() == pytest.approx(math.log(2))
+    assert weighted_nll(lp, mask, torch.tensor([3.0])).item() == pytest.approx(3 * math.log(2))
+    assert masked_mean(torch.tensor([[1.0, 5.0]]), torch.tensor([[1, 0]])).item() == 1.0
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 3.0, 5.0])  # two groups of 3
+    a, zero = group_advantages(r, 3, "none")
+    assert a.tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3, -2.0, 0.0, 2.0])
+    a, _ = group_advantages(r, 3, "group", eps=0.0)
+    # group 1 std (unbiased) = sqrt(1/3); group 2 std = 2
+    assert a.tolist() == pytest.approx(
+        [(1 / 3) / math.sqrt(1 / 3), (-2 / 3) / math.sqrt(1 / 3), (1 / 3) / math.sqrt(1 / 3), -1.0, 0.0, 1.0]
+    )
+    same, zero = group_advantages(torch.tensor([2.0, 2.0, 0.0, 1.0]), 2, "group")
+    assert zero.tolist() == [True, False] and same[:2].tolist() == [0.0, 0.0]
+    b, _ = group_advantages(r, 3, "batch", eps=0.0)
+    assert b.tolist() == pytest.approx((torch.tensor([1 / 3, -2 / 3, 1 / 3, -2.0, 0.0, 2.0]) / r.std()).tolist())
+
+
+def test_k3_by_hand():
+    assert k3_kl(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0
+    d = math.log(0.5) - math.log(0.25)  # ref - logp
+    assert k3_kl(torch.tensor([math.log(0.25)]), torch.tensor([math.log(0.5)])).item() == pytest.approx(
+        math.exp(d) - d - 1
+    )
+
+
+def test_grpo_loss_types_by_hand():
+    # Two sequences; on-policy (ratio 1): per-token loss = -A.  A = [1, -2]
+    lp = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # per_token*mask: row0 [-1, -1, 0] (sum -2, 2 tokens), row1 [2, 0, 0] (sum 2, 1 token)
+    assert grpo_loss(lp, lp, adv, mask, "grpo")[0].item() == pytest.approx((-1 + 2) / 2)
+    assert grpo_loss(lp, lp, adv, mask, "bnpo")[0].item() == pytest.approx(0 / 3)
+    assert grpo_loss(lp, lp, adv, mask, "dr_grpo", max_completion_length=4)[0].item() == pytest.approx(0 / 8)
+    assert grpo_loss(lp, lp, adv, torch.tensor([[1, 1, 1], [1, 0, 0]]), "dapo", num_items=8)[0].item() == pytest.approx(
+        (-3 + 2) / 8
+    )
+
+
+def test_grpo_clipping_by_hand():
+    old = torch.zeros(1, 2)
+    lp = torch.tensor([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5
+    mask = torch.ones(1, 2)
+    # A = +1: token 0 clipped at 1.2 -> -1.2; token 1 min(0.5, 0.8) = 0.5 -> -0.5
+    loss, m = grpo_loss(lp, old, torch.tensor([1.0]), mask, "bnpo", epsilon=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert m["clip_ratio/high_mean"] == 0.5 and m["clip_ratio/low_mean"] == 0.0
+    # A = -1: token 0 min(-1.5, -1.2) = -1.5 -> 1.5; token 1 min(-0.5, -0.8) = -0.8 -> 0.8
+    loss, m = grpo_loss(lp, old, torch.tensor([-1.0]), mask, "bnpo", epsilon=0.2)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    assert m["clip_ratio/low_mean"] == 0.5
+    # epsilon_high widens the upper bound only: 1.5 is inside [0.8, 1.6]
+    loss, _ = grpo_loss(lp, old, torch.tensor([1.0]), mask, "bnpo", epsilon=0.2, epsilon_high=0.6)
+    assert loss.item() == pytest.approx((-1.5 - 0.5) / 2)
+
+
+def _reference(lp, old, adv, mask, ref, loss_type, eps, eps_high, beta, max_len):
+    """The same loss written as plain loops, token by token."""
+    rows, total, tokens = [], 0.0, 0
+    for b in range(len(lp)):
+        row_sum, row_n = 0.0, 0
+        for t in range(len(lp[b])):
+            if not mask[b][t]:
+                continue
+            ratio = math.exp(lp[b][t] - old[b][t])
+            c = min(max(ratio, 1 - eps), 1 + eps_high)
+            v = -min(ratio * adv[b], c * adv[b])
+            d = ref[b][t] - lp[b][t]
+            v += beta * (math.exp(d) - d - 1)
+            row_sum, row_n = row_sum + v, row_n + 1
+        rows.append(row_sum / max(row_n, 1))
+        total, tokens = total + row_sum, tokens + row_n
+    return {
+        "grpo": sum(rows) / len(rows),
+        "bnpo": total / tokens,
+        "dapo": total / tokens,
+        "dr_grpo": total / (len(lp) * max_len),
+    }[loss_type]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_grpo_loss_matches_a_loop_reference_on_random_inputs(loss_type):
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    old = lp + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    ref = lp + 0.2 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    got, _ = grpo_loss(lp, old, adv, mask, loss_type, 0.2, 0.28, 0.04, ref, max_completion_length=8)
+    want = _reference(
+        lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), loss_type, 0.2, 0.28, 0.04, 8
+    )
+    assert got.item() == pytest.approx(want, rel=1e-9)
