@@ -12,6 +12,7 @@ from collections.abc import Callable
 # kind (the JobSpec Stage oneof field) -> "module:function"
 _RUNNERS = {
     "audit": "actors.audit:run",
+    "sft": "actors.sft:run",
 }
 AVAILABLE = tuple(_RUNNERS)
 

@@ -98,6 +98,10 @@ class StageContext:
         self._log.append(pb.Event(type=pb.EVENT_TYPE_ARTIFACT, stage=self.stage, artifact=artifact))
         return artifact
 
+    def artifact_tree(self, root: Path, kind: str) -> list[pb.Artifact]:
+        """Register every file under a directory written under artifact_dir (a model, an adapter)."""
+        return [self.artifact(p, kind) for p in sorted(root.rglob("*")) if p.is_file()]
+
     def check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise Cancelled()

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors.losses import token_logprobs, weighted_nll
+from actors.losses import entropy, grpo_loss, token_logprobs, weighted_nll
+from actors.metrics import record, role_of
 
 COMPLETE = "COMPLETE"
 
@@ -77,6 +78,19 @@ def ds_config(spec: TrainerSpec) -> dict:
         "bf16": {"enabled": spec.dtype == "bfloat16"},
     }
     return {**cfg, **spec.extra_ds_config}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a train step minimises: "nll" (SFT, reward-weighted NLL) or "grpo" (clipped surrogate
+    with the loss type's normalisation, plus beta * k3 KL against the reference model)."""
+
+    kind: str = "nll"
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0: same as epsilon
+    beta: float = 0.0
+    max_completion_length: int = 0
 
 
 class Trainer:
@@ -157,30 +171,87 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights),
-        in micro-batches with gradient accumulation. Returns loss, tokens and timing."""
+    def train_step(self, arrays: dict[str, np.ndarray], objective: Objective = Objective()) -> dict[str, float]:
+        """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights;
+        for GRPO also advantages and old_logprobs), in gradient-accumulation chunks."""
         started = time.perf_counter()
         n = len(arrays["input_ids"])
-        chunks = max(1, self.spec.gradient_accumulation_steps)
+        chunks = max(1, min(n, self.spec.gradient_accumulation_steps))
         bounds = np.linspace(0, n, chunks + 1).astype(int)
-        losses, tokens = [], 0
+        totals: dict[str, float] = {}
+        tokens = 0
         self.engine.train()
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             t = {k: torch.tensor(v[lo:hi], device=self.engine.device) for k, v in arrays.items()}
-            logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            loss = weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t["weights"])
+            loss, metrics = self._loss(t, objective)
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
+            for k, v in {"loss": loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v / chunks
             tokens += int(t["attention_mask"].sum())
         self.step += 1
-        return {
-            "loss": float(np.mean(losses)),
-            "tokens": tokens,
-            "step_s": time.perf_counter() - started,
-            "step": self.step,
-        }
+        seconds = time.perf_counter() - started
+        record("train_tokens_per_s", tokens / max(seconds, 1e-9), *role_of(self.spec.name))
+        return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
+
+    def _loss(self, t: dict[str, torch.Tensor], objective: Objective) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logprobs = token_logprobs(logits, t["input_ids"])
+        if objective.kind == "nll":
+            return weighted_nll(logprobs, t["loss_mask"], t.get("weights")), {}
+        ref = self._reference_logprobs(t) if objective.beta else None
+        old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
+        loss, metrics = grpo_loss(
+            logprobs,
+            old,
+            t["advantages"],
+            t["loss_mask"],
+            objective.loss_type,
+            objective.epsilon,
+            objective.epsilon_high or None,
+            objective.beta,
+            ref,
+            objective.max_completion_length or None,
+        )
+        metrics["entropy"] = entropy(logits[:, :-1].detach(), t["loss_mask"])
+        return loss, metrics
+
+    @torch.no_grad()
+    def _reference_logprobs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs under the reference policy: under LoRA the base model with the adapter
+        disabled (no second copy); otherwise a frozen copy of the starting weights."""
+        if self.spec.adapter == "lora":
+            with self.engine.module.disable_adapter():
+                logits = self.engine.module(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        else:
+            if getattr(self, "_reference", None) is None:
+                from transformers import AutoModelForCausalLM
+
+                self._reference = AutoModelForCausalLM.from_pretrained(self.spec.model_path).to(self.engine.device)
+                self._reference.eval().requires_grad_(False)
+            logits = self._reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        return token_logprobs(logits, t["input_ids"])
+
+    @torch.no_grad()
+    def eval_loss(self, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of token NLL over masked tokens, token count) on held-out rows; no update."""
+        self.engine.eval()
+        t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
+        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        mask = t["loss_mask"].float()
+        nll = -(token_logprobs(logits, t["input_ids"]) * mask).sum()
+        return float(nll), int(mask.sum())
+
+    def save_adapter(self, path: str, merged: str = "") -> str:
+        """The trained adapter in PEFT format (or the full model when not training LoRA), and on
+        request a merged model at `merged`. Rank 0 writes."""
+        module = self.engine.module
+        if self.spec.rank == 0:
+            module.save_pretrained(path)
+            if merged and self.spec.adapter == "lora":
+                _merged(module, merged)
+        dist.barrier()
+        return path
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -240,6 +311,13 @@ class Trainer:
         random.setstate(rng["python"])
         self.step = state["step"]
         return state["cursor"]
+
+
+def _merged(module, path: str) -> None:
+    """Save adapter-merged weights without disturbing the training copy."""
+    import copy
+
+    copy.deepcopy(module).merge_and_unload().save_pretrained(path)
 
 
 def latest_complete(checkpoint_dir: str) -> str | None:

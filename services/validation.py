@@ -8,6 +8,7 @@ ValidateJob and SubmitJob both call it, so they cannot disagree.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -103,10 +104,19 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
             ref.path = _model_path(ref.path, f"{name}.path", policy, v)
         if ref.tokenizer_path:
             ref.tokenizer_path = _model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
+    shapes = {}
     for split in ("train", "eval", "unlabeled", "test"):
         ref = getattr(out.data, split)
         if ref.path and ref.format in pb.DatasetFormat.values():
-            _check_dataset(ref, f"data.{split}", policy, v)
+            shapes[split] = _check_dataset(ref, f"data.{split}", policy, v)
+    if "sft" in kinds:
+        for split in ("train", "eval"):
+            v.check(
+                shapes.get(split) != "prompt_only",
+                f"data.{split}.path",
+                "sft needs answers: a completion column or chat messages ending with the assistant's turn",
+            )
+    _check_target_modules(out, v)
     if v.items:
         raise InvalidArgument(v.items)
     return out, warnings
@@ -223,6 +233,9 @@ def _reward_name(name: str, path: str, v: _Violations) -> None:
 
 
 def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
+    v.check(
+        s.adapter != pb.ADAPTER_TYPE_QLORA, f"{p}.adapter", "qlora is not available in this server yet (lora or none)"
+    )
     _lora(s.lora, f"{p}.lora", v)
     _optim(s.optim, f"{p}.optim", v)
     v.number(s.max_length, f"{p}.max_length", lo=1)
@@ -319,10 +332,45 @@ def _model_path(path: str, field_path: str, policy: Policy, v: _Violations) -> s
     return str(resolved)
 
 
-def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> None:
+def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> str | None:
+    """Check the file row by row; return its shape (prompt_completion, messages, prompt_only)."""
     resolved = _resolve(ref.path, f"{p}.path", policy.data_roots)
     ref.path = str(resolved)
     try:
-        datasets.load_ref(ref)
+        return datasets.load_ref(ref).shape
     except datasets.DataError as e:
         v.check(False, f"{p}.path", str(e))
+        return None
+
+
+def model_modules(path: str) -> set[str] | None:
+    """Names of the modules holding weights in a safetensors checkpoint (e.g. q_proj, lm_head),
+    read from the files' JSON headers without loading a tensor. None when they cannot be read."""
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    names: set[str] = set()
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError):
+            return None
+        names |= {k.rsplit(".", 2)[-2] for k in header if k != "__metadata__" and k.count(".") >= 1}
+    return names or None
+
+
+def _check_target_modules(spec: pb.JobSpec, v: _Violations) -> None:
+    """A LoRA target module the teacher does not have is an error now, not at the first step."""
+    modules = model_modules(spec.teacher.path) if spec.teacher.path else None
+    if modules is None:
+        return
+    for i, stage in enumerate(spec.stages):
+        kind = stage.WhichOneof("kind")
+        if kind in ("sft", "grpo"):
+            for j, name in enumerate(getattr(stage, kind).lora.target_modules):
+                v.check(
+                    name in modules,
+                    f"stages[{i}].{kind}.lora.target_modules[{j}]",
+                    f"the teacher has no module {name!r} (it has e.g. {', '.join(sorted(modules)[:8])})",
+                )
