@@ -60,7 +60,14 @@ def training_arrays(batch: pa.RecordBatch, pad_id: int, weight_column: str | Non
     weights = np.ones(len(full), dtype=np.float32)
     if weight_column:
         weights = np.nan_to_num(np.asarray(batch.column(weight_column).to_pylist(), dtype=np.float32))
-    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, "weights": weights}
+    out = {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, "weights": weights}
+    if "completion_logprobs" in batch.schema.names:
+        # The behaviour policy's log-probs, at the positions of the loss mask (for importance ratios).
+        old = np.zeros(loss_mask.shape, dtype=np.float32)
+        for i, (p, lp) in enumerate(zip(prompts, batch.column("completion_logprobs").to_pylist(), strict=True)):
+            old[i, len(p) - 1 : len(p) - 1 + len(lp)] = lp
+        out["old_logprobs"] = old
+    return out
 
 
 def shard(arrays: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
@@ -27,12 +28,24 @@ from actors.metrics import record
 from actors.queues import END, Channel, Journal, Seen
 from actors.ray_actors import RoleGroup
 from actors.teacher import SamplingParams
+from actors.trainer import Objective
+
+
+def reward_weighted(batch: pa.RecordBatch) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The default preparation: every completion token, weighted by its sample's reward."""
+    return training_arrays(batch, pad_id=0, weight_column="reward"), {}
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    weight_column: str | None = "reward"
+    # batch -> (trainer arrays, metrics): where advantages are computed (GRPO) or rewards weight.
+    prepare: Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]] = reward_weighted
+    objective: Objective = field(default_factory=Objective)
+    num_iterations: int = 1  # optimizer steps per generated batch (old log-probs kept)
+    # Generation may run at most this many policy versions ahead of training (0: synchronous).
+    # None: bounded by the queues only.
+    max_staleness: int | None = None
     sync_every: int = 1
     checkpoint_every: int = 1
     queue_size: int = 4
@@ -66,6 +79,8 @@ class TrainLoop:
         self.scored = Channel(Queue(maxsize=cfg.queue_size))
         self.result = LoopResult()
         self.producers: list = []
+        self._synced = threading.Condition()
+        self._synced_steps = 0  # training steps whose weights the generators have
 
     def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
         """Train on every batch, in order; returns what happened."""
@@ -95,7 +110,8 @@ class TrainLoop:
 
     def _feed(self, todo: list[pa.RecordBatch], loops: list, scorers: int) -> None:
         """Prompts to the generators, or the journal's copy straight to the scorers; then END."""
-        for batch in todo:
+        for i, batch in enumerate(todo):
+            self._wait_for_policy(i)
             if self.journal.has(batch_id(batch)):
                 self.rollouts.put(self.journal.read(batch_id(batch)))
                 self.result.replayed += 1
@@ -106,6 +122,13 @@ class TrainLoop:
         ray.wait(loops, num_returns=len(loops), timeout=None)
         for _ in range(scorers):
             self.rollouts.put(END)
+
+    def _wait_for_policy(self, i: int) -> None:
+        """Hold batch i back until the generators have the weights of step i - max_staleness."""
+        if self.cfg.max_staleness is None:
+            return
+        with self._synced:
+            self._synced.wait_for(lambda: self._synced_steps >= i - self.cfg.max_staleness or self.cancelled())
 
     def _next_scored(self) -> pa.RecordBatch:
         while True:
@@ -146,18 +169,35 @@ class TrainLoop:
 
     def _step(self, batch: pa.RecordBatch) -> None:
         trainers = self.roles.actors["trainer"]
-        arrays = training_arrays(batch, pad_id=0, weight_column=self.cfg.weight_column)
-        metrics = ray.get([t.train_step.remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)])
+        arrays, metrics = self.cfg.prepare(batch)
+        shards = [shard(arrays, r, len(trainers)) for r in range(len(trainers))]
+        for _ in range(self.cfg.num_iterations):
+            results = ray.get(
+                [t.train_step.remote(s, self.cfg.objective) for t, s in zip(trainers, shards, strict=True)]
+            )
         step = {
             "batch_id": batch_id(batch),
-            "loss": sum(m["loss"] for m in metrics) / len(metrics),
-            "tokens": sum(m["tokens"] for m in metrics),
-            "step_s": max(m["step_s"] for m in metrics),
-            "step": metrics[0]["step"],
+            "step": results[0]["step"],
+            "tokens": sum(m["tokens"] for m in results),
+            "step_s": max(m["step_s"] for m in results),
         }
+        for key in results[0]:
+            if key not in ("tokens", "step_s", "step"):
+                step[key] = float(np.mean([m[key] for m in results]))
+        versions = batch.column("policy_version").to_pylist() if "policy_version" in batch.schema.names else []
+        staleness = len(self.result.steps) - float(np.mean(versions)) if versions else 0.0
         self.result.trained.append(step["batch_id"])
         self.result.steps.append(step)
-        self.report({"train/loss": step["loss"], "train/tokens_per_s": step["tokens"] / max(step["step_s"], 1e-9)})
+        named = {k: v for k, v in step.items() if k not in ("batch_id", "tokens", "step_s", "step")}  # loss, kl, ...
+        self.report(
+            {
+                **metrics,
+                **named,
+                "train/step": step["step"],
+                "policy/staleness": staleness,
+                "train/tokens_per_s": step["tokens"] / max(step["step_s"], 1e-9),
+            }
+        )
 
     def _start_trainers(self) -> int:
         """(Re)create the trainer group; every rank resumes from the newest complete checkpoint."""
@@ -176,6 +216,9 @@ class TrainLoop:
         version = len(self.result.steps)
         ray.get([g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]])
         seconds = time.perf_counter() - started
+        with self._synced:
+            self._synced_steps = len(self.result.steps)
+            self._synced.notify_all()
         self.result.syncs.append(seconds)
         record("weight_sync_s", seconds, self.roles.job_id, "trainer")
         self.report({"sync/seconds": seconds, "policy/version": version})

@@ -87,7 +87,7 @@ def json_valid(prompts: list[str], completions: list[str], **columns) -> list[fl
 
 
 def json_fields(
-    prompts: list[str], completions: list[str], column: str = "completion", fields: str = "", **columns
+    prompts: list[str], completions: list[str], column: str = "reference", fields: str = "", **columns
 ) -> list[float | None]:
     """Fraction of the reference object's fields (or the comma-separated `fields`) that the
     completion's JSON object has with equal values; 0.0 when the completion is not a JSON object."""

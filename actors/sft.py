@@ -90,7 +90,7 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     from transformers import AutoTokenizer
 
     cfg = SftConfig.of(params)
-    model = model_dir(spec.teacher)
+    model = ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))
     tok = AutoTokenizer.from_pretrained(model)
     train = encode(tok, datasets.load_ref(spec.data.train).examples(), cfg.max_length)
     held_out = (
@@ -142,6 +142,9 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     merged = str(out / "merged") if cfg.merge and cfg.adapter != "none" else ""
     ray.get([t.save_adapter.remote(str(adapter), merged) for t in trainers])
     tok.save_pretrained(adapter)
+    ctx.outputs.update(policy_model=merged or (str(model) if cfg.adapter != "none" else str(adapter)))
+    if cfg.adapter != "none" and not merged:
+        ctx.outputs["policy_adapter"] = str(adapter)
     ctx.artifact_tree(adapter, "adapter" if cfg.adapter != "none" else "model")
     if merged:
         tok.save_pretrained(merged)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 _RUNNERS = {
     "audit": "actors.audit:run",
     "sft": "actors.sft:run",
+    "grpo": "actors.grpo:run",
 }
 AVAILABLE = tuple(_RUNNERS)
 

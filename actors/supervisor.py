@@ -49,11 +49,23 @@ class StageContext:
     """What a stage may do to the outside world: report, write artifacts, notice cancellation."""
 
     def __init__(
-        self, job_id: str, stage: str, artifact_dir: Path, log_: EventLog, cancelled: threading.Event, seed: int = 0
+        self,
+        job_id: str,
+        stage: str,
+        artifact_dir: Path,
+        log_: EventLog,
+        cancelled: threading.Event,
+        seed: int = 0,
+        outputs: dict | None = None,
+        reward_modules: tuple[str, ...] = (),
     ):
         self.job_id, self.stage, self.artifact_dir, self.seed = job_id, stage, artifact_dir, seed
         self._log, self._cancelled = log_, cancelled
         self._groups: list = []
+        # What earlier stages of the job produced, for later ones: "policy_model" (a model directory)
+        # and "policy_adapter" (a PEFT adapter on it), set by fine-tune stages.
+        self.outputs = outputs if outputs is not None else {}
+        self.reward_modules = reward_modules
 
     def roles(self, resources: pb.Resources, roles: tuple[str, ...] = ("generator", "scorer", "trainer")):
         """The stage's role actors' placement group, sized from the job's resources. This
@@ -106,6 +118,9 @@ class StageContext:
         if self._cancelled.is_set():
             raise Cancelled()
 
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
 
 class Supervisor:
     def __init__(self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
@@ -116,6 +131,7 @@ class Supervisor:
         self.log = EventLog()
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
+        self.outputs: dict[str, str] = {}  # passed from stage to stage (the tuned policy)
 
     def __repr__(self) -> str:
         return f"Supervisor({self.job_id}, stages={[s.name for s in self.spec.stages]})"
@@ -139,7 +155,16 @@ class Supervisor:
         """The job: each stage in order; the first failure or a cancel ends it."""
         for stage in self.spec.stages:
             kind = stage.WhichOneof("kind")
-            ctx = StageContext(self.job_id, stage.name, self.artifact_dir, self.log, self._cancelled, self.spec.seed)
+            ctx = StageContext(
+                self.job_id,
+                stage.name,
+                self.artifact_dir,
+                self.log,
+                self._cancelled,
+                self.spec.seed,
+                self.outputs,
+                self.reward_modules,
+            )
             try:
                 ctx.check_cancelled()
                 self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)

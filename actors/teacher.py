@@ -147,7 +147,7 @@ class TeacherGenerator:
                 "truncated",
             )
         }
-        extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name != "prompt"}
+        extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in columns}
         for name in extra:
             columns[name] = []
         if params.topk_logprobs:

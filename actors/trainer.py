@@ -34,6 +34,7 @@ class TrainerSpec:
     model_path: str
     name: str = "trainer"  # <job-id>:trainer:<rank> when it runs as an actor
     adapter: str = "lora"  # lora | none
+    adapter_path: str = ""  # start from this saved PEFT adapter (e.g. an earlier sft stage's)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -138,6 +139,10 @@ class Trainer:
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.spec.dtype]
         model = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
+        if self.spec.adapter == "lora" and self.spec.adapter_path:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, self.spec.adapter_path, is_trainable=True)
         if self.spec.adapter == "lora":
             from peft import LoraConfig, get_peft_model
 

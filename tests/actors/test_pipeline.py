@@ -111,7 +111,7 @@ def test_killed_trainer_resumes_from_checkpoint_at_the_same_cursor(ray_client, t
 
     def kill_after_third_step(metrics: dict) -> None:
         # Kill rank 1 right after step 3 (checkpoints every 2): the next step finds it dead.
-        if "train/loss" in metrics and len(loop.result.steps) == 3 and not killed:
+        if "loss" in metrics and len(loop.result.steps) == 3 and not killed:
             killed.append(group.actors["trainer"][1])
             ray_client.kill(killed[0])
 

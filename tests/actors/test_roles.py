@@ -59,7 +59,7 @@ def test_builtin_rewards_by_hand():
     assert length_penalty(p, ["x" * 10, "x" * 15, "x" * 40], max_chars="10") == [0.0, -0.5, -1.0]
     assert json_valid(p, ['{"a": 1}', "[1]", "nope"]) == [1.0, 0.0, 0.0]
     ref = '{"category": "billing", "refund": true}'
-    assert json_fields(p, ['{"category": "billing", "refund": false}', "x", ref], completion=[ref, ref, None]) == [
+    assert json_fields(p, ['{"category": "billing", "refund": false}', "x", ref], reference=[ref, ref, None]) == [
         0.5,
         0.0,
         None,
