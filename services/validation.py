@@ -8,6 +8,7 @@ ValidateJob and SubmitJob both call it, so they cannot disagree.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import re
@@ -104,18 +105,19 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
             ref.path = _model_path(ref.path, f"{name}.path", policy, v)
         if ref.tokenizer_path:
             ref.tokenizer_path = _model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
-    shapes = {}
+    loaded = {}
     for split in ("train", "eval", "unlabeled", "test"):
         ref = getattr(out.data, split)
         if ref.path and ref.format in pb.DatasetFormat.values():
-            shapes[split] = _check_dataset(ref, f"data.{split}", policy, v)
+            loaded[split] = _check_dataset(ref, f"data.{split}", policy, v)
     if "sft" in kinds:
         for split in ("train", "eval"):
             v.check(
-                shapes.get(split) != "prompt_only",
+                getattr(loaded.get(split), "shape", None) != "prompt_only",
                 f"data.{split}.path",
                 "sft needs answers: a completion column or chat messages ending with the assistant's turn",
             )
+    _check_reward_columns(out, loaded.get("train"), v)
     _check_target_modules(out, v)
     if v.items:
         raise InvalidArgument(v.items)
@@ -332,15 +334,37 @@ def _model_path(path: str, field_path: str, policy: Policy, v: _Violations) -> s
     return str(resolved)
 
 
-def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> str | None:
-    """Check the file row by row; return its shape (prompt_completion, messages, prompt_only)."""
+def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> datasets.Dataset | None:
+    """Check the file row by row; return it (its shape and columns)."""
     resolved = _resolve(ref.path, f"{p}.path", policy.data_roots)
     ref.path = str(resolved)
     try:
-        return datasets.load_ref(ref).shape
+        return datasets.load_ref(ref)
     except datasets.DataError as e:
         v.check(False, f"{p}.path", str(e))
         return None
+
+
+def _check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: _Violations) -> None:
+    """A built-in reward that compares with a reference column needs that column in the prompts
+    (a `completion` column reaches reward functions as `reference`)."""
+    if train is None:
+        return
+    columns = {"reference" if c == "completion" else c for c in train.columns}
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") != "grpo":
+            continue
+        for j, r in enumerate(stage.grpo.rewards):
+            fn = BUILTINS.get(r.name)
+            default = inspect.signature(fn).parameters.get("column") if fn else None
+            if default is None:
+                continue
+            column = r.args.get("column", default.default)
+            v.check(
+                column in columns,
+                f"stages[{i}].grpo.rewards[{j}].args['column']",
+                f"the train data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})",
+            )
 
 
 def model_modules(path: str) -> set[str] | None:

@@ -71,16 +71,19 @@ def test_stage_parameter_violations(data_root, stage, field, message):
 
 
 def test_all_violations_reported_at_once(data_root):
-    v = violations({"stages": [{"grpo": {"group_size": 1}}], "resources": {"trainer": {"replicas": -1}}}, data_root)
-    assert {
+    doc = {"stages": [{"grpo": {"group_size": 1}}, {"distill": {}}], "resources": {"trainer": {"replicas": -1}}}
+    v = violations(doc, data_root)
+    expected = {
         "stages[0].grpo.group_size",
         "stages[0].grpo.rewards",
         "teacher.path",
         "data.train.path",
         "resources.trainer.replicas",
-        "stages[0].grpo",
-    } <= set(v)
-    assert "not available in this server yet" in v["stages[0].grpo"]
+        "stages[1].distill",
+        "student.path",
+    }
+    assert expected <= set(v)
+    assert "not available in this server yet" in v["stages[1].distill"]
 
 
 def test_no_stages_and_duplicate_names(data_root):
@@ -197,3 +200,26 @@ def test_reward_functions_obey_the_allow_list(data_root):
     with pytest.raises(InvalidArgument) as e:
         validate(spec("json_valid"), Policy((data_root,)))
     assert "stages[0].grpo.rewards[0].name" not in dict(e.value.violations)  # built-ins need no allow-list
+
+
+def test_reward_needs_its_reference_column(data_root):
+    doc = {
+        "teacher": {"path": str(data_root)},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [
+            {
+                "grpo": {
+                    "rewards": [
+                        {"name": "exact_match"},
+                        {"name": "exact_match", "args": {"column": "reference"}},
+                        {"name": "json_valid"},
+                    ]
+                }
+            }
+        ],
+    }
+    v = violations(doc, data_root)
+    assert v["stages[0].grpo.rewards[0].args['column']"] == (
+        "the train data has no column 'answer' for exact_match (it has prompt, reference)"
+    )
+    assert "stages[0].grpo.rewards[1].args['column']" not in v  # the completion column, renamed
