@@ -197,3 +197,24 @@ def test_killing_the_owner_leaves_no_actor_or_placement_group(ray_client):
     assert alive(ray_client, "job-owned")[1]  # ...but not the placement group:
     release_job("job-owned")  # the dispatcher releases it when the job ends
     assert wait_for(lambda: alive(ray_client, "job-owned") == ([], []), timeout=60)
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_model, tmp_path, max_staleness):
+    group = roles(f"job-stale{max_staleness}", tiny_model, trainers=1)
+    seen: list[float] = []
+    loop = TrainLoop(
+        group,
+        trainer_spec(tiny_model, tmp_path, zero=0),
+        Journal(tmp_path / "journal"),
+        LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=4), max_staleness=max_staleness, queue_size=4),
+        report=lambda m: seen.append(m["policy/staleness"]) if "policy/staleness" in m else None,
+    )
+    try:
+        loop.run(prompts())
+    finally:
+        group.close()
+    assert len(seen) == N_BATCHES
+    assert max(seen) <= max_staleness
+    if max_staleness:
+        assert max(seen) > 0  # generation did run ahead of training: the two overlapped
