@@ -72,7 +72,7 @@ class GrpoConfig:
             SamplingParams(
                 n=p.group_size or 4, max_new_tokens=max_new, temperature=p.temperature or 1.0, top_p=p.top_p or 1.0
             ),
-            "none" if p.adapter == pb.ADAPTER_TYPE_NONE else "lora",
+            {pb.ADAPTER_TYPE_NONE: "none", pb.ADAPTER_TYPE_QLORA: "qlora"}.get(p.adapter, "lora"),
             r,
             p.lora.alpha or 2.0 * r,
             tuple(p.lora.target_modules),
@@ -125,7 +125,8 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Stage entry point."""
     cfg = GrpoConfig.of(params)
     model = ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))
-    adapter = ctx.outputs.get("policy_adapter", "") if cfg.adapter == "lora" else ""
+    uses_adapter = cfg.adapter != "none"
+    adapter = ctx.outputs.get("policy_adapter", "") if uses_adapter else ""
     rows = datasets.load_ref(spec.data.train).rows
     out = ctx.artifact_dir / ctx.stage
     roles = ctx.roles(spec.resources)
@@ -133,7 +134,11 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     roles.start(
         "generator",
         GeneratorSpec(
-            model, adapter_path=adapter, seed=spec.seed, **(lora if cfg.adapter == "lora" and not adapter else {})
+            model,
+            adapter_path=adapter,
+            seed=spec.seed,
+            quantize_4bit=cfg.adapter == "qlora",
+            **(lora if uses_adapter and not adapter else {}),
         ),
     )
     rewards = tuple(
@@ -174,15 +179,15 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         cancelled=ctx.is_cancelled,
     )
     loop.run(prompt_batches(rows, cfg, spec.seed))
-    saved = out / ("adapter" if cfg.adapter == "lora" else "model")
+    saved = out / ("adapter" if uses_adapter else "model")
     import ray
 
     ray.get([t.save_adapter.remote(str(saved)) for t in roles.actors["trainer"]])
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(model).save_pretrained(saved)
-    ctx.artifact_tree(saved, "adapter" if cfg.adapter == "lora" else "model")
-    if cfg.adapter == "lora":
+    ctx.artifact_tree(saved, "adapter" if uses_adapter else "model")
+    if uses_adapter:
         ctx.outputs.update(policy_model=model, policy_adapter=str(saved))
     else:
         ctx.outputs.update(policy_model=str(saved))

@@ -29,6 +29,7 @@ class GeneratorSpec:
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ()
     chat_template: bool = False
+    quantize_4bit: bool = False  # a QLoRA policy: the same nf4 base the trainer trains on
     dtype: str = "float32"
     seed: int = 0
 
@@ -57,7 +58,17 @@ class TeacherGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_dtype(spec.dtype))
+        if spec.quantize_4bit:
+            from transformers import BitsAndBytesConfig
+
+            config = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(spec.dtype)
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.model_path, quantization_config=config, device_map=self.device
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_dtype(spec.dtype))
         if spec.adapter_path:
             from peft import PeftModel
 
@@ -70,7 +81,7 @@ class TeacherGenerator:
                 model,
                 LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets, task_type="CAUSAL_LM"),
             )
-        self.model = model.to(self.device).eval()
+        self.model = (model if spec.quantize_4bit else model.to(self.device)).eval()
         # A weight sync waits for the batch being generated: one batch never mixes two policies.
         self._lock = threading.Lock()
         torch.manual_seed(spec.seed)

@@ -134,30 +134,33 @@ class Trainer:
             )
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
 
+    @property
+    def uses_adapter(self) -> bool:
+        return self.spec.adapter in ("lora", "qlora")
+
     def _build_model(self):
         from transformers import AutoModelForCausalLM
 
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.spec.dtype]
-        model = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
-        if self.spec.adapter == "lora" and self.spec.adapter_path:
-            from peft import PeftModel
+        if self.spec.adapter == "qlora":
+            model = load_4bit(self.spec.model_path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
+        if not self.uses_adapter:
+            return model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
+        if self.spec.adapter_path:
             return PeftModel.from_pretrained(model, self.spec.adapter_path, is_trainable=True)
-        if self.spec.adapter == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            targets = list(self.spec.target_modules) or "all-linear"
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=self.spec.lora_r,
-                    lora_alpha=self.spec.lora_alpha,
-                    lora_dropout=self.spec.lora_dropout,
-                    target_modules=targets,
-                    task_type="CAUSAL_LM",
-                ),
-            )
-        return model
+        targets = list(self.spec.target_modules) or "all-linear"
+        config = LoraConfig(
+            r=self.spec.lora_r,
+            lora_alpha=self.spec.lora_alpha,
+            lora_dropout=self.spec.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
 
     def _build_engine(self):
         import deepspeed
@@ -225,7 +228,7 @@ class Trainer:
     def _reference_logprobs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Log-probs under the reference policy: under LoRA the base model with the adapter
         disabled (no second copy); otherwise a frozen copy of the starting weights."""
-        if self.spec.adapter == "lora":
+        if self.uses_adapter:
             with self.engine.module.disable_adapter():
                 logits = self.engine.module(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         else:
@@ -253,7 +256,7 @@ class Trainer:
         module = self.engine.module
         if self.spec.rank == 0:
             module.save_pretrained(path)
-            if merged and self.spec.adapter == "lora":
+            if merged and self.uses_adapter:
                 _merged(module, merged)
         dist.barrier()
         return path
@@ -269,8 +272,8 @@ class Trainer:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _state(module, self.spec.adapter == "lora")
-        return _state(module, self.spec.adapter == "lora")
+                return _state(module, self.uses_adapter)
+        return _state(module, self.uses_adapter)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Forward pass in eval mode. input_ids (B, T) -> logits (B, T, V) float32."""
@@ -316,6 +319,24 @@ class Trainer:
         random.setstate(rng["python"])
         self.step = state["step"]
         return state["cursor"]
+
+
+def load_4bit(path: str, dtype: torch.dtype):
+    """The base model quantised to 4-bit nf4 (bitsandbytes) and prepared for LoRA training (QLoRA).
+    On CPUs with AVX512-BF16 the first inference forward repacks 4-bit weights into an inference-only
+    layout and training then silently stops learning (STACK.md): the repack is switched off first."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=config, device_map="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _merged(module, path: str) -> None:

@@ -234,9 +234,28 @@ def _reward_name(name: str, path: str, v: _Violations) -> None:
     v.check(found, path, f"module {module!r} does not import on the server")
 
 
-def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
+def _qlora(adapter: int, optim: pb.OptimConfig, p: str, v: _Violations) -> None:
+    """QLoRA needs bitsandbytes on the cluster, and DeepSpeed cannot partition 4-bit weights."""
+    if adapter != pb.ADAPTER_TYPE_QLORA:
+        return
     v.check(
-        s.adapter != pb.ADAPTER_TYPE_QLORA, f"{p}.adapter", "qlora is not available in this server yet (lora or none)"
+        importlib.util.find_spec("bitsandbytes") is not None,
+        f"{p}.adapter",
+        "qlora needs bitsandbytes, which is not installed on the server",
+    )
+    v.check(
+        optim.zero_stage == 0,
+        f"{p}.optim.zero_stage",
+        "qlora trains with ZeRO stage 0 (4-bit weights cannot be partitioned)",
+    )
+
+
+def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
+    _qlora(s.adapter, s.optim, p, v)
+    v.check(
+        not (s.merge and s.adapter == pb.ADAPTER_TYPE_QLORA),
+        f"{p}.merge",
+        "a qlora adapter is not merged into its 4-bit base; export it as an adapter",
     )
     _lora(s.lora, f"{p}.lora", v)
     _optim(s.optim, f"{p}.optim", v)
@@ -245,6 +264,7 @@ def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
 
 
 def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
+    _qlora(s.adapter, s.optim, p, v)
     v.check(s.group_size == 0 or s.group_size >= 2, f"{p}.group_size", "must be >= 2")
     v.choice(s.loss_type, f"{p}.loss_type", LOSS_TYPES)
     v.choice(s.scale_rewards, f"{p}.scale_rewards", SCALE_REWARDS)

@@ -199,3 +199,26 @@ def test_reward_model_scores(tiny_model, tmp_path):
     rewards = out.column("reward").to_pylist()
     assert all(isinstance(r, float) for r in rewards) and rewards[0] != rewards[1]
     assert scorer.stats() == {"scored": 2.0}
+
+
+def test_qlora_trainer_learns_after_inference(tiny_model, tmp_path):
+    """4-bit nf4 base + LoRA on CPU. An inference forward first (as GRPO alternates them), then
+    training must still learn (the AVX512-BF16 repack pitfall)."""
+    pytest.importorskip("bitsandbytes")
+    trainer = Trainer(
+        TrainerSpec(
+            str(tiny_model),
+            adapter="qlora",
+            learning_rate=1e-2,
+            master_port=29003,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+        )
+    )
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.engine.module.modules())
+    arrays = _arrays()
+    trainer.logits(arrays["input_ids"][:1])  # inference before training
+    losses = [trainer.train_step(arrays)["loss"] for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.1
+    assert all(".lora_" in name for name in trainer.weights())  # the adapter alone is synced

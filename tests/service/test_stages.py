@@ -91,6 +91,19 @@ def test_sft_lora_job_exports_adapter_and_merged_model(start_server, sft_data, t
         assert torch.allclose(adapter(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
 
 
+def test_sft_qlora_job_trains_a_4bit_base(start_server, sft_data, tiny_model):
+    pytest.importorskip("bitsandbytes")
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    job = c.submit(
+        sft_spec(tiny_model, adapter="ADAPTER_TYPE_QLORA", optim={"learning_rate": 0.01, "max_steps": 5})
+    ).job
+    done = c.wait(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    losses = metric_series(c, job.id, "train/loss")
+    assert losses[-1] < losses[0]
+    assert "sft/adapter/adapter_model.safetensors" in {a.name for a in c.artifacts(job.id)}
+
+
 def test_sft_refuses_bad_input_at_submit(start_server, sft_data, tiny_model):
     import grpc
 
@@ -103,7 +116,7 @@ def test_sft_refuses_bad_input_at_submit(start_server, sft_data, tiny_model):
             "data": {"train": {"path": "prompts_only.jsonl"}},
             "stages": [
                 {"sft": {"lora": {"target_modules": ["q_proj", "qkv_proj"]}}},
-                {"sft": {"adapter": "ADAPTER_TYPE_QLORA"}},
+                {"sft": {"adapter": "ADAPTER_TYPE_QLORA", "optim": {"zero_stage": 2}}},
             ],
         }
     )
@@ -113,7 +126,7 @@ def test_sft_refuses_bad_input_at_submit(start_server, sft_data, tiny_model):
     details = e.value.details()
     assert "stages[0].sft.lora.target_modules[1]: the teacher has no module 'qkv_proj'" in details
     assert "data.train.path: sft needs answers" in details
-    assert "stages[1].sft.adapter: qlora is not available in this server yet" in details
+    assert "stages[1].sft.optim.zero_stage: qlora trains with ZeRO stage 0" in details
 
 
 def test_grpo_job_raises_the_reward(start_server, sft_data, tiny_model):
