@@ -182,3 +182,41 @@ def test_grpo_job_raises_the_reward(start_server, sft_data, tiny_model):
     ):
         assert name in grpo.metrics, name
     assert grpo.progress.done == grpo.progress.total == 16
+
+
+def test_lora_sft_then_async_grpo_with_kl(start_server, sft_data, tiny_model):
+    """The LoRA path: grpo continues the sft adapter, the reference is the base with the adapter
+    disabled (beta > 0 gives a KL metric), and generation runs one policy version ahead."""
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    spec = parse(
+        {
+            "teacher": {"path": str(tiny_model)},
+            "data": {"train": {"path": "sft_train.jsonl"}},
+            "stages": [
+                {"sft": {"lora": {"r": 4}, "optim": {"learning_rate": 0.01, "max_steps": 3}}},
+                {
+                    "grpo": {
+                        "lora": {"r": 4},
+                        "group_size": 4,
+                        "prompts_per_step": 2,
+                        "max_new_tokens": 3,
+                        "beta": 0.04,
+                        "max_staleness": 1,
+                        "loss_type": "grpo",
+                        "num_iterations": 2,
+                        "optim": {"max_steps": 4},
+                        "rewards": [{"name": "exact_match", "args": {"column": "reference"}}],
+                    }
+                },
+            ],
+            "resources": {"generator": {"num_cpus": 0.5}, "scorer": {"num_cpus": 0.25}, "trainer": {"num_cpus": 0.5}},
+        }
+    )
+    job = c.submit(spec).job
+    done = c.wait(job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    kls = metric_series(c, job.id, "kl")
+    assert len(kls) == 4 and all(k >= 0 for k in kls) and kls[-1] > 0  # the policy moved from the reference
+    assert max(metric_series(c, job.id, "policy/staleness")) <= 1
+    assert done.stages[1].progress.done == 8  # 4 batches x num_iterations 2
+    assert "grpo/adapter/adapter_model.safetensors" in {a.name for a in c.artifacts(job.id)}
