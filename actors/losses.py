@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -108,3 +110,70 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     logp = torch.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(-1)
     return float(masked_mean(ent, mask))
+
+
+# -- knowledge distillation over the teacher's top-k ----------------------------------------------
+
+
+def topk_buckets(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student distributions over k + 1 buckets: the teacher's top-k tokens, and a tail
+    bucket holding the rest of the mass. student_logits (B, T, V); topk_ids (B, T, k) int;
+    topk_logprobs (B, T, k), the teacher's log-probs at temperature 1. Both returns (B, T, k + 1) are
+    log-probabilities. The temperature sharpens or flattens both: the student's logits / T over the
+    vocabulary; the teacher's buckets p^(1/T), renormalised (the tail counts as one token)."""
+    log_q_vocab = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_top = log_q_vocab.gather(-1, topk_ids.long())
+    log_q = torch.cat([log_q_top, _log1mexp(torch.logsumexp(log_q_top, dim=-1, keepdim=True))], dim=-1)
+    log_p_top = topk_logprobs.float()
+    log_p = torch.cat([log_p_top, _log1mexp(torch.logsumexp(log_p_top, dim=-1, keepdim=True))], dim=-1)
+    if temperature != 1.0:
+        log_p = torch.log_softmax(log_p / temperature, dim=-1)
+    return log_p, log_q
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped so a tail of (numerically) zero mass stays finite."""
+    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=1e-12))
+
+
+def kd_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, kind: str = "forward_kl", beta: float = 0.5
+) -> torch.Tensor:
+    """Per-position divergence between teacher p and student q (log-probs over the same buckets,
+    (B, T, K) -> (B, T)). forward_kl: KL(p || q); reverse_kl: KL(q || p); jsd: generalized JSD as
+    TRL's GKD defines it, m = beta * p + (1 - beta) * q, beta * KL(p || m) + (1 - beta) * KL(q || m),
+    with beta = 0 meaning KL(p || q) and beta = 1 meaning KL(q || p)."""
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.exp() * (a - b)).sum(-1)
+
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return kl(log_p, log_q)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        return kl(log_q, log_p)
+    if kind != "jsd":
+        raise ValueError(f"unknown kd loss {kind!r}")
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    alpha: float = 0.5,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """alpha * CE(teacher's tokens) + (1 - alpha) * KD(teacher top-k + tail || student).
+    student_logits (B, T, V); input_ids (B, T); loss_mask (B, T-1) marks positions predicting a
+    completion token; topk_ids / topk_logprobs (B, T-1, k) aligned with those positions."""
+    ce = weighted_nll(token_logprobs(student_logits, input_ids), loss_mask)
+    log_p, log_q = topk_buckets(student_logits[:, :-1], topk_ids, topk_logprobs, temperature)
+    kd = masked_mean(kd_divergence(log_p, log_q, kind, beta), loss_mask)
+    return alpha * ce + (1 - alpha) * kd, {"loss/ce": float(ce), "loss/kd": float(kd)}

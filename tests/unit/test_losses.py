@@ -113,3 +113,51 @@ def test_grpo_loss_matches_a_loop_reference_on_random_inputs(loss_type):
         lp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), loss_type, 0.2, 0.28, 0.04, 8
     )
     assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_topk_buckets_with_tail_by_hand():
+    # vocab 3; teacher top-1 is token 0 with p = 0.5 -> buckets [0.5, 0.5 (tail)]
+    # student logits log([0.25, 0.25, 0.5]) -> buckets [0.25, 0.75]
+    from actors.losses import topk_buckets
+
+    student = torch.log(torch.tensor([[[0.25, 0.25, 0.5]]]))
+    log_p, log_q = topk_buckets(student, torch.tensor([[[0]]]), torch.log(torch.tensor([[[0.5]]])))
+    assert log_p.exp().flatten().tolist() == pytest.approx([0.5, 0.5])
+    assert log_q.exp().flatten().tolist() == pytest.approx([0.25, 0.75])
+
+
+def test_kd_divergences_by_hand():
+    from actors.losses import kd_divergence
+
+    p = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    q = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    fkl = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    rkl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kd_divergence(p, q, "forward_kl").item() == pytest.approx(fkl)
+    assert kd_divergence(p, q, "reverse_kl").item() == pytest.approx(rkl)
+    m = [0.5 * 0.5 + 0.5 * 0.25, 0.5 * 0.5 + 0.5 * 0.75]  # beta = 0.5
+    jsd = 0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])) + 0.5 * (
+        0.25 * math.log(0.25 / m[0]) + 0.75 * math.log(0.75 / m[1])
+    )
+    assert kd_divergence(p, q, "jsd", beta=0.5).item() == pytest.approx(jsd)
+    assert kd_divergence(p, q, "jsd", beta=0.0).item() == pytest.approx(fkl)
+    assert kd_divergence(p, q, "jsd", beta=1.0).item() == pytest.approx(rkl)
+    assert kd_divergence(p, p, "jsd", beta=0.3).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distill_loss_mixes_ce_and_kd_and_matches_full_kl_when_k_is_the_vocab():
+    from actors.losses import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 5, generator=g)
+    teacher = torch.log_softmax(torch.randn(2, 3, 5, generator=g), dim=-1)
+    ids = torch.randint(0, 5, (2, 4), generator=g)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    top = torch.topk(teacher, 5, dim=-1)  # k = V: the tail is empty, KD is the exact forward KL
+    loss, m = distill_loss(student, ids, mask, top.indices, top.values, alpha=0.0)
+    exact = (teacher.exp() * (teacher - torch.log_softmax(student[:, :-1], -1))).sum(-1)
+    assert loss.item() == pytest.approx(masked_mean(exact, mask).item(), abs=1e-5)
+    ce_only, _ = distill_loss(student, ids, mask, top.indices, top.values, alpha=1.0)
+    assert ce_only.item() == pytest.approx(weighted_nll(token_logprobs(student, ids), mask).item())
+    half, m = distill_loss(student, ids, mask, top.indices, top.values, alpha=0.5)
+    assert half.item() == pytest.approx(0.5 * m["loss/ce"] + 0.5 * m["loss/kd"])
