@@ -14,6 +14,18 @@ import numpy as np
 import pyarrow as pa
 
 BATCH_ID = b"stillroom.batch_id"
+# The columns a TeacherGenerator writes per sample; every other column is a dataset column.
+GENERATED_COLUMNS = (
+    "sample_id",
+    "prompt",
+    "completion",
+    "prompt_ids",
+    "completion_ids",
+    "completion_logprobs",
+    "policy_version",
+    "truncated",
+)
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 
 
 def make_batch(batch_id: str, columns: dict[str, list]) -> pa.RecordBatch:

@@ -19,24 +19,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from actors.batches import with_columns
+from actors.batches import GENERATED_COLUMNS, TOPK_COLUMNS, with_columns
 from actors.metrics import record, role_of
 from actors.queues import Channel, pump
 from actors.rewards import BUILTINS
 
 # Columns a generator adds; everything else in a batch is a dataset column passed to reward functions.
-GENERATED = {
-    "sample_id",
-    "prompt",
-    "completion",
-    "prompt_ids",
-    "completion_ids",
-    "completion_logprobs",
-    "policy_version",
-    "truncated",
-    "topk_ids",
-    "topk_logprobs",
-}
+GENERATED = set(GENERATED_COLUMNS + TOPK_COLUMNS)
 
 
 @dataclass(frozen=True)

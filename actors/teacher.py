@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batches import batch_id, make_batch
+from actors.batches import GENERATED_COLUMNS, batch_id, make_batch
 from actors.metrics import record, role_of
 from actors.queues import Channel, Journal, pump
 
@@ -145,19 +145,7 @@ class TeacherGenerator:
 
     def _rows(self, batch, prompt_ids, new, logp, params: SamplingParams) -> pa.RecordBatch:
         eos = self.tokenizer.eos_token_id
-        columns: dict[str, list] = {
-            k: []
-            for k in (
-                "sample_id",
-                "prompt",
-                "completion",
-                "prompt_ids",
-                "completion_ids",
-                "completion_logprobs",
-                "policy_version",
-                "truncated",
-            )
-        }
+        columns: dict[str, list] = {k: [] for k in GENERATED_COLUMNS}
         extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in columns}
         for name in extra:
             columns[name] = []
