@@ -79,7 +79,23 @@ def training_arrays(batch: pa.RecordBatch, pad_id: int, weight_column: str | Non
         for i, (p, lp) in enumerate(zip(prompts, batch.column("completion_logprobs").to_pylist(), strict=True)):
             old[i, len(p) - 1 : len(p) - 1 + len(lp)] = lp
         out["old_logprobs"] = old
+    if "topk_ids" in batch.schema.names:
+        out.update(_topk_arrays(batch, prompts, completions, loss_mask.shape))
     return out
+
+
+def _topk_arrays(batch: pa.RecordBatch, prompts, completions, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The teacher's top-k per completion token, stored flat (T*k), as (B, T-1, k) arrays at the
+    positions of the loss mask (for logit distillation)."""
+    ids_rows, lp_rows = batch.column("topk_ids").to_pylist(), batch.column("topk_logprobs").to_pylist()
+    k = next((len(r) // len(c) for r, c in zip(ids_rows, completions, strict=True) if c), 1)
+    ids = np.zeros((*shape, k), dtype=np.int64)
+    logprobs = np.zeros((*shape, k), dtype=np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        start = len(p) - 1
+        ids[i, start : start + len(c)] = np.asarray(ids_rows[i], dtype=np.int64).reshape(len(c), k)
+        logprobs[i, start : start + len(c)] = np.asarray(lp_rows[i], dtype=np.float32).reshape(len(c), k)
+    return {"topk_ids": ids, "topk_logprobs": logprobs}
 
 
 def shard(arrays: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors.losses import entropy, grpo_loss, token_logprobs, weighted_nll
+from actors.losses import distill_loss, entropy, grpo_loss, token_logprobs, weighted_nll
 from actors.metrics import record, role_of
 
 COMPLETE = "COMPLETE"
@@ -83,8 +83,9 @@ def ds_config(spec: TrainerSpec) -> dict:
 
 @dataclass(frozen=True)
 class Objective:
-    """What a train step minimises: "nll" (SFT, reward-weighted NLL) or "grpo" (clipped surrogate
-    with the loss type's normalisation, plus beta * k3 KL against the reference model)."""
+    """What a train step minimises: "nll" (SFT, reward-weighted NLL), "grpo" (clipped surrogate
+    with the loss type's normalisation, plus beta * k3 KL against the reference model) or "distill"
+    (alpha * CE + (1 - alpha) * KD against the teacher's top-k, at a temperature)."""
 
     kind: str = "nll"
     loss_type: str = "dapo"
@@ -92,6 +93,10 @@ class Objective:
     epsilon_high: float = 0.0  # 0: same as epsilon
     beta: float = 0.0
     max_completion_length: int = 0
+    alpha: float = 0.5
+    kd_loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
 
 
 class Trainer:
@@ -207,6 +212,19 @@ class Trainer:
         logprobs = token_logprobs(logits, t["input_ids"])
         if objective.kind == "nll":
             return weighted_nll(logprobs, t["loss_mask"], t.get("weights")), {}
+        if objective.kind == "distill":
+            o = objective
+            return distill_loss(
+                logits,
+                t["input_ids"],
+                t["loss_mask"],
+                t["topk_ids"],
+                t["topk_logprobs"],
+                o.alpha,
+                o.kd_loss,
+                o.jsd_beta,
+                o.temperature,
+            )
         ref = self._reference_logprobs(t) if objective.beta else None
         old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
         loss, metrics = grpo_loss(

@@ -222,3 +222,37 @@ def test_qlora_trainer_learns_after_inference(tiny_model, tmp_path):
     losses = [trainer.train_step(arrays)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0] - 0.1
     assert all(".lora_" in name for name in trainer.weights())  # the adapter alone is synced
+
+
+def test_student_distills_from_teacher_topk(tiny_model, tiny_tokenizer, tmp_path):
+    """Teacher samples with top-k log-probs; a different student trained on them with pure KD
+    (alpha 0) moves toward the teacher: its KD loss falls."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from actors.trainer import Objective
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(5)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    teacher = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=2))
+    samples = teacher.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=6, topk_logprobs=8))
+    arrays = training_arrays(samples, pad_id=0)
+    assert arrays["topk_ids"].shape == (*arrays["loss_mask"].shape, 8)
+    first = samples.to_pylist()[0]
+    start = len(first["prompt_ids"]) - 1
+    assert arrays["topk_ids"][0, start, 0] == first["topk_ids"][0]  # the top-k lines up with its token
+    student = Trainer(TrainerSpec(str(tmp_path / "student"), adapter="none", learning_rate=5e-3, master_port=29004))
+    objective = Objective("distill", alpha=0.0, kd_loss="forward_kl")
+    losses = [student.train_step(arrays, objective)["loss/kd"] for _ in range(8)]
+    assert losses[-1] < 0.7 * losses[0], losses
