@@ -81,13 +81,15 @@ class TrainLoop:
         self.producers: list = []
         self._synced = threading.Condition()
         self._synced_steps = 0  # training steps whose weights the generators have
+        self._cursor = 0
 
     def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
         """Train on every batch, in order; returns what happened."""
-        start = self._start_trainers()
+        start = self.start_trainers()
         todo = prompt_batches[start:]
         generators, scorers = self.roles.actors["generator"], self.roles.actors["scorer"]
-        self._sync_weights()
+        if self.cfg.sync_every:
+            self._sync_weights()
         loops = [
             g.serve.remote(self.prompts, self.rollouts, self.cfg.sampling, str(self.journal.root)) for g in generators
         ]
@@ -154,7 +156,7 @@ class TrainLoop:
             try:
                 for batch in [*replay, batches[-1]]:
                     self._step(batch)
-                if cursor % self.cfg.sync_every == 0:
+                if self.cfg.sync_every and cursor % self.cfg.sync_every == 0:
                     self._sync_weights()
                 if cursor % self.cfg.checkpoint_every == 0:
                     ray.get([t.save_checkpoint.remote(cursor) for t in self.roles.actors["trainer"]])
@@ -164,12 +166,16 @@ class TrainLoop:
                 if self.result.trainer_restarts >= self.cfg.max_trainer_restarts:
                     raise
                 self.result.trainer_restarts += 1
-                self._start_trainers()
+                self._restart_trainers()
                 replay = batches[:-1]
 
     def _step(self, batch: pa.RecordBatch) -> None:
         trainers = self.roles.actors["trainer"]
         arrays, metrics = self.cfg.prepare(batch)
+        if not arrays:  # nothing in this batch is worth learning from (e.g. every sample filtered out)
+            self.result.trained.append(batch_id(batch))
+            self.report(metrics)
+            return
         shards = [shard(arrays, r, len(trainers)) for r in range(len(trainers))]
         for _ in range(self.cfg.num_iterations):
             results = ray.get(
@@ -199,13 +205,18 @@ class TrainLoop:
             }
         )
 
-    def _start_trainers(self) -> int:
-        """(Re)create the trainer group; every rank resumes from the newest complete checkpoint."""
-        if "trainer" in self.roles.actors:
-            self.roles.stop("trainer")
-            time.sleep(1.0)  # let Ray release the names
-        trainers = self.roles.start("trainer", self.trainer_spec)
-        return ray.get([t.resume.remote() for t in trainers])[0]
+    def start_trainers(self) -> int:
+        """Create the trainer group once; every rank resumes from the newest complete checkpoint.
+        Returns the data cursor to continue from."""
+        if "trainer" not in self.roles.actors:
+            trainers = self.roles.start("trainer", self.trainer_spec)
+            self._cursor = ray.get([t.resume.remote() for t in trainers])[0]
+        return self._cursor
+
+    def _restart_trainers(self) -> int:
+        self.roles.stop("trainer")
+        time.sleep(1.0)  # let Ray release the names
+        return self.start_trainers()
 
     def _sync_weights(self) -> None:
         """Trainer -> generators: the adapter under LoRA, else full weights, as numpy copies."""

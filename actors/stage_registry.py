@@ -14,6 +14,7 @@ _RUNNERS = {
     "audit": "actors.audit:run",
     "sft": "actors.sft:run",
     "grpo": "actors.grpo:run",
+    "distill": "actors.distill:run",
 }
 AVAILABLE = tuple(_RUNNERS)
 

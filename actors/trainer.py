@@ -21,7 +21,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actors.losses import distill_loss, entropy, grpo_loss, token_logprobs, weighted_nll
+from actors.losses import (
+    distill_loss,
+    entropy,
+    grpo_loss,
+    kd_divergence,
+    token_logprobs,
+    topk_buckets,
+    weighted_nll,
+)
 from actors.metrics import record, role_of
 
 COMPLETE = "COMPLETE"
@@ -267,6 +275,17 @@ class Trainer:
         mask = t["loss_mask"].float()
         nll = -(token_logprobs(logits, t["input_ids"]) * mask).sum()
         return float(nll), int(mask.sum())
+
+    @torch.no_grad()
+    def eval_kd(self, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
+        """(sum of forward KL(teacher || self) over the teacher's top-k + tail, positions) on held-out
+        rows carrying topk_ids / topk_logprobs; no update."""
+        self.engine.eval()
+        t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
+        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        log_p, log_q = topk_buckets(logits[:, :-1], t["topk_ids"], t["topk_logprobs"])
+        mask = t["loss_mask"].float()
+        return float((kd_divergence(log_p, log_q, "forward_kl") * mask).sum()), int(mask.sum())
 
     def save_adapter(self, path: str, merged: str = "") -> str:
         """The trained adapter in PEFT format (or the full model when not training LoRA), and on

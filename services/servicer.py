@@ -15,7 +15,7 @@ from stillroom.v1 import job_service_pb2 as api
 from stillroom.v1 import job_service_pb2_grpc as api_grpc
 
 from services.dispatcher import Dispatcher
-from services.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.store import TERMINAL, Store, decode_token, encode_token
 from services.validation import Policy, validate, validate_request
 
@@ -52,6 +52,7 @@ class JobService(api_grpc.JobServiceServicer):
         labels = dict(request.labels)
         validate_request(request.request_id, labels)
         spec, _ = validate(request.spec, self.policy)
+        self._check_reused_journals(spec, principal.tenant)
         job, created = self.store.create_job(
             job_id=new_job_id(),
             tenant=principal.tenant,
@@ -66,8 +67,26 @@ class JobService(api_grpc.JobServiceServicer):
             self.dispatcher.notify()
         return api.SubmitJobResponse(job=job, created=created)
 
+    def _check_reused_journals(self, spec: pb.JobSpec, tenant: str) -> None:
+        """A distill stage may replay the teacher output of an earlier job of the same tenant, once
+        that job has succeeded."""
+        for i, stage in enumerate(spec.stages):
+            source = stage.distill.reuse_journal_of if stage.WhichOneof("kind") == "distill" else ""
+            if not source:
+                continue
+            try:
+                job = self.store.get_job(source, tenant)
+            except NotFound:
+                raise NotFound(f"stages[{i}].distill.reuse_journal_of: job {source!r} not found") from None
+            if job.state != pb.JOB_STATE_SUCCEEDED:
+                raise FailedPrecondition(
+                    f"stages[{i}].distill.reuse_journal_of: job {source} is "
+                    f"{pb.JobState.Name(job.state)}; only a succeeded job's journal can be reused"
+                )
+
     def ValidateJob(self, request: api.ValidateJobRequest, context) -> api.ValidateJobResponse:
         _, warnings = validate(request.spec, self.policy)
+        self._check_reused_journals(request.spec, context.principal.tenant)
         return api.ValidateJobResponse(warnings=warnings)
 
     def GetJob(self, request: api.GetJobRequest, context) -> api.GetJobResponse:

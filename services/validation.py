@@ -7,6 +7,7 @@ ValidateJob and SubmitJob both call it, so they cannot disagree.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -91,8 +92,14 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
             "teacher.path",
             f"required by the {', '.join(sorted(kinds & NEEDS_TEACHER))} stage(s)",
         )
-    if "distill" in kinds:
-        v.check(bool(spec.student.path), "student.path", "required by the distill stage")
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") == "distill":
+            init = stage.distill.student_init
+            v.check(
+                bool(spec.student.path or init.keep_every_nth_layer or init.config_overrides),
+                "student.path",
+                f"required by stages[{i}].distill, unless its student_init makes the student from the teacher",
+            )
     if kinds & NEEDS_TRAIN:
         v.check(
             bool(spec.data.train.path),
@@ -118,6 +125,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
                 "sft needs answers: a completion column or chat messages ending with the assistant's turn",
             )
     _check_reward_columns(out, loaded.get("train"), v)
+    _check_tokenizers(out, v)
     _check_target_modules(out, v)
     if v.items:
         raise InvalidArgument(v.items)
@@ -285,6 +293,10 @@ def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
 
 def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
     v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
+    v.check(s.mode != "on_policy", f"{p}.mode", "on_policy is not available in this server yet (offline)")
+    v.number(s.student_init.keep_every_nth_layer, f"{p}.student_init.keep_every_nth_layer", lo=1)
+    v.number(s.eval_prompts, f"{p}.eval_prompts", lo=1)
+    v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
     v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
     v.choice(s.kd_loss, f"{p}.kd_loss", KD_LOSSES)
     v.number(s.num_samples, f"{p}.num_samples", lo=1)
@@ -384,6 +396,31 @@ def _check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: _
                 column in columns,
                 f"stages[{i}].grpo.rewards[{j}].args['column']",
                 f"the train data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})",
+            )
+
+
+def _tokenizer_digest(path: str) -> str | None:
+    """sha256 of a model directory's tokenizer.json, or None when it cannot be read here."""
+    f = Path(path) / "tokenizer.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def _check_tokenizers(spec: pb.JobSpec, v: _Violations) -> None:
+    """Logit KD compares distributions over one vocabulary: a student with another tokenizer can
+    only learn from the teacher's text (alpha: 1, sequence-level KD)."""
+    if not (spec.teacher.path and spec.student.path):
+        return
+    teacher = _tokenizer_digest(spec.teacher.tokenizer_path or spec.teacher.path)
+    student = _tokenizer_digest(spec.student.tokenizer_path or spec.student.path)
+    if teacher is None or student is None or teacher == student:
+        return
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") == "distill" and not (stage.distill.HasField("alpha") and stage.distill.alpha == 1):
+            v.check(
+                False,
+                f"stages[{i}].distill.alpha",
+                "logit KD needs a student that shares the teacher's tokenizer, and these differ; "
+                "set alpha: 1 (sequence-level KD on the teacher's answers only)",
             )
 
 

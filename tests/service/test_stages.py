@@ -220,3 +220,79 @@ def test_lora_sft_then_async_grpo_with_kl(start_server, sft_data, tiny_model):
     assert max(metric_series(c, job.id, "policy/staleness")) <= 1
     assert done.stages[1].progress.done == 8  # 4 batches x num_iterations 2
     assert "grpo/adapter/adapter_model.safetensors" in {a.name for a in c.artifacts(job.id)}
+
+
+def distill_spec(tiny_model, **distill) -> pb.JobSpec:
+    return parse(
+        {
+            "teacher": {"path": str(tiny_model)},
+            "data": {"unlabeled": {"path": "sft_train.jsonl"}, "eval": {"path": "sft_eval.jsonl"}},
+            "stages": [
+                {
+                    "distill": {
+                        "num_samples": 4,
+                        "top_k": 8,
+                        "max_new_tokens": 6,
+                        "prompts_per_step": 8,
+                        "student_init": {
+                            "config_overrides": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}
+                        },
+                        "optim": {"learning_rate": 0.005},
+                        **distill,
+                    }
+                }
+            ],
+            "resources": {"generator": {"num_cpus": 0.5}, "scorer": {"num_cpus": 0.25}, "trainer": {"num_cpus": 0.5}},
+            "seed": 2,
+        }
+    )
+
+
+def test_distill_lowers_held_out_kl_and_a_second_job_reuses_the_teacher(start_server, sft_data, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    first = c.wait(c.submit(distill_spec(tiny_model, alpha=0.0)).job.id)
+    assert first.state == pb.JOB_STATE_SUCCEEDED, first.error.reason
+    before, after = metric_series(c, first.id, "eval/kl_before"), metric_series(c, first.id, "eval/kl_after")
+    assert after[0] < 0.8 * before[0], (before, after)
+    assert metric_series(c, first.id, "teacher/generated_batches") == [12.0]
+    assert 0 < metric_series(c, first.id, "distill/kept_fraction")[0] <= 0.25  # majority vote: one of 4 per prompt
+    arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(first.id)}
+    student = AutoModelForCausalLM.from_pretrained(arts["distill/student/model.safetensors"].parent)
+    assert student.config.num_hidden_layers == 1
+
+    second = c.submit(distill_spec(tiny_model, alpha=0.0, reuse_journal_of=first.id)).job
+    done = c.wait(second.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    assert metric_series(c, second.id, "teacher/generated_batches") == [0.0]  # it paid for no teacher generation
+    assert metric_series(c, second.id, "teacher/replayed_batches") == [12.0]
+
+
+def test_distill_refusals(start_server, sft_data, tiny_model, tmp_path):
+    import grpc
+    from transformers import PreTrainedTokenizerFast
+
+    c = start_server(sft_data, "--model-root", str(tiny_model), "--model-root", str(tmp_path)).client()
+    with pytest.raises(grpc.RpcError) as e:
+        c.validate(distill_spec(tiny_model, reuse_journal_of="job-nothere"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    queued = c.submit(distill_spec(tiny_model)).job
+    c.cancel(queued.id)
+    with pytest.raises(grpc.RpcError) as e:
+        c.validate(distill_spec(tiny_model, reuse_journal_of=queued.id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # a student with another tokenizer: logit KD is refused, sequence-level KD (alpha 1) is not
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    other = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(["a different vocabulary entirely"], trainers.WordLevelTrainer(special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=other, unk_token="<unk>").save_pretrained(tmp_path / "other")
+    spec = distill_spec(tiny_model)
+    spec.student.path = str(tmp_path / "other")
+    with pytest.raises(grpc.RpcError) as e:
+        c.validate(spec)
+    assert "stages[0].distill.alpha: logit KD needs a student that shares the teacher's tokenizer" in e.value.details()
+    spec.stages[0].distill.alpha = 1.0
+    c.validate(spec)

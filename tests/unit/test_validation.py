@@ -71,7 +71,7 @@ def test_stage_parameter_violations(data_root, stage, field, message):
 
 
 def test_all_violations_reported_at_once(data_root):
-    doc = {"stages": [{"grpo": {"group_size": 1}}, {"distill": {}}], "resources": {"trainer": {"replicas": -1}}}
+    doc = {"stages": [{"grpo": {"group_size": 1}}, {"evaluate": {}}], "resources": {"trainer": {"replicas": -1}}}
     v = violations(doc, data_root)
     expected = {
         "stages[0].grpo.group_size",
@@ -79,11 +79,10 @@ def test_all_violations_reported_at_once(data_root):
         "teacher.path",
         "data.train.path",
         "resources.trainer.replicas",
-        "stages[1].distill",
-        "student.path",
+        "stages[1].evaluate",
     }
     assert expected <= set(v)
-    assert "not available in this server yet" in v["stages[1].distill"]
+    assert "not available in this server yet" in v["stages[1].evaluate"]
 
 
 def test_no_stages_and_duplicate_names(data_root):

@@ -1,0 +1,217 @@
+"""The `distill` stage (offline mode): the tuned teacher labels prompts, filters keep the samples
+worth learning from, and the student learns from them with alpha * CE + (1 - alpha) * KD over the
+teacher's top-k log-probs.
+
+    prompts -> TeacherGenerator (n samples, top-k) -> RewardScorer -> filter -> Trainer (student)
+
+What the teacher wrote is journaled under content-addressed batch ids (teacher, sampling, prompts):
+a later job that names this one in `reuse_journal_of` replays it and generates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+from stillroom.v1 import job_pb2 as pb
+
+from actors import datasets, filters
+from actors.batches import make_batch, training_arrays
+from actors.models import model_dir
+from actors.pipeline import LoopConfig, TrainLoop
+from actors.queues import Journal
+from actors.reward import RewardSpec, ScorerSpec
+from actors.students import from_config, from_teacher_layers
+from actors.supervisor import StageContext
+from actors.teacher import GeneratorSpec, SamplingParams
+from actors.trainer import Objective, TrainerSpec
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    num_samples: int
+    filter: str
+    min_reward: float
+    sampling: SamplingParams
+    objective: Objective
+    prompts_per_step: int
+    epochs: int
+    max_steps: int
+    learning_rate: float
+    eval_prompts: int
+
+    @classmethod
+    def of(cls, p: pb.DistillStage) -> DistillConfig:
+        n = p.num_samples or 4
+        sampling = SamplingParams(
+            n=n, max_new_tokens=p.max_new_tokens or 64, temperature=1.0, topk_logprobs=p.top_k or 8
+        )
+        objective = Objective(
+            "distill",
+            alpha=p.alpha if p.HasField("alpha") else 0.5,
+            kd_loss=p.kd_loss or "forward_kl",
+            jsd_beta=p.jsd_beta or 0.5,
+            temperature=p.temperature or 1.0,
+        )
+        return cls(
+            n,
+            p.filter or "majority_vote",
+            p.min_reward,
+            sampling,
+            objective,
+            p.prompts_per_step or 8,
+            p.optim.epochs or 1,
+            p.optim.max_steps,
+            p.optim.learning_rate or 5e-4,
+            p.eval_prompts or 16,
+        )
+
+
+def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str:
+    """A content address for one batch of teacher output: same teacher, sampling and prompts, same id."""
+    h = hashlib.sha256(json.dumps([teacher, sampling.__dict__, prompts], sort_keys=True).encode())
+    return "distill-" + h.hexdigest()[:24]
+
+
+def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig) -> list[pa.RecordBatch]:
+    rows = [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
+    batches = []
+    for epoch in range(cfg.epochs):  # each epoch is new teacher output: its own ids
+        for lo in range(0, len(rows), cfg.prompts_per_step):
+            chunk = rows[lo : lo + cfg.prompts_per_step]
+            columns = {k: [r.get(k) for r in chunk] for k in chunk[0]}
+            key = batch_key(f"{teacher}#{epoch}", cfg.sampling, columns["prompt"])
+            batches.append(make_batch(key, columns))
+    return batches[: cfg.max_steps] if cfg.max_steps else batches
+
+
+def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str, float]]:
+    """Indices of the samples the filter keeps, group by group (n samples per prompt)."""
+    n, rows = cfg.num_samples, batch.num_rows
+    rewards = batch.column("reward").to_pylist()
+    completions = batch.column("completion").to_pylist()
+    kept, agreement = [], []
+    for lo in range(0, rows, n):
+        group = rewards[lo : lo + n]
+        if cfg.filter == "best_of_n":
+            chosen = filters.best_of_n(group)
+        elif cfg.filter == "min_reward":
+            chosen = filters.min_reward(group, cfg.min_reward)
+        elif cfg.filter == "valid_only":
+            chosen = filters.valid_only(group)
+        else:  # majority_vote: among samples the rewards call valid, when there are rewards
+            valid = filters.valid_only(group) if any(r is not None for r in group) else None
+            chosen, agree = filters.majority_vote(completions[lo : lo + n], valid)
+            agreement.append(agree)
+        kept += [lo + i for i in chosen]
+    metrics = {"distill/kept_fraction": len(kept) / max(rows, 1)}
+    if agreement:
+        metrics["distill/agreement"] = float(np.mean(agreement))
+    return kept, metrics
+
+
+def prepare(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    kept, metrics = keep(batch, cfg)
+    if not kept:
+        return {}, metrics
+    arrays = training_arrays(batch.take(pa.array(kept)), pad_id=0)
+    metrics["distill/topk_bytes_per_token"] = float(cfg.sampling.topk_logprobs * (4 + 2))  # int32 id + float16
+    return arrays, metrics
+
+
+def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, out: Path) -> str:
+    """The student: a path, or made from the teacher (a layer subset or a smaller config)."""
+    if spec.student.path:
+        return str(model_dir(spec.student))
+    target = out / "student-init"
+    if not (target / "config.json").exists():
+        init = params.student_init
+        if init.keep_every_nth_layer:
+            from_teacher_layers(teacher, target, every=init.keep_every_nth_layer)
+        else:
+            from_config(teacher, target, **dict(init.config_overrides))
+    return str(target)
+
+
+def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> float:
+    """The student's forward KL to the teacher (over the teacher's top-k + tail) on held-out prompts,
+    on the teacher's own greedy answers."""
+    generator, trainers = loop.roles.actors["generator"][0], loop.roles.actors["trainer"]
+    greedy = SamplingParams(
+        n=1, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, topk_logprobs=cfg.sampling.topk_logprobs
+    )
+    samples = ray.get(generator.generate.remote(make_batch("eval", {"prompt": prompts}), greedy))
+    arrays = training_arrays(samples, pad_id=0)
+    total, count = ray.get(trainers[0].eval_kd.remote(arrays))
+    return total / max(count, 1)
+
+
+def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
+    """Stage entry point."""
+    cfg = DistillConfig.of(params)
+    teacher = ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))
+    adapter = ctx.outputs.get("policy_adapter", "")
+    out = ctx.artifact_dir / ctx.stage
+    student = student_dir(spec, params, teacher, out)
+    source = spec.data.unlabeled if spec.data.unlabeled.path else spec.data.train
+    rows = datasets.load_ref(source).rows
+    held = spec.data.test if spec.data.test.path else spec.data.eval
+    eval_prompts = [r["prompt"] for r in datasets.load_ref(held).rows[: cfg.eval_prompts]] if held.path else []
+    journal_root = out / "journal"
+    if params.reuse_journal_of:
+        journal_root = ctx.artifact_dir.parent / params.reuse_journal_of / ctx.stage / "journal"
+    roles = ctx.roles(spec.resources)
+    roles.start("generator", GeneratorSpec(teacher, adapter_path=adapter, seed=spec.seed))
+    rewards = tuple(
+        RewardSpec(r.name, r.weight or 1.0, r.timeout_s or 10.0, tuple(sorted(r.args.items()))) for r in params.rewards
+    )
+    roles.start("scorer", ScorerSpec(rewards, ctx.reward_modules))
+    trainer = TrainerSpec(
+        student,
+        adapter="none",
+        learning_rate=cfg.learning_rate,
+        seed=spec.seed,
+        checkpoint_dir=str(out / "checkpoints"),
+        zero_stage=params.optim.zero_stage,
+    )
+    loop = TrainLoop(
+        roles,
+        trainer,
+        Journal(journal_root),
+        LoopConfig(
+            sampling=cfg.sampling,
+            prepare=partial(prepare, cfg=cfg),
+            objective=cfg.objective,
+            sync_every=0,
+            checkpoint_every=params.optim.checkpoint_every or 10,
+        ),
+        report=ctx.metrics,
+        cancelled=ctx.is_cancelled,
+    )
+    batches = prompt_batches(rows, teacher + adapter, cfg)
+    loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
+    if eval_prompts:
+        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
+    result = loop.run(batches)
+    ctx.metrics(
+        {
+            "teacher/generated_batches": len(batches) - result.replayed,
+            "teacher/replayed_batches": result.replayed,
+            "journal/bytes": Journal(journal_root).bytes(),
+        }
+    )
+    if eval_prompts:
+        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
+    saved = out / "student"
+    ray.get([t.save_adapter.remote(str(saved)) for t in roles.actors["trainer"]])
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(student).save_pretrained(saved)
+    ctx.artifact_tree(saved, "model")
+    ctx.outputs["student_model"] = str(saved)
