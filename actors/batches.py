@@ -41,7 +41,7 @@ def batch_id(batch: pa.RecordBatch) -> str:
 def with_columns(batch: pa.RecordBatch, columns: dict[str, list]) -> pa.RecordBatch:
     """A copy of `batch` with columns added or replaced; keeps the id."""
     data = {name: batch.column(name) for name in batch.schema.names}
-    data.update({k: pa.array(v) for k, v in columns.items()})
+    data.update({k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in columns.items()})
     return make_batch(batch_id(batch), data)
 
 

@@ -22,7 +22,7 @@ import ray
 from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets, filters
-from actors.batches import make_batch, training_arrays
+from actors.batches import make_batch, shard, training_arrays
 from actors.models import model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
@@ -35,6 +35,8 @@ from actors.trainer import Objective, TrainerSpec
 
 @dataclass(frozen=True)
 class DistillConfig:
+    on_policy_fraction: float  # lambda: the share of steps that train on the student's own samples
+    on_policy_objective: Objective
     num_samples: int
     filter: str
     min_reward: float
@@ -59,7 +61,17 @@ class DistillConfig:
             jsd_beta=p.jsd_beta or 0.5,
             temperature=p.temperature or 1.0,
         )
+        on_policy = getattr(p, "lambda") or (1.0 if p.mode == "on_policy" else 0.0)
+        student_kd = Objective(
+            "distill",
+            alpha=0.0,
+            kd_loss=p.kd_loss or "reverse_kl",
+            jsd_beta=p.jsd_beta or 0.5,
+            temperature=p.temperature or 1.0,
+        )
         return cls(
+            on_policy,
+            student_kd,
             n,
             p.filter or "majority_vote",
             p.min_reward,
@@ -152,6 +164,43 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     return total / max(count, 1)
 
 
+def on_policy_loop(
+    loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int
+) -> None:
+    """GKD: each step trains either on the student's own samples, graded token by token by the
+    teacher (probability lambda), or on filtered teacher samples; the student's new weights then go
+    to the generators that sample from it. Synchronous by nature: the next samples need them."""
+    roles = loop.roles.actors
+    student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
+    own = SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.sampling.max_new_tokens, temperature=1.0)
+    rng = np.random.default_rng(seed)
+    ray.get(student.load_weights.remote(ray.get(roles["trainer"][0].weights.remote()), 0))
+    for step, batch in enumerate(batches):
+        ctx.check_cancelled()
+        if rng.random() < cfg.on_policy_fraction:
+            samples = ray.get(
+                teacher.score_topk.remote(student.generate.remote(batch, own), cfg.sampling.topk_logprobs)
+            )
+            arrays, metrics, objective = (
+                training_arrays(samples, pad_id=0),
+                {"distill/on_policy": 1.0},
+                cfg.on_policy_objective,
+            )
+        else:
+            scored = ray.get(scorer.score.remote(teacher.generate.remote(batch, cfg.sampling)))
+            arrays, metrics = prepare(scored, cfg)
+            metrics["distill/on_policy"], objective = 0.0, cfg.objective
+        if arrays:
+            shards = [shard(arrays, r, len(roles["trainer"])) for r in range(len(roles["trainer"]))]
+            results = ray.get(
+                [t.train_step.remote(s, objective) for t, s in zip(roles["trainer"], shards, strict=True)]
+            )
+            metrics.update({k: float(np.mean([m[k] for m in results])) for k in ("loss", "loss/kd", "loss/ce")})
+        ray.get(student.load_weights.remote(ray.get(roles["trainer"][0].weights.remote()), step + 1))
+        ctx.metrics(metrics)
+        ctx.progress(step + 1, len(batches), "steps")
+
+
 def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Stage entry point."""
     cfg = DistillConfig.of(params)
@@ -166,7 +215,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     journal_root = out / "journal"
     if params.reuse_journal_of:
         journal_root = ctx.artifact_dir.parent / params.reuse_journal_of / ctx.stage / "journal"
-    roles = ctx.roles(spec.resources)
+    roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
     roles.start("generator", GeneratorSpec(teacher, adapter_path=adapter, seed=spec.seed))
     rewards = tuple(
         RewardSpec(r.name, r.weight or 1.0, r.timeout_s or 10.0, tuple(sorted(r.args.items()))) for r in params.rewards
@@ -198,14 +247,19 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
     if eval_prompts:
         ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
-    result = loop.run(batches)
-    ctx.metrics(
-        {
-            "teacher/generated_batches": len(batches) - result.replayed,
-            "teacher/replayed_batches": result.replayed,
-            "journal/bytes": Journal(journal_root).bytes(),
-        }
-    )
+    if cfg.on_policy_fraction:
+        roles.start("student", GeneratorSpec(student, seed=spec.seed))
+        on_policy_loop(loop, batches, cfg, ctx, spec.seed)
+    else:
+        result = loop.run(batches)
+        generated = len(batches) - result.replayed
+        ctx.metrics(
+            {
+                "teacher/generated_batches": generated,
+                "teacher/replayed_batches": result.replayed,
+                "journal/bytes": Journal(journal_root).bytes(),
+            }
+        )
     if eval_prompts:
         ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
     saved = out / "student"

@@ -26,11 +26,12 @@ NAMESPACE = "stillroom"
 RESTARTS = {
     "supervisor": {"max_restarts": 0, "max_task_retries": 0},
     "generator": {"max_restarts": 2, "max_task_retries": 0},
+    "student": {"max_restarts": 2, "max_task_retries": 0},  # a generator sampling from the student
     "scorer": {"max_restarts": 2, "max_task_retries": 0},
     "trainer": {"max_restarts": 0, "max_task_retries": 0},
 }
 # Generators and scorers take weight syncs and stats calls while their serve loop runs.
-CONCURRENCY = {"generator": 4, "scorer": 4, "trainer": 1}
+CONCURRENCY = {"generator": 4, "student": 4, "scorer": 4, "trainer": 1}
 
 
 def actor_name(job_id: str, role: str, rank: int) -> str:
@@ -75,7 +76,7 @@ def release_job(job_id: str) -> None:
 
 
 def _role_class(role: str):
-    if role == "generator":
+    if role in ("generator", "student"):
         from actors.teacher import TeacherGenerator
 
         return TeacherGenerator

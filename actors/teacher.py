@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.batches import GENERATED_COLUMNS, batch_id, make_batch
+from actors.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
 from actors.metrics import record, role_of
 from actors.queues import Channel, Journal, pump
 
@@ -207,6 +207,29 @@ class TeacherGenerator:
             if missing:
                 raise ValueError(f"weights the generator does not have: {sorted(missing)[:3]}")
             self.model.load_state_dict(tensors, strict=False)
+
+    def score_topk(self, batch: pa.RecordBatch, k: int) -> pa.RecordBatch:
+        """Teacher-forced top-k log-probs at every completion token of samples someone else wrote
+        (on-policy distillation: the student samples, the teacher grades each token). Replaces the
+        batch's topk_ids / topk_logprobs, flattened (T*k) as generate() stores them."""
+        prompts, completions = batch.column("prompt_ids").to_pylist(), batch.column("completion_ids").to_pylist()
+        ids, lps = [], []
+        with self._lock, torch.no_grad():
+            for p, c in zip(prompts, completions, strict=True):
+                seq = torch.tensor([p + c], device=self.device)
+                logp = torch.log_softmax(
+                    self.model(input_ids=seq).logits[0, len(p) - 1 : len(p) + len(c) - 1].float(), -1
+                )
+                top = torch.topk(logp, k, dim=-1)
+                ids.append(top.indices.to(torch.int32).cpu().numpy().reshape(-1).tolist())
+                lps.append(top.values.to(torch.float16).cpu().numpy().reshape(-1).tolist())
+        return with_columns(
+            batch,
+            {
+                "topk_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                "topk_logprobs": pa.array(lps, type=pa.list_(pa.float16())),
+            },
+        )
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

@@ -293,7 +293,6 @@ def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
 
 def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
     v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
-    v.check(s.mode != "on_policy", f"{p}.mode", "on_policy is not available in this server yet (offline)")
     v.number(s.student_init.keep_every_nth_layer, f"{p}.student_init.keep_every_nth_layer", lo=1)
     v.number(s.eval_prompts, f"{p}.eval_prompts", lo=1)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
@@ -323,7 +322,7 @@ CHECKS = {"audit": _audit, "sft": _sft, "grpo": _grpo, "distill": _distill, "eva
 
 
 def _check_resources(r: pb.Resources, v: _Violations) -> None:
-    for role in ("generator", "scorer", "trainer"):
+    for role in ("generator", "scorer", "trainer", "student"):
         rr = getattr(r, role)
         v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
         v.number(rr.num_cpus, f"resources.{role}.num_cpus", lo=0)

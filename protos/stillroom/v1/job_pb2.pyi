@@ -356,14 +356,16 @@ class RoleResources(_message.Message):
     def __init__(self, replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., custom: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Resources(_message.Message):
-    __slots__ = ("generator", "scorer", "trainer")
+    __slots__ = ("generator", "scorer", "trainer", "student")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_FIELD_NUMBER: _ClassVar[int]
     generator: RoleResources
     scorer: RoleResources
     trainer: RoleResources
-    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
+    student: RoleResources
+    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed")
