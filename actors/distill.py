@@ -27,6 +27,7 @@ from actors.models import model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
 from actors.reward import RewardSpec, ScorerSpec
+from actors.sft import encode
 from actors.students import from_config, from_teacher_layers
 from actors.supervisor import StageContext
 from actors.teacher import GeneratorSpec, SamplingParams
@@ -128,13 +129,31 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
     return kept, metrics
 
 
-def prepare(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def prepare(
+    batch: pa.RecordBatch, cfg: DistillConfig, student_tokenizer=None
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Filter, then the student's arrays. With a student tokenizer (it differs from the teacher's),
+    the kept texts are tokenized again for the student and only sequence-level KD (CE) is possible."""
     kept, metrics = keep(batch, cfg)
     if not kept:
         return {}, metrics
-    arrays = training_arrays(batch.take(pa.array(kept)), pad_id=0)
+    batch = batch.take(pa.array(kept))
+    if student_tokenizer is not None:
+        texts = [
+            datasets.Example(p, c)
+            for p, c in zip(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist(), strict=True)
+        ]
+        return training_arrays(make_batch("retokenized", encode(student_tokenizer, texts, 4096)), pad_id=0), metrics
     metrics["distill/topk_bytes_per_token"] = float(cfg.sampling.topk_logprobs * (4 + 2))  # int32 id + float16
-    return arrays, metrics
+    return training_arrays(batch, pad_id=0), metrics
+
+
+def foreign_tokenizer(teacher: str, student: str):
+    """The student's tokenizer when its vocabulary differs from the teacher's, else None."""
+    from transformers import AutoTokenizer
+
+    t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    return None if t.get_vocab() == s.get_vocab() else s
 
 
 def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, out: Path) -> str:

@@ -414,13 +414,20 @@ def _check_tokenizers(spec: pb.JobSpec, v: _Violations) -> None:
     if teacher is None or student is None or teacher == student:
         return
     for i, stage in enumerate(spec.stages):
-        if stage.WhichOneof("kind") == "distill" and not (stage.distill.HasField("alpha") and stage.distill.alpha == 1):
-            v.check(
-                False,
-                f"stages[{i}].distill.alpha",
-                "logit KD needs a student that shares the teacher's tokenizer, and these differ; "
-                "set alpha: 1 (sequence-level KD on the teacher's answers only)",
-            )
+        if stage.WhichOneof("kind") != "distill":
+            continue
+        d = stage.distill
+        v.check(
+            d.HasField("alpha") and d.alpha == 1,
+            f"stages[{i}].distill.alpha",
+            "logit KD needs a student that shares the teacher's tokenizer, and these differ; "
+            "set alpha: 1 (sequence-level KD on the teacher's answers only)",
+        )
+        v.check(
+            d.mode != "on_policy" and not getattr(d, "lambda"),
+            f"stages[{i}].distill.mode",
+            "on-policy distillation grades the student's tokens with the teacher's: it needs a shared tokenizer",
+        )
 
 
 def model_modules(path: str) -> set[str] | None:

@@ -25,3 +25,40 @@ def test_majority_vote_by_hand():
     assert majority_vote(samples, eligible=[1, 3]) == ([1], 0.25)
     assert majority_vote(["a", "b"]) == ([0], 0.5)  # a tie goes to the earliest answer
     assert majority_vote([], eligible=[]) == ([], 0.0)
+
+
+def test_distill_retokenizes_for_a_student_with_another_tokenizer(tiny_tokenizer, tmp_path):
+    """Sequence-level KD across tokenizers: the kept teacher texts are encoded with the student's."""
+    from stillroom.v1 import job_pb2 as pb
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from actors.batches import make_batch
+    from actors.distill import DistillConfig, foreign_tokenizer, prepare
+
+    other = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(
+        ["ticket billing refund order"], trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"])
+    )
+    PreTrainedTokenizerFast(tokenizer_object=other, unk_token="<unk>", eos_token="<eos>").save_pretrained(
+        tmp_path / "s"
+    )
+    student = foreign_tokenizer(str(tiny_tokenizer), str(tmp_path / "s"))
+    assert student is not None and foreign_tokenizer(str(tiny_tokenizer), str(tiny_tokenizer)) is None
+    cfg = DistillConfig.of(pb.DistillStage(num_samples=2, filter="best_of_n"))
+    batch = make_batch(
+        "b",
+        {
+            "prompt": ["ticket billing", "ticket billing"],
+            "completion": ["refund", "order"],
+            "reward": [0.2, 0.9],
+            "prompt_ids": [[1], [1]],
+            "completion_ids": [[2], [3]],
+        },
+    )
+    arrays, _ = prepare(batch, cfg, student_tokenizer=student)
+    vocab = AutoTokenizer.from_pretrained(tmp_path / "s").get_vocab()
+    # best of the two is "order"; prompt + answer + eos in the student's vocabulary
+    assert arrays["input_ids"][0].tolist() == [vocab["ticket"], vocab["billing"], vocab["order"], vocab["<eos>"]]
+    assert "topk_ids" not in arrays
