@@ -15,6 +15,7 @@ _RUNNERS = {
     "sft": "actors.sft:run",
     "grpo": "actors.grpo:run",
     "distill": "actors.distill:run",
+    "evaluate": "actors.evaluate:run",
     "export": "actors.export:run",
 }
 AVAILABLE = tuple(_RUNNERS)

@@ -92,6 +92,12 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
             "teacher.path",
             f"required by the {', '.join(sorted(kinds & NEEDS_TEACHER))} stage(s)",
         )
+    if "evaluate" in kinds:
+        v.check(
+            bool(spec.data.test.path or spec.data.eval.path),
+            "data.test.path",
+            "required by the evaluate stage (or data.eval): held-out data",
+        )
     for i, stage in enumerate(spec.stages):
         if stage.WhichOneof("kind") == "distill":
             init = stage.distill.student_init
@@ -309,6 +315,7 @@ def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
 
 
 def _evaluate(s: pb.EvaluateStage, p: str, v: _Violations) -> None:
+    v.check(len(s.metrics) > 0, f"{p}.metrics", "name at least one metric (any reward function)")
     _rewards(s.metrics, f"{p}.metrics", v)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)

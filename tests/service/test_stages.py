@@ -356,3 +356,23 @@ def test_export_of_a_lora_policy_as_adapter_and_merged(start_server, sft_data, t
             adapter.generate(ids, max_new_tokens=5, do_sample=False),
             merged.generate(ids, max_new_tokens=5, do_sample=False),
         )
+
+
+def test_evaluate_compares_base_tuned_and_student(start_server, sft_data, tiny_model):
+    import json
+
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    spec = distill_spec(tiny_model, sft_first=True, alpha=0.5, **{"optim": {"learning_rate": 0.005, "max_steps": 4}})
+    spec.data.test.path = "sft_eval.jsonl"
+    evaluate = spec.stages.add(name="evaluate").evaluate
+    evaluate.max_new_tokens = 4
+    evaluate.metrics.add(name="exact_match").args["column"] = "reference"
+    done = c.wait(c.submit(spec).job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
+    report = json.loads(arts["evaluate/report.json"].read_text())
+    assert set(report) == {"base_teacher", "tuned_teacher", "student"}
+    assert report["tuned_teacher"]["exact_match"] > report["base_teacher"]["exact_match"] + 0.2
+    assert report["student"]["size_bytes"] < report["tuned_teacher"]["size_bytes"]
+    assert all(r["tokens_per_s"] > 0 for r in report.values())
+    assert "| tuned_teacher |" in arts["evaluate/report.md"].read_text()

@@ -79,10 +79,11 @@ def test_all_violations_reported_at_once(data_root):
         "teacher.path",
         "data.train.path",
         "resources.trainer.replicas",
-        "stages[1].evaluate",
+        "stages[1].evaluate.metrics",
+        "data.test.path",
     }
     assert expected <= set(v)
-    assert "not available in this server yet" in v["stages[1].evaluate"]
+    assert v["stages[1].evaluate.metrics"] == "name at least one metric (any reward function)"
 
 
 def test_no_stages_and_duplicate_names(data_root):

@@ -1,0 +1,106 @@
+"""The `evaluate` stage: base teacher, tuned teacher and student side by side on held-out data
+(data.test, else data.eval): each metric (any reward function) as a mean, decoding tokens/s, and size.
+Writes eval/report.json and eval/report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from stillroom.v1 import job_pb2 as pb
+
+from actors import datasets
+from actors.batches import make_batch
+from actors.models import model_dir
+from actors.reward import RewardScorer, RewardSpec, ScorerSpec
+from actors.supervisor import StageContext, StageFailed
+from actors.teacher import GeneratorSpec, SamplingParams
+
+
+def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
+    """The models to compare: what the job started from, and what its stages produced."""
+    base = str(model_dir(spec.teacher))
+    models = {"base_teacher": GeneratorSpec(base, seed=spec.seed)}
+    tuned, adapter = ctx.outputs.get("policy_model"), ctx.outputs.get("policy_adapter", "")
+    if tuned and (tuned != base or adapter):
+        models["tuned_teacher"] = GeneratorSpec(tuned, adapter_path=adapter, seed=spec.seed)
+    if ctx.outputs.get("student_model"):
+        models["student"] = GeneratorSpec(ctx.outputs["student_model"], seed=spec.seed)
+    return models
+
+
+def size_bytes(spec: GeneratorSpec) -> int:
+    paths = [Path(spec.model_path)] + ([Path(spec.adapter_path)] if spec.adapter_path else [])
+    return sum(f.stat().st_size for p in paths for f in p.glob("*.safetensors"))
+
+
+def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
+    """Stage entry point."""
+    held = spec.data.test if spec.data.test.path else spec.data.eval
+    if not held.path:
+        raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
+    rows = datasets.load_ref(held).rows[: params.limit or None]
+    rows = [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
+    scorer = RewardScorer(
+        ScorerSpec(
+            tuple(
+                RewardSpec(m.name, m.weight or 1.0, m.timeout_s or 10.0, tuple(sorted(m.args.items())))
+                for m in params.metrics
+            ),
+            ctx.reward_modules,
+        )
+    )
+    greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
+    roles = ctx.roles(spec.resources, ("generator",))
+    report: dict[str, dict] = {}
+    models = candidates(spec, ctx)
+    for done, (name, gen_spec) in enumerate(models.items()):
+        ctx.check_cancelled()
+        (generator,) = roles.start("generator", gen_spec)
+        report[name] = evaluate_model(generator, scorer, rows, greedy)
+        report[name]["size_bytes"] = size_bytes(gen_spec)
+        roles.stop("generator")
+        ctx.metrics({f"eval/{name}/{k}": v for k, v in report[name].items()})
+        ctx.progress(done + 1, len(models), "models")
+    out = ctx.artifact_dir / ctx.stage
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / "report.md").write_text(table(report))
+    ctx.artifact(out / "report.json", "report")
+    ctx.artifact(out / "report.md", "report")
+
+
+def evaluate_model(
+    generator, scorer: RewardScorer, rows: list[dict], greedy: SamplingParams, batch_size: int = 16
+) -> dict[str, float]:
+    scores: dict[str, list[float]] = {}
+    tokens, seconds = 0, 0.0
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        batch = make_batch(f"eval/{lo}", {k: [r.get(k) for r in chunk] for k in chunk[0]})
+        started = time.perf_counter()
+        samples = ray.get(generator.generate.remote(batch, greedy))
+        seconds += time.perf_counter() - started
+        tokens += sum(len(ids) for ids in samples.column("completion_ids").to_pylist())
+        scored = scorer.score(samples)
+        for name in (n for n in scored.schema.names if n.startswith("rewards/")):
+            scores.setdefault(name.removeprefix("rewards/"), []).extend(
+                v for v in scored.column(name).to_pylist() if v is not None
+            )
+    metrics = {name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()}
+    metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    return metrics
+
+
+def table(report: dict[str, dict]) -> str:
+    """The side-by-side Markdown table."""
+    columns = sorted({k for r in report.values() for k in r})
+    lines = ["# Evaluation", "", "| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for name, r in report.items():
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
