@@ -84,3 +84,14 @@ def _atomic_save(dest: Path, save, keep: bool = False) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt: a user turn in the tokenizer's chat template when it has one (and
+    `chat_template`), else the plain text. SFT and every generator use this, so they agree."""
+    if chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

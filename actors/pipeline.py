@@ -50,6 +50,7 @@ class LoopConfig:
     checkpoint_every: int = 1
     queue_size: int = 4
     max_trainer_restarts: int = 2
+    poll_s: float = 1.0  # how often the train loop checks on cancellation and its producers while waiting
 
 
 @dataclass
@@ -94,6 +95,7 @@ class TrainLoop:
             g.serve.remote(self.prompts, self.rollouts, self.cfg.sampling, str(self.journal.root)) for g in generators
         ]
         scoring = [s.serve.remote(self.rollouts, self.scored) for s in scorers]
+        self.producers = loops + scoring
         threading.Thread(target=self._feed, args=(todo, loops, len(scorers)), daemon=True).start()
         pending: dict[str, pa.RecordBatch] = {}
         seen, since_checkpoint = Seen(), []
@@ -137,7 +139,7 @@ class TrainLoop:
             if self.cancelled():
                 raise InterruptedError("cancelled")
             try:
-                return self.scored.get(timeout=1.0)
+                return self.scored.get(timeout=self.cfg.poll_s)
             except Empty:
                 done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
                 ray.get(done)  # a generator or scorer loop that failed raises its error here

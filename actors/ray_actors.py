@@ -111,6 +111,20 @@ class Placement:
         return bundle or {"CPU": 0.01}  # a bundle may not be empty
 
 
+def check_fits(bundles: list[dict[str, float]]) -> None:
+    """Fail at once, with the numbers, when the roles ask for more than the whole cluster has
+    (Ray would wait forever for a placement group that can never be placed)."""
+    total = ray.cluster_resources()
+    wanted: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            wanted[name] = wanted.get(name, 0.0) + amount
+    short = {k: (v, total.get(k, 0.0)) for k, v in wanted.items() if v > total.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{v:g} {k} wanted, {have:g} in the cluster" for k, (v, have) in short.items())
+        raise RuntimeError(f"the job's roles need more than the cluster has: {detail} (see the recipe's resources)")
+
+
 @ray.remote(num_cpus=0)
 def _endpoint() -> tuple[str, int]:
     """An address and a free port on this node, for the trainer group's rendezvous."""
@@ -129,8 +143,13 @@ class RoleGroup:
         for role, p in placements.items():
             self.offsets[role] = len(bundles)
             bundles += [p.bundle() for _ in range(p.replicas)]
+        check_fits(bundles)
         self.pg = placement_group(bundles, strategy="PACK", name=placement_name(job_id))
-        ray.get(self.pg.ready(), timeout=timeout_s)
+        try:
+            ray.get(self.pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(f"the cluster could not place {bundles} within {timeout_s:g}s (busy?)") from None
         self.actors: dict[str, list] = {}
 
     def _options(self, role: str, rank: int) -> dict:

@@ -16,7 +16,7 @@ from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets
 from actors.batches import make_batch, shard, training_arrays
-from actors.models import model_dir
+from actors.models import encode_prompt, model_dir
 from actors.supervisor import StageContext
 from actors.trainer import TrainerSpec
 
@@ -71,13 +71,7 @@ def encode(tokenizer, examples: list[datasets.Example], max_length: int) -> dict
     frames the prompt as a user turn; the completion ends with EOS; long rows are cut at max_length."""
     prompt_ids, completion_ids = [], []
     for ex in examples:
-        if tokenizer.chat_template:
-            p = tokenizer.apply_chat_template(
-                [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=True
-            )
-            p = list(p["input_ids"]) if isinstance(p, dict) else list(p)
-        else:
-            p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        p = encode_prompt(tokenizer, ex.prompt)
         c = tokenizer(ex.completion or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         p = p[-max(1, max_length - len(c)) :] if len(p) + len(c) > max_length else p
         prompt_ids.append(p)

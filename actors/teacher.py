@@ -16,7 +16,9 @@ import torch
 
 from actors.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
 from actors.metrics import record, role_of
+from actors.models import encode_prompt
 from actors.queues import Channel, Journal, pump
+from actors.trainer import use_all_cores
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class GeneratorSpec:
     lora_r: int = 0
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ()
-    chat_template: bool = False
+    chat_template: bool = True  # frame prompts as a user turn when the tokenizer has a template
     quantize_4bit: bool = False  # a QLoRA policy: the same nf4 base the trainer trains on
     dtype: str = "float32"
     seed: int = 0
@@ -54,6 +56,7 @@ class TeacherGenerator:
 
         self.spec, self.version = spec, 0
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        use_all_cores()
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -108,14 +111,7 @@ class TeacherGenerator:
         return pump(inbox, outbox, work, report)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if self.spec.chat_template:
-            return [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-                )
-                for p in prompts
-            ]
-        return [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [encode_prompt(self.tokenizer, p, self.spec.chat_template) for p in prompts]
 
     def generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
         """Sample params.n completions per prompt row. Other columns are repeated per sample."""

@@ -73,6 +73,14 @@ def _quiet_deepspeed() -> None:
     deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
 
 
+def use_all_cores() -> None:
+    """On CPU, compute with every core. Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for
+    most roles), which runs torch at a fraction of the machine; a job's roles mostly take turns
+    (generate, then train), so each may use the whole machine while it works."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
 def ds_config(spec: TrainerSpec) -> dict:
     zero: dict = {"stage": spec.zero_stage}
     if spec.zero_stage >= 2:
@@ -111,6 +119,7 @@ class Trainer:
     def __init__(self, spec: TrainerSpec):
         self.spec = spec
         self.step = 0
+        use_all_cores()
         self._seed(spec.seed + spec.rank)
         self._init_distributed()
         self.model = self._build_model()

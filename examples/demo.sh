@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 HOME_DIR=.stillroom/demo
 ADDRESS=127.0.0.1:${STILLROOM_DEMO_PORT:-50151}
-RECIPE=${1:-examples/tickets_audit.yaml}
+RECIPE=${1:-examples/tickets_pipeline.yaml}
 mkdir -p "$HOME_DIR"
 
 $BIN/python -m examples.tickets.generate --out examples/tickets/data
@@ -30,6 +30,7 @@ STATUS=$?
 set -e
 JOB=$($BIN/stillroom list -o json --limit 1 | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 $BIN/stillroom artifacts "$JOB"
-REPORT="$HOME_DIR/artifacts/$JOB/audit/report.md"
+REPORT="$HOME_DIR/artifacts/$JOB/evaluate/report.md"
+[ -f "$REPORT" ] || REPORT="$HOME_DIR/artifacts/$JOB/audit/report.md"
 [ -f "$REPORT" ] && cat "$REPORT"
 exit $STATUS

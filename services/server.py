@@ -108,6 +108,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_mb * MiB),
                 ("grpc.max_send_message_length", cfg.max_message_mb * MiB),
+                # A second server on a busy port must fail, not share it: with SO_REUSEPORT the kernel
+                # would split calls between two servers with different tokens and stores.
+                ("grpc.so_reuseport", 0),
             ],
         )
         job_service_pb2_grpc.add_JobServiceServicer_to_server(self.service, self.grpc)

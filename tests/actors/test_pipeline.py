@@ -218,3 +218,8 @@ def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_m
     assert max(seen) <= max_staleness
     if max_staleness:
         assert max(seen) > 0  # generation did run ahead of training: the two overlapped
+
+
+def test_roles_that_cannot_fit_fail_at_once_with_the_numbers(ray_client):
+    with pytest.raises(RuntimeError, match="need more than the cluster has: 99 CPU wanted, 3 in the cluster"):
+        RoleGroup("job-big", {"trainer": Placement(1, 99.0)})
