@@ -207,7 +207,9 @@ def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_m
         group,
         trainer_spec(tiny_model, tmp_path, zero=0),
         Journal(tmp_path / "journal"),
-        LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=4), max_staleness=max_staleness, queue_size=4),
+        LoopConfig(
+            sampling=SamplingParams(n=2, max_new_tokens=4), max_staleness=max_staleness, queue_size=4, poll_s=0.01
+        ),  # the loop often waits while its producers are still at work
         report=lambda m: seen.append(m["policy/staleness"]) if "policy/staleness" in m else None,
     )
     try:
