@@ -183,6 +183,12 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     return total / max(count, 1)
 
 
+def _report(metrics: dict[str, float], ctx: StageContext, total: int) -> None:
+    ctx.metrics(metrics)
+    if "train/step" in metrics:
+        ctx.progress(int(metrics["train/step"]), total, "steps")
+
+
 def on_policy_loop(
     loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int
 ) -> None:
@@ -248,21 +254,24 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         checkpoint_dir=str(out / "checkpoints"),
         zero_stage=params.optim.zero_stage,
     )
+    batches = prompt_batches(rows, teacher + adapter, cfg)
+    foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
+    if foreign is not None:
+        eval_prompts = []  # a KL over the teacher's vocabulary means nothing for this student
     loop = TrainLoop(
         roles,
         trainer,
         Journal(journal_root),
         LoopConfig(
             sampling=cfg.sampling,
-            prepare=partial(prepare, cfg=cfg),
+            prepare=partial(prepare, cfg=cfg, student_tokenizer=foreign),
             objective=cfg.objective,
             sync_every=0,
             checkpoint_every=params.optim.checkpoint_every or 10,
         ),
-        report=ctx.metrics,
+        report=partial(_report, ctx=ctx, total=len(batches)),
         cancelled=ctx.is_cancelled,
     )
-    batches = prompt_batches(rows, teacher + adapter, cfg)
     loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
     if eval_prompts:
         ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})

@@ -192,7 +192,8 @@ class TrainLoop:
         for key in results[0]:
             if key not in ("tokens", "step_s", "step"):
                 step[key] = float(np.mean([m[key] for m in results]))
-        versions = batch.column("policy_version").to_pylist() if "policy_version" in batch.schema.names else []
+        synced = self.cfg.sync_every and "policy_version" in batch.schema.names  # else there is no policy to lag
+        versions = batch.column("policy_version").to_pylist() if synced else []
         staleness = len(self.result.steps) - float(np.mean(versions)) if versions else 0.0
         self.result.trained.append(step["batch_id"])
         self.result.steps.append(step)

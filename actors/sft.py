@@ -72,7 +72,8 @@ def encode(tokenizer, examples: list[datasets.Example], max_length: int) -> dict
     prompt_ids, completion_ids = [], []
     for ex in examples:
         p = encode_prompt(tokenizer, ex.prompt)
-        c = tokenizer(ex.completion or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        c = tokenizer(ex.completion or "", add_special_tokens=False)["input_ids"] + eos
         p = p[-max(1, max_length - len(c)) :] if len(p) + len(c) > max_length else p
         prompt_ids.append(p)
         completion_ids.append(c[: max(1, max_length - len(p))])

@@ -229,6 +229,9 @@ class Trainer:
         logprobs = token_logprobs(logits, t["input_ids"])
         if objective.kind == "nll":
             return weighted_nll(logprobs, t["loss_mask"], t.get("weights")), {}
+        if objective.kind == "distill" and "topk_ids" not in t:  # sequence-level KD: the teacher's text only
+            ce = weighted_nll(logprobs, t["loss_mask"])
+            return ce, {"loss/ce": float(ce)}
         if objective.kind == "distill":
             o = objective
             return distill_loss(
