@@ -210,6 +210,12 @@ def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def as_prompts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows to generate from: a `completion` column is the reference answer, and travels as
+    `reference` (the generated text takes the name `completion`)."""
+    return [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
+
+
 def columns_of(ref) -> Columns:
     """Columns named by a stillroom.v1.DatasetRef, with TRL's defaults."""
     return Columns(

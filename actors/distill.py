@@ -26,7 +26,7 @@ from actors.batches import make_batch, shard, training_arrays
 from actors.models import model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
-from actors.reward import RewardSpec, ScorerSpec
+from actors.reward import scorer_spec
 from actors.sft import encode
 from actors.students import from_config, from_teacher_layers
 from actors.supervisor import StageContext
@@ -93,7 +93,7 @@ def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str
 
 
 def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig) -> list[pa.RecordBatch]:
-    rows = [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
+    rows = datasets.as_prompts(rows)
     batches = []
     for epoch in range(cfg.epochs):  # each epoch is new teacher output: its own ids
         for lo in range(0, len(rows), cfg.prompts_per_step):
@@ -242,10 +242,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         journal_root = ctx.artifact_dir.parent / params.reuse_journal_of / ctx.stage / "journal"
     roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
     roles.start("generator", GeneratorSpec(teacher, adapter_path=adapter, seed=spec.seed))
-    rewards = tuple(
-        RewardSpec(r.name, r.weight or 1.0, r.timeout_s or 10.0, tuple(sorted(r.args.items()))) for r in params.rewards
-    )
-    roles.start("scorer", ScorerSpec(rewards, ctx.reward_modules))
+    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     trainer = TrainerSpec(
         student,
         adapter="none",

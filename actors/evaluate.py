@@ -16,7 +16,7 @@ from stillroom.v1 import job_pb2 as pb
 from actors import datasets
 from actors.batches import make_batch
 from actors.models import model_dir
-from actors.reward import RewardScorer, RewardSpec, ScorerSpec
+from actors.reward import RewardScorer, scorer_spec
 from actors.supervisor import StageContext, StageFailed
 from actors.teacher import GeneratorSpec, SamplingParams
 
@@ -44,16 +44,8 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
     rows = datasets.load_ref(held).rows[: params.limit or None]
-    rows = [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
-    scorer = RewardScorer(
-        ScorerSpec(
-            tuple(
-                RewardSpec(m.name, m.weight or 1.0, m.timeout_s or 10.0, tuple(sorted(m.args.items())))
-                for m in params.metrics
-            ),
-            ctx.reward_modules,
-        )
-    )
+    rows = datasets.as_prompts(rows)
+    scorer = RewardScorer(scorer_spec(params.metrics, ctx.reward_modules))
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator",))
     report: dict[str, dict] = {}

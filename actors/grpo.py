@@ -24,7 +24,7 @@ from actors.losses import group_advantages
 from actors.models import model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
-from actors.reward import RewardSpec, ScorerSpec
+from actors.reward import scorer_spec
 from actors.supervisor import StageContext
 from actors.teacher import GeneratorSpec, SamplingParams
 from actors.trainer import Objective, TrainerSpec
@@ -92,7 +92,8 @@ def prompt_batches(rows: list[dict], cfg: GrpoConfig, seed: int) -> list[pa.Reco
     batches = []
     for step in range(cfg.steps):
         chunk = [rows[i] for i in order[step * cfg.prompts_per_step : (step + 1) * cfg.prompts_per_step]]
-        columns = {("reference" if k == "completion" else k): [r.get(k) for r in chunk] for k in chunk[0]}
+        chunk = datasets.as_prompts(chunk)
+        columns = {k: [r.get(k) for r in chunk] for k in chunk[0]}
         batches.append(make_batch(f"grpo/{step:06d}", columns))
     return batches
 
@@ -141,10 +142,7 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             **(lora if uses_adapter and not adapter else {}),
         ),
     )
-    rewards = tuple(
-        RewardSpec(r.name, r.weight or 1.0, r.timeout_s or 10.0, tuple(sorted(r.args.items()))) for r in params.rewards
-    )
-    roles.start("scorer", ScorerSpec(rewards, ctx.reward_modules))
+    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     trainer = TrainerSpec(
         model,
         adapter=cfg.adapter,

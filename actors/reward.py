@@ -41,6 +41,14 @@ class RewardSpec:
         return self.name.split(":")[-1].rsplit("/", 1)[-1]
 
 
+def scorer_spec(functions, allowed_modules: tuple[str, ...] = (), name: str = "scorer") -> ScorerSpec:
+    """A ScorerSpec from a job's stillroom.v1.RewardFunction list (weight 1 and a 10 s timeout by default)."""
+    rewards = tuple(
+        RewardSpec(f.name, f.weight or 1.0, f.timeout_s or 10.0, tuple(sorted(f.args.items()))) for f in functions
+    )
+    return ScorerSpec(rewards, allowed_modules, name)
+
+
 @dataclass(frozen=True)
 class ScorerSpec:
     rewards: tuple[RewardSpec, ...]
