@@ -95,3 +95,13 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]
         )
         return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def use_all_cores() -> None:
+    """On CPU, compute with every core. Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for
+    most roles), which runs torch at a fraction of the machine; a job's roles mostly take turns
+    (generate, then train), so each may use the whole machine while it works."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)

@@ -16,9 +16,8 @@ import torch
 
 from actors.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
 from actors.metrics import record, role_of
-from actors.models import encode_prompt
+from actors.models import encode_prompt, use_all_cores
 from actors.queues import Channel, Journal, pump
-from actors.trainer import use_all_cores
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from actors.losses import (
     weighted_nll,
 )
 from actors.metrics import record, role_of
+from actors.models import use_all_cores
 
 COMPLETE = "COMPLETE"
 
@@ -71,14 +72,6 @@ def _quiet_deepspeed() -> None:
     if "__compatible_ops__" not in deepspeed.ops.__dict__:
         deepspeed.ops.__dict__["__compatible_ops__"] = {}
     deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
-
-
-def use_all_cores() -> None:
-    """On CPU, compute with every core. Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for
-    most roles), which runs torch at a fraction of the machine; a job's roles mostly take turns
-    (generate, then train), so each may use the whole machine while it works."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(os.cpu_count() or 1)
 
 
 def ds_config(spec: TrainerSpec) -> dict:

@@ -123,10 +123,12 @@ class Dispatcher:
             except RayActorError as e:
                 self._lost(job_id, f"the job's supervisor actor died: {e.error_msg if hasattr(e, 'error_msg') else e}")
                 continue
-            if events:
-                self.store.append_events(job_id, [pb.Event.FromString(b) for b in events], cursor)
-                run.cursor = cursor
-            if self.store.get_job(job_id).state in TERMINAL:
+            if not events:
+                continue
+            appended = self.store.append_events(job_id, [pb.Event.FromString(b) for b in events], cursor)
+            run.cursor = cursor
+            # A job only ends through an event, so the store need not be read on quiet ticks.
+            if any(e.type == pb.EVENT_TYPE_JOB_STATE and e.job_state in TERMINAL for e in appended):
                 self._finish(job_id)
 
     def _pass_on_cancels(self) -> None:

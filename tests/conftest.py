@@ -56,30 +56,45 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A 2-layer Llama (hidden 64) that shares the tiny tokenizer, saved with it."""
+def save_tiny_llama(out: Path, tokenizer_dir: Path | None = None, *, seed: int = 0, **config) -> Path:
+    """A Llama built from a small config (hidden 32, 1 layer unless `config` says otherwise) and
+    saved in HF format, with `tokenizer_dir`'s tokenizer (whose size sets the vocabulary) when given."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+    defaults = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    if tok is not None:
+        defaults.update(vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).save_pretrained(out)
+    if tok is not None:
+        tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A 2-layer Llama (hidden 64) that shares the tiny tokenizer, saved with it."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_tokenizer).eos_token_id
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"),
+        tiny_tokenizer,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
+        pad_token_id=eos,
         bos_token_id=None,
     )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -227,24 +227,10 @@ def test_qlora_trainer_learns_after_inference(tiny_model, tmp_path):
 def test_student_distills_from_teacher_topk(tiny_model, tiny_tokenizer, tmp_path):
     """Teacher samples with top-k log-probs; a different student trained on them with pure KD
     (alpha 0) moves toward the teacher: its KD loss falls."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from actors.trainer import Objective
+    from tests.conftest import save_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(5)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "student")
-    tok.save_pretrained(tmp_path / "student")
+    save_tiny_llama(tmp_path / "student", tiny_tokenizer, seed=5)
     teacher = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=2))
     samples = teacher.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=6, topk_logprobs=8))
     arrays = training_arrays(samples, pad_id=0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.students import from_config, from_teacher_layers, kept_layers
+from tests.conftest import save_tiny_llama
 
 
 def test_kept_layers():
@@ -17,20 +18,7 @@ def test_kept_layers():
 
 @pytest.fixture
 def six_layer_teacher(tmp_path, tiny_tokenizer):
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
-    return tmp_path / "teacher"
+    return save_tiny_llama(tmp_path / "teacher", tiny_tokenizer, num_hidden_layers=6)
 
 
 def test_student_from_teacher_layers_reloads_and_generates(six_layer_teacher, tmp_path):

@@ -302,19 +302,16 @@ def test_distill_refusals(start_server, sft_data, tiny_model, tmp_path):
     spec.stages[0].distill.alpha = 1.0
     c.validate(spec)
     # and it runs: the kept teacher answers are tokenized again for the student, which learns them
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import save_tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    save_tiny_llama(
+        tmp_path / "other",
         vocab_size=16,
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
     )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other")
     spec.stages[0].distill.optim.max_steps = 3
     done = c.wait(c.submit(spec).job.id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
