@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# make demo QUICK=1: the same job, a few minutes long (examples/tickets_quick.yaml)
 demo: $(STAMP)
-	examples/demo.sh
+	QUICK=$(QUICK) examples/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 BATCH_ID = b"stillroom.batch_id"
+REPLAY_OF = b"stillroom.replay_of"  # a prompt batch to be trained on what the teacher wrote for another
 # The columns a TeacherGenerator writes per sample; every other column is a dataset column.
 GENERATED_COLUMNS = (
     "sample_id",
@@ -36,6 +37,15 @@ def make_batch(batch_id: str, columns: dict[str, list]) -> pa.RecordBatch:
 
 def batch_id(batch: pa.RecordBatch) -> str:
     return (batch.schema.metadata or {})[BATCH_ID].decode()
+
+
+def replay(batch: pa.RecordBatch, source: str) -> pa.RecordBatch:
+    """The prompt batch marked as another pass over what the teacher wrote for batch `source`."""
+    return batch.replace_schema_metadata({BATCH_ID: batch_id(batch).encode(), REPLAY_OF: source.encode()})
+
+
+def replay_of(batch: pa.RecordBatch) -> str:
+    return (batch.schema.metadata or {}).get(REPLAY_OF, b"").decode()
 
 
 def with_columns(batch: pa.RecordBatch, columns: dict[str, list]) -> pa.RecordBatch:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,12 +22,12 @@ import ray
 from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets, filters
-from actors.batches import make_batch, shard, training_arrays
+from actors.batches import batch_id, make_batch, replay, shard, training_arrays
 from actors.models import model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
 from actors.reward import scorer_spec
-from actors.sft import encode
+from actors.sft import encode, step_order, train_rows
 from actors.students import from_config, from_teacher_layers
 from actors.supervisor import StageContext
 from actors.teacher import GeneratorSpec, SamplingParams
@@ -41,6 +41,7 @@ class DistillConfig:
     num_samples: int
     filter: str
     min_reward: float
+    min_agreement: float
     sampling: SamplingParams
     objective: Objective
     prompts_per_step: int
@@ -76,6 +77,7 @@ class DistillConfig:
             n,
             p.filter or "majority_vote",
             p.min_reward,
+            p.min_agreement,
             sampling,
             objective,
             p.prompts_per_step or 8,
@@ -92,16 +94,24 @@ def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str
     return "distill-" + h.hexdigest()[:24]
 
 
-def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig) -> list[pa.RecordBatch]:
+def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig, seed: int = 0) -> list[pa.RecordBatch]:
+    """One batch per step. The teacher writes the first epoch's batches (with max_steps, only
+    max_steps / epochs of them); later epochs replay what it wrote, in a new seeded order,
+    generating nothing."""
     rows = datasets.as_prompts(rows)
-    batches = []
-    for epoch in range(cfg.epochs):  # each epoch is new teacher output: its own ids
-        for lo in range(0, len(rows), cfg.prompts_per_step):
-            chunk = rows[lo : lo + cfg.prompts_per_step]
-            columns = {k: [r.get(k) for r in chunk] for k in chunk[0]}
-            key = batch_key(f"{teacher}#{epoch}", cfg.sampling, columns["prompt"])
-            batches.append(make_batch(key, columns))
-    return batches[: cfg.max_steps] if cfg.max_steps else batches
+    per_epoch = -(-len(rows) // cfg.prompts_per_step)
+    steps = cfg.max_steps or cfg.epochs * per_epoch
+    first = []
+    for lo in range(0, min(per_epoch, -(-steps // cfg.epochs)) * cfg.prompts_per_step, cfg.prompts_per_step):
+        chunk = rows[lo : lo + cfg.prompts_per_step]
+        columns = {k: [r.get(k) for r in chunk] for k in chunk[0]}
+        first.append(make_batch(batch_key(teacher, cfg.sampling, columns["prompt"]), columns))
+    batches, rng = list(first), np.random.default_rng(seed)
+    for epoch in range(1, cfg.epochs):
+        for i in rng.permutation(len(first)):
+            copy = make_batch(f"{batch_id(first[i])}#{epoch}", first[i].to_pydict())
+            batches.append(replay(copy, batch_id(first[i])))
+    return batches[:steps]
 
 
 def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str, float]]:
@@ -122,6 +132,7 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
             valid = filters.valid_only(group) if any(r is not None for r in group) else None
             chosen, agree = filters.majority_vote(completions[lo : lo + n], valid)
             agreement.append(agree)
+            chosen = chosen if agree >= cfg.min_agreement else []
         kept += [lo + i for i in chosen]
     metrics = {"distill/kept_fraction": len(kept) / max(rows, 1)}
     if agreement:
@@ -156,15 +167,17 @@ def foreign_tokenizer(teacher: str, student: str):
     return None if t.get_vocab() == s.get_vocab() else s
 
 
-def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, out: Path) -> str:
-    """The student: a path, or made from the teacher (a layer subset or a smaller config)."""
+def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, adapter: str, out: Path) -> str:
+    """The student: a path, or made from the teacher (a subset of its layers, from the base or the
+    tuned teacher) or from the teacher's config made smaller."""
     if spec.student.path:
         return str(model_dir(spec.student))
     target = out / "student-init"
     if not (target / "config.json").exists():
         init = params.student_init
         if init.keep_every_nth_layer:
-            from_teacher_layers(teacher, target, every=init.keep_every_nth_layer)
+            tuned = adapter if init.from_tuned else ""
+            from_teacher_layers(teacher, target, every=init.keep_every_nth_layer, adapter=tuned)
         else:
             from_config(teacher, target, **dict(init.config_overrides))
     return str(target)
@@ -232,7 +245,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     teacher = ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))
     adapter = ctx.outputs.get("policy_adapter", "")
     out = ctx.artifact_dir / ctx.stage
-    student = student_dir(spec, params, teacher, out)
+    student = student_dir(spec, params, teacher, adapter, out)
     source = spec.data.unlabeled if spec.data.unlabeled.path else spec.data.train
     rows = datasets.load_ref(source).rows
     held = spec.data.test if spec.data.test.path else spec.data.eval
@@ -251,7 +264,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         checkpoint_dir=str(out / "checkpoints"),
         zero_stage=params.optim.zero_stage,
     )
-    batches = prompt_batches(rows, teacher + adapter, cfg)
+    batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     if foreign is not None:
         eval_prompts = []  # a KL over the teacher's vocabulary means nothing for this student
@@ -287,10 +300,37 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         )
     if eval_prompts:
         ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
-    saved = out / "student"
-    ray.get([t.save_adapter.remote(str(saved)) for t in roles.actors["trainer"]])
+    saved = save_student(roles.actors["trainer"], student, out / "student", ctx)
+    ctx.outputs["student_model"] = saved
+    ctx.offer_model("student", saved)
+    if params.baseline:
+        roles.stop("trainer")
+        trainers = roles.start("trainer", replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")))
+        train_baseline(trainers, student, spec, cfg, steps=len(batches), ctx=ctx)
+        ctx.offer_model("student_baseline", save_student(trainers, student, out / "student-baseline", ctx))
+
+
+def save_student(trainers: list, init: str, path: Path, ctx: StageContext) -> str:
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(student).save_pretrained(saved)
-    ctx.artifact_tree(saved, "model")
-    ctx.outputs["student_model"] = str(saved)
+    ray.get([t.save_adapter.remote(str(path)) for t in trainers])
+    AutoTokenizer.from_pretrained(init).save_pretrained(path)
+    ctx.artifact_tree(path, "model")
+    return str(path)
+
+
+def train_baseline(trainers: list, student: str, spec: pb.JobSpec, cfg: DistillConfig, steps: int, ctx) -> None:
+    """The same student init trained on data.train's gold answers alone, for as many steps of as
+    many rows as the distillation had: what distillation must beat."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student)
+    gold = encode(tok, datasets.load_ref(spec.data.train).examples(), 4096)
+    n = len(gold["prompt_ids"])
+    epochs = -(-steps * cfg.prompts_per_step // n)  # ceil: enough passes over the gold rows
+    order = step_order(n, cfg.prompts_per_step, spec.seed, epochs=epochs, max_steps=steps)
+    for step, rows in enumerate(order):
+        ctx.check_cancelled()
+        metrics = train_rows(trainers, gold, rows, tok.pad_token_id or 0)
+        ctx.metrics({f"baseline/{k}": v for k, v in metrics.items()} | {"step": step + 1})
+        ctx.progress(step + 1, steps, "baseline steps")

@@ -16,20 +16,18 @@ from stillroom.v1 import job_pb2 as pb
 from actors import datasets
 from actors.batches import make_batch
 from actors.models import model_dir
+from actors.report import eval_table
 from actors.reward import RewardScorer, scorer_spec
 from actors.supervisor import StageContext, StageFailed
 from actors.teacher import GeneratorSpec, SamplingParams
 
 
 def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
-    """The models to compare: what the job started from, and what its stages produced."""
-    base = str(model_dir(spec.teacher))
-    models = {"base_teacher": GeneratorSpec(base, seed=spec.seed)}
-    tuned, adapter = ctx.outputs.get("policy_model"), ctx.outputs.get("policy_adapter", "")
-    if tuned and (tuned != base or adapter):
-        models["tuned_teacher"] = GeneratorSpec(tuned, adapter_path=adapter, seed=spec.seed)
-    if ctx.outputs.get("student_model"):
-        models["student"] = GeneratorSpec(ctx.outputs["student_model"], seed=spec.seed)
+    """The models to compare: what the job started from, and every model its stages produced
+    (registered under the names actors.stage_registry.produced_models gives them)."""
+    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, seed=spec.seed)}
+    for name, (path, adapter) in ctx.outputs.get("models", {}).items():
+        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, seed=spec.seed)
     return models
 
 
@@ -43,8 +41,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     held = spec.data.test if spec.data.test.path else spec.data.eval
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
-    rows = datasets.load_ref(held).rows[: params.limit or None]
-    rows = datasets.as_prompts(rows)
+    rows = datasets.as_prompts(datasets.load_ref(held).rows[: params.limit or None])
     scorer = RewardScorer(scorer_spec(params.metrics, ctx.reward_modules))
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator",))
@@ -61,9 +58,32 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     out = ctx.artifact_dir / ctx.stage
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    (out / "report.md").write_text(table(report))
+    verdicts = [gate_verdict(g, report) for g in params.gates]
+    (out / "report.md").write_text(
+        f"# Evaluation on {len(rows)} held-out rows\n\n"
+        + eval_table(report)
+        + "".join(f"\n- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in verdicts)
+    )
     ctx.artifact(out / "report.json", "report")
     ctx.artifact(out / "report.md", "report")
+    for ok, text in verdicts:
+        ctx.log(("gate passed: " if ok else "gate failed: ") + text)
+    failed = [text for ok, text in verdicts if not ok]
+    if failed:
+        raise StageFailed("; ".join(failed))
+
+
+def gate_verdict(gate: pb.EvalGate, report: dict[str, dict]) -> tuple[bool, str]:
+    """(passed, what was compared and by how much)."""
+    for name in (gate.model, gate.baseline):
+        if name not in report:
+            return False, f"{name} was not evaluated (models: {', '.join(report)})"
+    a, b = report[gate.model].get(gate.metric, float("nan")), report[gate.baseline].get(gate.metric, float("nan"))
+    ok = a - b > gate.min_margin
+    return ok, (
+        f"{gate.model} {gate.metric} {a:.3f} vs {gate.baseline} {b:.3f}: {a - b:+.3f} "
+        f"({'beats' if ok else 'does not beat'} it by more than {gate.min_margin:g})"
+    )
 
 
 def evaluate_model(
@@ -84,15 +104,7 @@ def evaluate_model(
                 v for v in scored.column(name).to_pylist() if v is not None
             )
     metrics = {name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()}
-    metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)
+    metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)  # greedy decoding at this batch size
+    metrics["seconds_per_prompt"] = seconds / max(len(rows), 1)
+    metrics["parameters"] = float(ray.get(generator.num_parameters.remote()))
     return metrics
-
-
-def table(report: dict[str, dict]) -> str:
-    """The side-by-side Markdown table."""
-    columns = sorted({k for r in report.values() for k in r})
-    lines = ["# Evaluation", "", "| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
-    for name, r in report.items():
-        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -186,7 +186,6 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     AutoTokenizer.from_pretrained(model).save_pretrained(saved)
     ctx.artifact_tree(saved, "adapter" if uses_adapter else "model")
     if uses_adapter:
-        ctx.outputs.update(policy_model=model, policy_adapter=str(saved))
+        ctx.set_policy(model, str(saved))
     else:
-        ctx.outputs.update(policy_model=str(saved))
-        ctx.outputs.pop("policy_adapter", None)
+        ctx.set_policy(str(saved))

@@ -26,3 +26,16 @@ def role_of(name: str) -> tuple[str, str]:
     """("job-x", "generator") from an actor name "job-x:generator:0"."""
     job_id, _, rest = name.partition(":")
     return job_id, rest.partition(":")[0]
+
+
+def write_tensorboard(series: dict[str, dict[str, list[tuple[float, float]]]], root) -> None:
+    """TensorBoard event files, one run per stage (root/<stage>/), from report.series(events):
+    `tensorboard --logdir <artifacts>/<job>/tensorboard` needs no network and no account."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for stage, metrics in series.items():
+        writer = SummaryWriter(log_dir=str(root / stage))
+        for name, points in metrics.items():
+            for step, value in points:
+                writer.add_scalar(name, value, int(step))
+        writer.close()

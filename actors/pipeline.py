@@ -23,7 +23,7 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.queue import Empty, Queue
 
-from actors.batches import batch_id, shard, training_arrays
+from actors.batches import BATCH_ID, batch_id, replay_of, shard, training_arrays
 from actors.metrics import record
 from actors.queues import END, Channel, Journal, Seen
 from actors.ray_actors import RoleGroup
@@ -113,11 +113,17 @@ class TrainLoop:
     # -- feeding --------------------------------------------------------------------------------
 
     def _feed(self, todo: list[pa.RecordBatch], loops: list, scorers: int) -> None:
-        """Prompts to the generators, or the journal's copy straight to the scorers; then END."""
+        """Prompts to the generators, or the journal's copy straight to the scorers; then END.
+        A batch marked as a replay (another epoch over the teacher's output) waits for its source
+        to be journaled and is never generated."""
         for i, batch in enumerate(todo):
             self._wait_for_policy(i)
-            if self.journal.has(batch_id(batch)):
-                self.rollouts.put(self.journal.read(batch_id(batch)))
+            source = replay_of(batch)
+            while source and not self.journal.has(source) and not self.cancelled():
+                time.sleep(self.cfg.poll_s / 10)
+            if self.journal.has(source or batch_id(batch)):
+                written = self.journal.read(source or batch_id(batch))
+                self.rollouts.put(written.replace_schema_metadata({BATCH_ID: batch_id(batch).encode()}))
                 self.result.replayed += 1
             else:
                 self.prompts.put(batch)
@@ -218,7 +224,6 @@ class TrainLoop:
 
     def _restart_trainers(self) -> int:
         self.roles.stop("trainer")
-        time.sleep(1.0)  # let Ray release the names
         return self.start_trainers()
 
     def _sync_weights(self) -> None:

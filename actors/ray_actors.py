@@ -8,6 +8,7 @@ Names read well in the Ray dashboard: `<job-id>:<role>:<rank>`. Role classes are
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, replace
 
 import ray
@@ -184,9 +185,20 @@ class RoleGroup:
         self.actors[role] = handles
         return handles
 
-    def stop(self, role: str) -> None:
-        for handle in self.actors.pop(role, []):
+    def stop(self, role: str, timeout_s: float = 10.0) -> None:
+        """Kill the role's actors and wait until Ray has released their names (a role started
+        again right away reuses them)."""
+        handles = self.actors.pop(role, [])
+        for handle in handles:
             ray.kill(handle, no_restart=True)
+        deadline = time.monotonic() + timeout_s
+        for rank in range(len(handles)):
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(actor_name(self.job_id, role, rank), namespace=NAMESPACE)
+                except ValueError:
+                    break
+                time.sleep(0.1)
 
     def close(self) -> None:
         for role in list(self.actors):

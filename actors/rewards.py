@@ -105,6 +105,14 @@ def json_fields(
     return out
 
 
+def json_exact(
+    prompts: list[str], completions: list[str], column: str = "reference", fields: str = "", **columns
+) -> list[float | None]:
+    """1.0 when every field of json_fields matches (the whole answer is right), else 0.0."""
+    fractions = json_fields(prompts, completions, column, fields, **columns)
+    return [None if f is None else float(f == 1.0) for f in fractions]
+
+
 BUILTINS: dict[str, Reward] = {
     "exact_match": exact_match,
     "numeric_match": numeric_match,
@@ -112,4 +120,5 @@ BUILTINS: dict[str, Reward] = {
     "length_penalty": length_penalty,
     "json_valid": json_valid,
     "json_fields": json_fields,
+    "json_exact": json_exact,
 }

@@ -110,24 +110,15 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             dtype="float32",
         ),
     )
-    order = step_order(len(train["prompt_ids"]), cfg, spec.seed)
+    order = step_order(len(train["prompt_ids"]), cfg.batch_size, spec.seed, cfg.epochs, cfg.max_steps)
     cursor = ray.get([t.resume.remote() for t in trainers])[0]
     if held_out and cursor == 0:
         ctx.metrics({"eval/loss": eval_loss(trainers, held_out)})
     for step in range(cursor, len(order)):
         ctx.check_cancelled()
-        arrays = training_arrays(
-            make_batch(f"sft/{step}", {k: [v[i] for i in order[step]] for k, v in train.items()}),
-            pad_id=tok.pad_token_id or 0,
-        )
-        results = ray.get([t.train_step.remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)])
+        metrics = train_rows(trainers, train, order[step], tok.pad_token_id or 0)
         ctx.progress(step + 1, len(order), "steps")
-        ctx.metrics(
-            {
-                "train/loss": float(np.mean([m["loss"] for m in results])),
-                "train/tokens_per_s": sum(m["tokens"] for m in results) / max(m["step_s"] for m in results),
-            }
-        )
+        ctx.metrics({f"train/{k}": v for k, v in metrics.items()})
         last = step + 1 == len(order)
         if held_out and ((step + 1) % cfg.eval_every == 0 or last):
             ctx.metrics({"eval/loss": eval_loss(trainers, held_out)})
@@ -137,23 +128,35 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     merged = str(out / "merged") if cfg.merge and cfg.adapter != "none" else ""
     ray.get([t.save_adapter.remote(str(adapter), merged) for t in trainers])
     tok.save_pretrained(adapter)
-    ctx.outputs.update(policy_model=merged or (str(model) if cfg.adapter != "none" else str(adapter)))
-    if cfg.adapter != "none" and not merged:
-        ctx.outputs["policy_adapter"] = str(adapter)
+    if cfg.adapter == "none" or merged:
+        ctx.set_policy(merged or str(adapter))
+    else:
+        ctx.set_policy(str(model), str(adapter))
     ctx.artifact_tree(adapter, "adapter" if cfg.adapter != "none" else "model")
     if merged:
         tok.save_pretrained(merged)
         ctx.artifact_tree(out / "merged", "model")
 
 
-def step_order(n: int, cfg: SftConfig, seed: int) -> list[list[int]]:
+def step_order(n: int, batch_size: int, seed: int, epochs: int = 1, max_steps: int = 0) -> list[list[int]]:
     """Row indices per step: each epoch a seeded shuffle cut into batches; max_steps caps the total."""
     rng = np.random.default_rng(seed)
     steps: list[list[int]] = []
-    for _ in range(cfg.epochs):
+    for _ in range(epochs):
         perm = rng.permutation(n).tolist()
-        steps += [perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-    return steps[: cfg.max_steps] if cfg.max_steps else steps
+        steps += [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    return steps[:max_steps] if max_steps else steps
+
+
+def train_rows(trainers: list, data: dict[str, list], rows: list[int], pad_id: int) -> dict[str, float]:
+    """One optimizer step of every rank on its share of data's `rows` (cross-entropy on the
+    completions): {"loss", "tokens_per_s"}."""
+    arrays = training_arrays(make_batch("sft", {k: [v[i] for i in rows] for k, v in data.items()}), pad_id=pad_id)
+    results = ray.get([t.train_step.remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)])
+    return {
+        "loss": float(np.mean([m["loss"] for m in results])),
+        "tokens_per_s": sum(m["tokens"] for m in results) / max(m["step_s"] for m in results),
+    }
 
 
 def eval_loss(trainers: list, data: dict[str, list], batch_size: int = 32) -> float:

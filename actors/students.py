@@ -19,12 +19,17 @@ def kept_layers(num_layers: int, every: int) -> list[int]:
     return keep
 
 
-def from_teacher_layers(teacher_dir: str | Path, out_dir: str | Path, every: int = 3) -> list[int]:
+def from_teacher_layers(teacher_dir: str | Path, out_dir: str | Path, every: int = 3, adapter: str = "") -> list[int]:
     """Save a student made of the teacher's layers kept_layers(n, every), with the teacher's
-    embeddings, final norm, head and tokenizer. Returns the kept layer indices."""
+    embeddings, final norm, head and tokenizer. With `adapter` (the tuned teacher's LoRA), the
+    adapter is merged first, so the student starts from the tuned layers. Returns the kept indices."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     layers = model.model.layers
     keep = kept_layers(len(layers), every)
     model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stillroom.v1 import job_pb2 as pb
 
-from actors.stage_registry import runner
+from actors.stage_registry import produced_models, runner
 
 log = logging.getLogger("stillroom.supervisor")
 
@@ -58,8 +58,9 @@ class StageContext:
         seed: int = 0,
         outputs: dict | None = None,
         reward_modules: tuple[str, ...] = (),
+        kind: str = "",
     ):
-        self.job_id, self.stage, self.artifact_dir, self.seed = job_id, stage, artifact_dir, seed
+        self.job_id, self.stage, self.artifact_dir, self.seed, self._kind = job_id, stage, artifact_dir, seed, kind
         self._log, self._cancelled = log_, cancelled
         self._groups: list = []
         # What earlier stages of the job produced, for later ones: "policy_model" (a model directory)
@@ -114,6 +115,18 @@ class StageContext:
         """Register every file under a directory written under artifact_dir (a model, an adapter)."""
         return [self.artifact(p, kind) for p in sorted(root.rglob("*")) if p.is_file()]
 
+    def set_policy(self, model: str, adapter: str = "") -> None:
+        """The tuned teacher this stage produced: later stages start from it."""
+        self.outputs["policy_model"] = model
+        self.outputs.pop("policy_adapter", None)
+        if adapter:
+            self.outputs["policy_adapter"] = adapter
+        self.offer_model(produced_models(self._kind, self.stage)[0], model, adapter)
+
+    def offer_model(self, name: str, model: str, adapter: str = "") -> None:
+        """Name a model for the evaluate stage (names from stage_registry.produced_models)."""
+        self.outputs.setdefault("models", {})[name] = (model, adapter)
+
     def check_cancelled(self) -> None:
         if self._cancelled.is_set():
             raise Cancelled()
@@ -131,7 +144,7 @@ class Supervisor:
         self.log = EventLog()
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
-        self.outputs: dict[str, str] = {}  # passed from stage to stage (the tuned policy)
+        self.outputs: dict = {}  # passed from stage to stage (the tuned policy, the models to evaluate)
 
     def __repr__(self) -> str:
         return f"Supervisor({self.job_id}, stages={[s.name for s in self.spec.stages]})"
@@ -152,19 +165,16 @@ class Supervisor:
         return self.job_id
 
     def run(self) -> None:
-        """The job: each stage in order; the first failure or a cancel ends it."""
+        """The job: each stage in order; the first failure or a cancel ends it. The report is
+        written before the job's final state, so a finished job always has it."""
+        state, stage, message = self._run_stages()
+        self._write_report()
+        self._job_state(state, stage, message)
+
+    def _run_stages(self) -> tuple[int, str, str]:
         for stage in self.spec.stages:
             kind = stage.WhichOneof("kind")
-            ctx = StageContext(
-                self.job_id,
-                stage.name,
-                self.artifact_dir,
-                self.log,
-                self._cancelled,
-                self.spec.seed,
-                self.outputs,
-                self.reward_modules,
-            )
+            ctx = self._context(stage.name, kind)
             try:
                 ctx.check_cancelled()
                 self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)
@@ -174,14 +184,43 @@ class Supervisor:
                     ctx.close()
             except Cancelled:
                 self._stage_state(stage.name, pb.STAGE_STATE_CANCELLED)
-                return self._job_state(pb.JOB_STATE_CANCELLED, message="cancelled")
+                return pb.JOB_STATE_CANCELLED, "", "cancelled"
             except Exception as e:  # noqa: BLE001 - a stage's failure fails the job, not the actor
                 reason = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
                 log.error("job %s stage %s failed:\n%s", self.job_id, stage.name, traceback.format_exc())
                 self._stage_state(stage.name, pb.STAGE_STATE_FAILED, reason)
-                return self._job_state(pb.JOB_STATE_FAILED, stage.name, reason)
+                return pb.JOB_STATE_FAILED, stage.name, reason
             self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED)
-        self._job_state(pb.JOB_STATE_SUCCEEDED, message="all stages succeeded")
+        return pb.JOB_STATE_SUCCEEDED, "", "all stages succeeded"
+
+    def _context(self, stage: str, kind: str = "") -> StageContext:
+        return StageContext(
+            self.job_id,
+            stage,
+            self.artifact_dir,
+            self.log,
+            self._cancelled,
+            self.spec.seed,
+            self.outputs,
+            self.reward_modules,
+            kind,
+        )
+
+    def _write_report(self) -> None:
+        """report/report.md with plots, and tensorboard/<stage>/ event files, from the event log.
+        A report that cannot be written costs a log line, never the job's outcome."""
+        from actors import report
+        from actors.metrics import write_tensorboard
+
+        events = [pb.Event.FromString(b) for b in self.log.since(0)[0]]
+        ctx = self._context("")
+        try:
+            path = report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
+            write_tensorboard(report.series(events), self.artifact_dir / "tensorboard")
+            ctx.artifact_tree(path.parent, "report")
+            ctx.artifact_tree(self.artifact_dir / "tensorboard", "metrics")
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: the report could not be written", self.job_id)
 
     def _stage_state(self, stage: str, state: int, message: str = "") -> None:
         self.log.append(pb.Event(type=pb.EVENT_TYPE_STAGE_STATE, stage=stage, stage_state=state, message=message))

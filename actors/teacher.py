@@ -31,6 +31,7 @@ class GeneratorSpec:
     target_modules: tuple[str, ...] = ()
     chat_template: bool = True  # frame prompts as a user turn when the tokenizer has a template
     quantize_4bit: bool = False  # a QLoRA policy: the same nf4 base the trainer trains on
+    frozen: bool = False  # no weight syncs will come: merge the adapter into the base for speed
     dtype: str = "float32"
     seed: int = 0
 
@@ -75,6 +76,8 @@ class TeacherGenerator:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, spec.adapter_path, is_trainable=False)
+            if spec.frozen and not spec.quantize_4bit:
+                model = model.merge_and_unload()
         elif spec.lora_r:
             from peft import LoraConfig, get_peft_model
 
@@ -121,14 +124,19 @@ class TeacherGenerator:
         prompts = batch.column("prompt").to_pylist()
         prompt_ids = self.encode_prompts(prompts)
         enc = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
+        ids, mask, cache = enc["input_ids"], enc["attention_mask"], self._shared_prefix(enc, params.n)
+        if cache is not None:  # n samples per prompt share one prefill
+            ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
         out = self.model.generate(
-            **enc,
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
             do_sample=params.temperature > 0,
             temperature=params.temperature or None,
             top_p=params.top_p,
             top_k=params.top_k or None,
             max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
+            num_return_sequences=1 if cache is not None else params.n,
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -137,6 +145,21 @@ class TeacherGenerator:
         new = out.sequences[:, width:]
         logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # (B*n, T_new, V)
         return self._rows(batch, prompt_ids, new, logp, params)
+
+    def _shared_prefix(self, enc, n: int):
+        """The KV cache of every prompt but its last token, computed once and repeated n times, so
+        n samples per prompt cost one prefill, not n (prompts are most of the tokens here). None when
+        n == 1."""
+        if n == 1 or enc["input_ids"].shape[1] < 2:
+            return None
+        from transformers import DynamicCache
+
+        ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        cache = DynamicCache()
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        return cache
 
     def _rows(self, batch, prompt_ids, new, logp, params: SamplingParams) -> pa.RecordBatch:
         eos = self.tokenizer.eos_token_id
@@ -225,6 +248,9 @@ class TeacherGenerator:
                 "topk_logprobs": pa.array(lps, type=pa.list_(pa.float16())),
             },
         )
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

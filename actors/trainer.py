@@ -218,7 +218,7 @@ class Trainer:
         return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
 
     def _loss(self, t: dict[str, torch.Tensor], objective: Objective) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logits, t = forward_from_first_loss(self.engine, t)
         logprobs = token_logprobs(logits, t["input_ids"])
         if objective.kind == "nll":
             return weighted_nll(logprobs, t["loss_mask"], t.get("weights")), {}
@@ -261,14 +261,14 @@ class Trainer:
         disabled (no second copy); otherwise a frozen copy of the starting weights."""
         if self.uses_adapter:
             with self.engine.module.disable_adapter():
-                logits = self.engine.module(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+                logits, t = forward_from_first_loss(self.engine.module, t)
         else:
             if getattr(self, "_reference", None) is None:
                 from transformers import AutoModelForCausalLM
 
                 self._reference = AutoModelForCausalLM.from_pretrained(self.spec.model_path).to(self.engine.device)
                 self._reference.eval().requires_grad_(False)
-            logits = self._reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+            logits, t = forward_from_first_loss(self._reference, t)
         return token_logprobs(logits, t["input_ids"])
 
     @torch.no_grad()
@@ -276,7 +276,7 @@ class Trainer:
         """(sum of token NLL over masked tokens, token count) on held-out rows; no update."""
         self.engine.eval()
         t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
-        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logits, t = forward_from_first_loss(self.engine, t)
         mask = t["loss_mask"].float()
         nll = -(token_logprobs(logits, t["input_ids"]) * mask).sum()
         return float(nll), int(mask.sum())
@@ -287,7 +287,7 @@ class Trainer:
         rows carrying topk_ids / topk_logprobs; no update."""
         self.engine.eval()
         t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
-        logits = self.engine(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logits, t = forward_from_first_loss(self.engine, t)
         log_p, log_q = topk_buckets(logits[:, :-1], t["topk_ids"], t["topk_logprobs"])
         mask = t["loss_mask"].float()
         return float((kd_divergence(log_p, log_q, "forward_kl") * mask).sum()), int(mask.sum())
@@ -361,6 +361,18 @@ class Trainer:
         random.setstate(rng["python"])
         self.step = state["step"]
         return state["cursor"]
+
+
+def forward_from_first_loss(model, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits only from the first position any row has a loss at: the prompt before it costs the
+    layers but not the vocabulary projection and log-softmax (the largest tensors in a step).
+    t holds input_ids (B, T) and per-position arrays (B, T-1[, k]). Returns logits (B, T-s, V) and t
+    with every 2-D+ array cropped by s columns, so token_logprobs and the masks still line up."""
+    length = t["input_ids"].shape[1]
+    positions = t["loss_mask"].any(dim=0).nonzero()
+    start = int(positions[0]) if len(positions) else 0
+    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], logits_to_keep=length - start).logits
+    return logits, {k: v[:, start:] if v.dim() >= 2 else v for k, v in t.items()}
 
 
 def load_4bit(path: str, dtype: torch.dtype):

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: start the control service (embedded Ray, SQLite store under
-# .stillroom/), submit the ticket recipe through the gRPC API, watch it, show the report, stop.
+# The demo behind `make demo` (and `make demo QUICK=1`): start the control service (embedded Ray,
+# SQLite store under .stillroom/), submit the ticket recipe through the gRPC API, watch it live,
+# print the job's report. Exits non-zero when the job fails, including when its evaluation gates
+# fail (the tuned teacher must beat the base teacher, the distilled student its labelled-only twin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 HOME_DIR=.stillroom/demo
 ADDRESS=127.0.0.1:${STILLROOM_DEMO_PORT:-50151}
-RECIPE=${1:-examples/tickets_pipeline.yaml}
+DEFAULT=examples/tickets_pipeline.yaml
+[ -n "${QUICK:-}" ] && DEFAULT=examples/tickets_quick.yaml
+RECIPE=${1:-$DEFAULT}
 mkdir -p "$HOME_DIR"
 
 $BIN/python -m examples.tickets.generate --out examples/tickets/data
@@ -29,8 +33,9 @@ $BIN/stillroom submit "$RECIPE" --wait
 STATUS=$?
 set -e
 JOB=$($BIN/stillroom list -o json --limit 1 | $BIN/python -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
-$BIN/stillroom artifacts "$JOB"
-REPORT="$HOME_DIR/artifacts/$JOB/evaluate/report.md"
-[ -f "$REPORT" ] || REPORT="$HOME_DIR/artifacts/$JOB/audit/report.md"
-[ -f "$REPORT" ] && cat "$REPORT"
+echo
+$BIN/stillroom report "$JOB"
+echo
+echo "artifacts: $HOME_DIR/artifacts/$JOB/ (report/report.md with plots; tensorboard --logdir $HOME_DIR/artifacts/$JOB/tensorboard)"
+[ "$STATUS" = 0 ] || { echo "the job did not succeed:"; $BIN/stillroom get "$JOB" | grep '^error' || true; }
 exit $STATUS

@@ -191,6 +191,25 @@ def cmd_artifacts(args, client: Client) -> int:
     return 0
 
 
+def cmd_report(args, client: Client) -> int:
+    """Render the job's report from its events, here: report.md and plots/ under --out (printed
+    when --out is not given, into a temporary directory)."""
+    import tempfile
+
+    from actors.report import render
+
+    job = client.get(args.job)
+    events = list(client.events(args.job))
+    out = args.out or Path(tempfile.mkdtemp(prefix=f"stillroom-{args.job}-"))
+    path = render(job.id, job.spec, events, out)
+    if args.out:
+        print(f"wrote {path} and {out / 'plots'}/")
+    else:
+        print(path.read_text(), end="")
+        print(f"(plots: {out / 'plots'}/)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stillroom", description="Fine-tune a teacher, distill a student: one job.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,11 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("events", cmd_events, "list a job's events"),
         ("cancel", cmd_cancel, "cancel a job"),
         ("artifacts", cmd_artifacts, "list a job's artifacts with sizes and sha256"),
+        ("report", cmd_report, "the job's report: stages, evaluation table, audit, training curves"),
     ):
         sp = client_cmd(name, fn, help_)
         sp.add_argument("job")
         if name == "events":
             sp.add_argument("--after", type=int, default=0, help="only events with seq > AFTER")
+        if name == "report":
+            sp.add_argument("--out", type=Path, help="write report.md and plots/*.png here")
     return p
 
 

@@ -1,5 +1,6 @@
 """Recipes: a YAML (or JSON) file that is the JSON mapping of stillroom.v1.JobSpec, plus
-`--set path=value` overrides (`stages[0].audit.min_rows=10`, `teacher.path=/models/x`).
+`--set path=value` overrides (`stages[0].audit.min_rows=10`, `teacher.path=/models/x`). A recipe
+may extend another (`extends: base.yaml` and a `set:` list of the same overrides).
 
 A recipe may also carry top-level `labels:`, which go to SubmitJobRequest.labels.
 """
@@ -53,16 +54,32 @@ def apply_set(doc: dict, assignment: str) -> None:
 
 def load(path: str | Path, sets: list[str] = ()) -> tuple[pb.JobSpec, dict[str, str]]:
     """(spec, labels) from a recipe file and overrides. Raises RecipeError naming the file."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: {e}") from None
-    if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of JobSpec fields")
+    doc = _document(Path(path))
     for assignment in sets:
         apply_set(doc, assignment)
     labels = {str(k): str(v) for k, v in (doc.pop("labels", None) or {}).items()}
     return parse(doc, str(path)), labels
+
+
+def _document(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe as a mapping. A recipe may start from another (`extends: other.yaml`, relative
+    to it) and change it with `set: [path=value, ...]`: a quick variant without a second copy."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: extends itself (through {' -> '.join(map(str, seen))})")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path}: {e}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of JobSpec fields")
+    base, sets = doc.pop("extends", None), doc.pop("set", None) or []
+    if base is not None:
+        parent = _document(path.parent / str(base), (*seen, path.resolve()))
+        parent.update(doc)
+        doc = parent
+    for assignment in sets:
+        apply_set(doc, str(assignment))
+    return doc
 
 
 def parse(doc: dict, source: str = "recipe") -> pb.JobSpec:

@@ -21,7 +21,7 @@ from stillroom.v1 import job_pb2 as pb
 from actors import datasets
 from actors.reward import module_allowed
 from actors.rewards import BUILTINS
-from actors.stage_registry import AVAILABLE
+from actors.stage_registry import AVAILABLE, MEASURED, job_models
 from services.errors import InvalidArgument, PermissionDenied
 
 MAX_STAGES = 32
@@ -106,6 +106,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
                 "student.path",
                 f"required by stages[{i}].distill, unless its student_init makes the student from the teacher",
             )
+    _check_gates(out, v)
     if kinds & NEEDS_TRAIN:
         v.check(
             bool(spec.data.train.path),
@@ -300,6 +301,7 @@ def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
 def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
     v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
     v.number(s.student_init.keep_every_nth_layer, f"{p}.student_init.keep_every_nth_layer", lo=1)
+    v.number(s.min_agreement, f"{p}.min_agreement", lo=0, hi=1)
     v.number(s.eval_prompts, f"{p}.eval_prompts", lo=1)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
     v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
@@ -319,6 +321,27 @@ def _evaluate(s: pb.EvaluateStage, p: str, v: _Violations) -> None:
     _rewards(s.metrics, f"{p}.metrics", v)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
+
+
+def _check_gates(spec: pb.JobSpec, v: _Violations) -> None:
+    """Evaluation gates name models that earlier stages produce and metrics the stage measures;
+    a distillation baseline needs data.train."""
+    for i, stage in enumerate(spec.stages):
+        kind = stage.WhichOneof("kind")
+        if kind == "distill" and stage.distill.baseline:
+            v.check(bool(spec.data.train.path), f"stages[{i}].distill.baseline", "needs data.train (gold labels)")
+        if kind != "evaluate":
+            continue
+        models = job_models(pb.JobSpec(stages=spec.stages[:i]))
+        metrics = {m.name for m in stage.evaluate.metrics} | set(MEASURED)
+        for j, gate in enumerate(stage.evaluate.gates):
+            p = f"stages[{i}].evaluate.gates[{j}]"
+            for field in ("model", "baseline"):
+                name = getattr(gate, field)
+                v.check(name in models, f"{p}.{field}", f"{name!r} is not a model of this job ({', '.join(models)})")
+            v.check(gate.model != gate.baseline, f"{p}.baseline", "must differ from model")
+            v.check(gate.metric in metrics, f"{p}.metric", f"must be one of {', '.join(sorted(metrics))}")
+            v.number(gate.min_margin, f"{p}.min_margin")
 
 
 def _export(s: pb.ExportStage, p: str, v: _Violations) -> None:

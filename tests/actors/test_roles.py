@@ -30,7 +30,10 @@ def sleepy(prompts, completions, **_):
 
 def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
     gen = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=1))
-    out = gen.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=8, temperature=1.0, topk_logprobs=4))
+    # Prompts of very different lengths: left padding under the shared-prefix cache of n samples.
+    long_prompt = "order shipping refund " * 6
+    prompts = make_batch("b000", {"prompt": ["ticket about billing", long_prompt], "answer": ["1", "2"]})
+    out = gen.generate(prompts, SamplingParams(n=3, max_new_tokens=8, temperature=1.0, topk_logprobs=4))
     assert out.num_rows == 6 and batch_id(out) == "b000"
     assert out.column("answer").to_pylist() == ["1", "1", "1", "2", "2", "2"]
     assert out.schema.field("topk_ids").type == pa.list_(pa.int32())

@@ -62,3 +62,31 @@ def test_distill_retokenizes_for_a_student_with_another_tokenizer(tiny_tokenizer
     # best of the two is "order"; prompt + answer + eos in the student's vocabulary
     assert arrays["input_ids"][0].tolist() == [vocab["ticket"], vocab["billing"], vocab["order"], vocab["<eos>"]]
     assert "topk_ids" not in arrays
+
+
+def test_distill_epochs_replay_the_teachers_batches_and_agreement_filters():
+    import dataclasses
+
+    import pyarrow as pa
+    from stillroom.v1 import job_pb2 as pb
+
+    from actors.batches import batch_id, make_batch, replay_of
+    from actors.distill import DistillConfig, keep, prompt_batches
+
+    rows = [{"prompt": f"ticket {i}"} for i in range(10)]
+    cfg = dataclasses.replace(DistillConfig.of(pb.DistillStage(prompts_per_step=4)), epochs=2)
+    batches = prompt_batches(rows, "teacher", cfg, seed=1)
+    first = [batch_id(b) for b in batches[:3]]  # 10 rows in batches of 4: 3 the teacher writes
+    assert [b.num_rows for b in batches[:3]] == [4, 4, 2] and not any(replay_of(b) for b in batches[:3])
+    assert sorted(replay_of(b) for b in batches[3:]) == sorted(first)  # epoch 2: the same 3, reordered
+    assert len({batch_id(b) for b in batches}) == 6  # every step has its own id
+    capped = prompt_batches(rows, "teacher", dataclasses.replace(cfg, max_steps=4), seed=1)
+    assert len(capped) == 4 and sum(not replay_of(b) for b in capped) == 2  # 4 steps over 2 epochs: 2 written
+
+    group = ['{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 1}', '{"a": 1}', '{"a": 2}', '{"a": 3}', "x"]
+    scored = make_batch("b", {"completion": group, "reward": [1.0] * 7 + [0.0]})
+    agreeing = dataclasses.replace(cfg, num_samples=4, min_agreement=0.75)
+    kept, metrics = keep(scored, agreeing)
+    assert kept == [0] and metrics["distill/agreement"] == (0.75 + 0.25) / 2  # 3 of 4 agree, then 1 of 4
+    assert keep(scored, dataclasses.replace(agreeing, min_agreement=0.0))[0] == [0, 4]
+    assert isinstance(scored, pa.RecordBatch)

@@ -223,3 +223,30 @@ def test_reward_needs_its_reference_column(data_root):
         "the train data has no column 'answer' for exact_match (it has prompt, reference)"
     )
     assert "stages[0].grpo.rewards[1].args['column']" not in v  # the completion column, renamed
+
+
+def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data_root):
+    evaluate = {
+        "metrics": [{"name": "json_valid"}],
+        "gates": [
+            {"model": "student", "baseline": "student_baseline", "metric": "json_valid"},  # no baseline asked for
+            {"model": "teacher_sft", "baseline": "base_teacher", "metric": "tokens_per_s"},  # measured: fine
+            {"model": "teacher_grpo", "baseline": "teacher_grpo", "metric": "bleu"},
+        ],
+    }
+    doc = {
+        "teacher": {"path": str(data_root)},
+        "data": {"train": {"path": "train.jsonl"}, "test": {"path": "train.jsonl"}},
+        "stages": [{"sft": {}}, {"distill": {"student_init": {"keep_every_nth_layer": 3}}}, {"evaluate": evaluate}],
+    }
+    v = violations(doc, data_root)
+    gates = {k: m for k, m in v.items() if ".gates[" in k}
+    assert gates == {
+        "stages[2].evaluate.gates[0].baseline": "'student_baseline' is not a model of this job "
+        "(base_teacher, teacher_sft, student)",
+        "stages[2].evaluate.gates[2].model": "'teacher_grpo' is not a model of this job "
+        "(base_teacher, teacher_sft, student)",
+        "stages[2].evaluate.gates[2].baseline": "must differ from model",  # (the last of its two violations)
+        "stages[2].evaluate.gates[2].metric": "must be one of json_valid, parameters, seconds_per_prompt, "
+        "size_bytes, tokens_per_s",
+    }

@@ -249,7 +249,7 @@ class GrpoStage(_message.Message):
     def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ...) -> None: ...
 
 class StudentInit(_message.Message):
-    __slots__ = ("keep_every_nth_layer", "config_overrides")
+    __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides")
     class ConfigOverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -258,13 +258,15 @@ class StudentInit(_message.Message):
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     KEEP_EVERY_NTH_LAYER_FIELD_NUMBER: _ClassVar[int]
+    FROM_TUNED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     keep_every_nth_layer: int
+    from_tuned: bool
     config_overrides: _containers.ScalarMap[str, int]
-    def __init__(self, keep_every_nth_layer: _Optional[int] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +284,8 @@ class DistillStage(_message.Message):
     STUDENT_INIT_FIELD_NUMBER: _ClassVar[int]
     EVAL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -298,17 +302,33 @@ class DistillStage(_message.Message):
     student_init: StudentInit
     eval_prompts: int
     prompts_per_step: int
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., **kwargs) -> None: ...
+    baseline: bool
+    min_agreement: float
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
-    __slots__ = ("metrics", "max_new_tokens", "limit")
+    __slots__ = ("metrics", "max_new_tokens", "limit", "gates")
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[RewardFunction]
     max_new_tokens: int
     limit: int
-    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    gates: _containers.RepeatedCompositeFieldContainer[EvalGate]
+    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ...) -> None: ...
+
+class EvalGate(_message.Message):
+    __slots__ = ("model", "baseline", "metric", "min_margin")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MIN_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    baseline: str
+    metric: str
+    min_margin: float
+    def __init__(self, model: _Optional[str] = ..., baseline: _Optional[str] = ..., metric: _Optional[str] = ..., min_margin: _Optional[float] = ...) -> None: ...
 
 class ExportStage(_message.Message):
     __slots__ = ("merge_adapter", "dtype")

@@ -1,0 +1,152 @@
+"""A job's report, rendered from its events alone: per stage, PNG plots of loss, reward and KL
+against step; the evaluation table; the audit summary; stage states and durations; as Markdown.
+
+Pure (events in, files out; matplotlib, no torch, no grpc), so the supervisor writes it into the
+job's artifacts when the job ends and the CLI renders the same thing client-side:
+
+    stillroom report JOB_ID [--out DIR]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+from stillroom.v1 import job_pb2 as pb
+
+Series = dict[str, dict[str, list[tuple[float, float]]]]  # stage -> metric -> [(step, value)]
+
+# What each plot panel shows: a metric belongs to the first panel whose words its name contains.
+PANELS = {"loss": ("loss",), "reward": ("reward", "json_", "accuracy"), "KL": ("kl",)}
+EVAL_COLUMNS = ("json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes")
+
+
+def series(events: Iterable[pb.Event]) -> Series:
+    """Every metric of every stage against its step: the metrics' own `step` or `train/step` when
+    they carry one, else the stage's progress so far (0 before any)."""
+    out: Series = {}
+    done: dict[str, float] = {}
+    for e in events:
+        if e.type == pb.EVENT_TYPE_PROGRESS:
+            done[e.stage] = float(e.progress.done)
+        elif e.type == pb.EVENT_TYPE_METRICS:
+            step = e.metrics.get("step", e.metrics.get("train/step", done.get(e.stage, 0.0)))
+            for name, value in e.metrics.items():
+                out.setdefault(e.stage, {}).setdefault(name, []).append((step, value))
+    return out
+
+
+def evaluation(values: Series) -> dict[str, dict[str, float]]:
+    """model -> metric -> value, from the evaluate stages' eval/<model>/<metric> metrics."""
+    table: dict[str, dict[str, float]] = {}
+    for metrics in values.values():
+        for name, points in metrics.items():
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "eval":
+                table.setdefault(parts[1], {})[parts[2]] = points[-1][1]
+    return table
+
+
+def eval_table(report: dict[str, dict[str, float]]) -> str:
+    """The side-by-side Markdown table: one row per model, the usual columns first."""
+    names = {k for r in report.values() for k in r}
+    columns = [c for c in EVAL_COLUMNS if c in names] + sorted(names - set(EVAL_COLUMNS))
+    lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for model, r in report.items():
+        lines.append(f"| {model} | " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column == "size_bytes":
+        return f"{value / 2**20:.1f} MiB"
+    if column == "parameters":
+        return f"{value / 1e6:.1f} M"
+    if column == "tokens_per_s":
+        return f"{value:.0f}"
+    return f"{value:.3f}"
+
+
+def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: Path) -> bool:
+    """One PNG for a stage: a panel each for loss, reward and KL (those it has). False when the
+    stage has none of them."""
+    panels = {title: {} for title in PANELS}
+    for name, points in metrics.items():
+        if len(points) < 2 or name.startswith("eval/") and name.count("/") == 2:
+            continue  # a single point is not a curve; evaluation rows belong in the table
+        title = next((t for t, words in PANELS.items() if any(w in name.lower() for w in words)), None)
+        if title:
+            panels[title][name] = points
+    panels = {t: m for t, m in panels.items() if m}
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+        for name, points in sorted(curves.items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=name)
+        ax.set_title(f"{stage}: {title}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def stage_rows(events: Iterable[pb.Event]) -> list[tuple[str, str, float, str]]:
+    """(stage, final state, seconds from RUNNING to its end, message) in the order stages ran."""
+    started: dict[str, float] = {}
+    rows: dict[str, tuple[str, str, float, str]] = {}
+    for e in events:
+        if e.type != pb.EVENT_TYPE_STAGE_STATE:
+            continue
+        t = e.time.seconds + e.time.nanos / 1e9
+        if e.stage_state == pb.STAGE_STATE_RUNNING:
+            started[e.stage] = t
+        state = pb.StageState.Name(e.stage_state).removeprefix("STAGE_STATE_")
+        rows[e.stage] = (e.stage, state, t - started.get(e.stage, t), e.message)
+    return list(rows.values())
+
+
+def audit_summary(spec: pb.JobSpec, values: Series) -> str:
+    audits = [s.name for s in spec.stages if s.WhichOneof("kind") == "audit"]
+    lines = []
+    for name in audits:
+        final = {k: v[-1][1] for k, v in values.get(name, {}).items()}
+        lines += [f"### {name}", "", "| check | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(final.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(job_id: str, spec: pb.JobSpec, events: list[pb.Event], out_dir: Path) -> Path:
+    """Write out_dir/report.md and out_dir/plots/<stage>.png; returns the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    values = series(events)
+    title = spec.display_name or job_id
+    lines = [f"# {title}", "", f"Job `{job_id}`.", "", "## Stages", "", "| stage | state | seconds | message |"]
+    lines.append("| --- | --- | --- | --- |")
+    lines += [f"| {s} | {state} | {sec:.0f} | {msg} |" for s, state, sec, msg in stage_rows(events)]
+    table = evaluation(values)
+    if table:
+        lines += ["", "## Evaluation (held-out split)", "", eval_table(table)]
+    audit = audit_summary(spec, values)
+    if audit:
+        lines += ["", "## Audit", "", audit]
+    plots = [s for s in values if plot_stage(s, values[s], out_dir / "plots" / f"{s}.png")]
+    if plots:
+        lines += ["", "## Training curves", ""]
+        lines += [f"![{s}](plots/{s}.png)" for s in plots]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,125 @@
+"""Control plane: SubmitJob latency with 50 concurrent clients, WatchJob with 100 concurrent streams
+(events/s delivered), and the store's size per 10,000 events, against a real `stillroom serve`
+(embedded Ray, SQLite store) started here on a loopback port.
+
+    .venv/bin/python -m bench.control_plane [--clients 50] [--submits 4] [--watchers 100]
+
+The jobs are small audits (a few events each), so what is measured is the service, not training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import report
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, token: str) -> tuple[subprocess.Popen, str]:
+    address = f"127.0.0.1:{free_port()}"
+    (home / "data").mkdir(parents=True)
+    rows = [{"prompt": f"ticket {i} about billing", "completion": "refund"} for i in range(200)]
+    (home / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {"STILLROOM_TOKENS": f"bench={token}", "PATH": str(BIN)}
+    cmd = [str(BIN / "stillroom"), "serve", "--address", address, "--home", str(home)]
+    cmd += ["--data-root", str(home / "data"), "--max-running-jobs", "4", "--max-queued-per-tenant", "100000"]
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    while "listening on" not in (home / "server.log").read_text():
+        if proc.poll() is not None:
+            raise RuntimeError((home / "server.log").read_text())
+        time.sleep(0.2)
+    return proc, address
+
+
+def submit_latencies(address: str, token: str, clients: int, submits: int) -> tuple[list[float], list[str]]:
+    from services.client import Client
+    from services.recipes import parse
+
+    spec = parse({"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {"warn_only": True}}]})
+
+    def one_client(_: int) -> list[tuple[float, str]]:
+        out = []
+        with Client(address, token=token) as c:
+            for _ in range(submits):
+                started = time.perf_counter()
+                job = c.submit(spec).job
+                out.append((time.perf_counter() - started, job.id))
+        return out
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+    return [s for s, _ in results], [j for _, j in results]
+
+
+def watch_throughput(address: str, token: str, jobs: list[str], watchers: int) -> tuple[int, float]:
+    """Every watcher replays one finished job's whole event stream; (events delivered, seconds)."""
+    from services.client import Client
+
+    def one(i: int) -> int:
+        with Client(address, token=token) as c:
+            return sum(1 for _ in c.watch(jobs[i % len(jobs)]))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(watchers) as pool:
+        delivered = sum(pool.map(one, range(watchers)))
+    return delivered, time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--submits", type=int, default=4, help="jobs each client submits, one after another")
+    ap.add_argument("--watchers", type=int, default=100)
+    args = ap.parse_args()
+    from services.client import Client
+
+    token = secrets.token_hex(16)
+    home = Path(tempfile.mkdtemp(prefix="stillroom-bench-"))
+    proc, address = start_server(home, token)
+    try:
+        latencies, jobs = submit_latencies(address, token, args.clients, args.submits)
+        with Client(address, token=token) as c:
+            for job in jobs:
+                c.wait(job)
+            events = sum(len(list(c.events(j))) for j in jobs)
+        delivered, seconds = watch_throughput(address, token, jobs, args.watchers)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    store = sum(p.stat().st_size for p in home.glob("jobs.db*"))
+    ms = np.array(latencies) * 1e3
+    row = {
+        "submit_clients": args.clients,
+        "submits": len(latencies),
+        "submit_p50_ms": float(np.percentile(ms, 50)),
+        "submit_p99_ms": float(np.percentile(ms, 99)),
+        "watch_streams": args.watchers,
+        "events_delivered": delivered,
+        "events_per_s": delivered / seconds,
+        "store_events": events,
+        "store_MB_per_10k_events": store / events * 10_000 / 1e6,
+    }
+    report("control_plane", [row], list(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""GRPO: stillroom's grpo stage (real role actors on a local Ray) against TRL's GRPOTrainer on
+identical work: the same model, prompts, group size, max completion length, loss type, beta,
+learning rate, steps and seed, run one after the other on this machine.
+
+    .venv/bin/python -m bench.grpo [--model tiny|smollm2] [--steps 8]
+
+tiny: a random 4-layer Llama, full fine-tuning, rewarded for digits (a reward a random model has
+variance on). smollm2: SmolLM2-135M-Instruct with LoRA r=8 on the ticket task, rewarded by
+json_valid + json_fields. Rows: stillroom synchronous, stillroom max_staleness=1, TRL. Seconds per
+step are the median over steps after the first (TRL's from a step-end callback, ours from the
+stage's step events), so model loading and actor start-up are left out of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import median, report
+from bench.generation import model_path, prompts
+
+
+def digits(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """Fraction of the characters that are digits (the tiny model's reward)."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def rows_for(model: str, n: int) -> list[dict]:
+    path = Path(__file__).parents[1] / "examples/tickets/data/train.jsonl"
+    if model == "smollm2" and path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+    return [{"prompt": p, "completion": "{}"} for p in prompts(n)]
+
+
+def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
+    import ray
+    from stillroom.v1 import job_pb2 as pb
+
+    from actors import grpo
+    from actors.supervisor import EventLog, StageContext
+    from services.recipes import parse
+
+    work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_for(model, 64)))
+    rewards = (
+        [{"name": "bench.grpo:digits"}]
+        if model == "tiny"
+        else [{"name": "json_valid", "weight": 0.2}, {"name": "json_fields", "args": {"column": "reference"}}]
+    )
+    stage = {
+        "group_size": args.group_size,
+        "prompts_per_step": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "loss_type": "dapo",
+        "beta": 0.0,
+        "max_staleness": max_staleness,
+        "rewards": rewards,
+        "optim": {"learning_rate": args.lr, "max_steps": args.steps},
+    }
+    if model == "tiny":
+        stage["adapter"] = "ADAPTER_TYPE_NONE"
+    else:
+        stage["lora"] = {"r": 8, "alpha": 16}
+    spec = parse(
+        {
+            "teacher": {"path": path},
+            "data": {"train": {"path": str(data)}},
+            "stages": [{"grpo": stage}],
+            "resources": {"generator": {"num_cpus": 0.75}, "scorer": {"num_cpus": 0.25}, "trainer": {"num_cpus": 1}},
+            "seed": 0,
+        }
+    )
+    log = EventLog()
+    ctx = StageContext("bench-grpo", "grpo", work, log, threading.Event(), 0, {}, ("bench",), "grpo")
+    repo = str(Path(__file__).parents[1])  # the role actors import the bench's reward function
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    try:
+        grpo.run(spec.stages[0].grpo, spec, ctx)
+    finally:
+        ctx.close()
+        ray.shutdown()
+    steps = [pb.Event.FromString(b) for b in log.since(0)[0]]
+    steps = [e for e in steps if e.type == pb.EVENT_TYPE_METRICS and "train/step" in e.metrics]
+    times = [e.time.seconds + e.time.nanos / 1e9 for e in steps]
+    rewards_seen = [e.metrics["reward"] for e in steps]
+    return _row(f"stillroom (max_staleness={max_staleness})", np.diff(times).tolist(), rewards_seen, args)
+
+
+def trl(model: str, path: str, args) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from actors.rewards import json_fields, json_valid
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    rows = rows_for(model, 64)
+    if tok.chat_template:  # the same framing stillroom's generator applies
+        for r in rows:
+            r["prompt"] = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False)
+            r["prompt"] += "<|im_start|>assistant\n"
+    data = Dataset.from_list([{"prompt": r["prompt"], "reference": r.get("completion", "")} for r in rows])
+    if model == "tiny":
+        funcs, weights = [digits], [1.0]
+    else:
+        funcs, weights = [json_valid, json_fields], [0.2, 1.0]
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        per_device_train_batch_size=args.prompts * args.group_size,
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
+        loss_type="dapo",
+        beta=0.0,
+        learning_rate=args.lr,
+        max_steps=args.steps,
+        temperature=1.0,
+        reward_weights=weights,
+        use_cpu=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+    )
+    peft_config = None
+    if model != "tiny":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_step_end(self, *_, **__):
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path),
+        reward_funcs=funcs,
+        args=config,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[clock],
+    )
+    trainer.train()
+    rewards_seen = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return _row("TRL GRPOTrainer", np.diff(clock.times).tolist(), rewards_seen, args)
+
+
+def _row(who: str, step_seconds: list[float], rewards: list[float], args) -> dict:
+    seconds = median(step_seconds) if step_seconds else float("nan")
+    return {
+        "who": who,
+        "seconds_per_step": seconds,
+        "completions_per_s": args.prompts * args.group_size / seconds,
+        "reward_first": rewards[0] if rewards else float("nan"),
+        "reward_last3": float(np.mean(rewards[-3:])) if rewards else float("nan"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    args = ap.parse_args()
+    path = model_path(args.model)
+    rows = [stillroom(args.model, path, args, 0), stillroom(args.model, path, args, 1), trl(args.model, path, args)]
+    for row in rows[:2]:
+        row["throughput_vs_trl"] = rows[2]["seconds_per_step"] / row["seconds_per_step"]
+    columns = ["who", "seconds_per_step", "completions_per_s", "reward_first", "reward_last3", "throughput_vs_trl"]
+    report(f"grpo-{args.model}", rows, columns, {"settings": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
