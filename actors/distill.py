@@ -23,7 +23,7 @@ from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets, filters
 from actors.batches import batch_id, make_batch, replay, shard, training_arrays
-from actors.models import model_dir
+from actors.models import inference_dtype, model_dir
 from actors.pipeline import LoopConfig, TrainLoop
 from actors.queues import Journal
 from actors.reward import scorer_spec
@@ -254,7 +254,9 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     if params.reuse_journal_of:
         journal_root = ctx.artifact_dir.parent / params.reuse_journal_of / ctx.stage / "journal"
     roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
-    roles.start("generator", GeneratorSpec(teacher, adapter_path=adapter, seed=spec.seed))
+    roles.start(
+        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
+    )
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     trainer = TrainerSpec(
         student,
@@ -277,6 +279,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             prepare=partial(prepare, cfg=cfg, student_tokenizer=foreign),
             objective=cfg.objective,
             sync_every=0,
+            max_staleness=params.max_ahead if params.HasField("max_ahead") else None,
             checkpoint_every=params.optim.checkpoint_every or 10,
         ),
         report=partial(_report, ctx=ctx, total=len(batches)),

@@ -15,7 +15,7 @@ from stillroom.v1 import job_pb2 as pb
 
 from actors import datasets
 from actors.batches import make_batch
-from actors.models import model_dir
+from actors.models import inference_dtype, model_dir
 from actors.report import eval_table
 from actors.reward import RewardScorer, scorer_spec
 from actors.supervisor import StageContext, StageFailed
@@ -25,9 +25,10 @@ from actors.teacher import GeneratorSpec, SamplingParams
 def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
     """The models to compare: what the job started from, and every model its stages produced
     (registered under the names actors.stage_registry.produced_models gives them)."""
-    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, seed=spec.seed)}
+    dtype = inference_dtype()
+    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, dtype=dtype, seed=spec.seed)}
     for name, (path, adapter) in ctx.outputs.get("models", {}).items():
-        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, seed=spec.seed)
+        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, dtype=dtype, seed=spec.seed)
     return models
 
 

@@ -44,7 +44,8 @@ class LoopConfig:
     objective: Objective = field(default_factory=Objective)
     num_iterations: int = 1  # optimizer steps per generated batch (old log-probs kept)
     # Generation may run at most this many policy versions ahead of training (0: synchronous).
-    # None: bounded by the queues only.
+    # Without weight syncs (distillation), this many batches ahead of training: 0 alternates
+    # generation and training, the fastest when the roles share a few cores. None: the queues bound it.
     max_staleness: int | None = None
     sync_every: int = 1
     checkpoint_every: int = 1
@@ -81,7 +82,7 @@ class TrainLoop:
         self.result = LoopResult()
         self.producers: list = []
         self._synced = threading.Condition()
-        self._synced_steps = 0  # training steps whose weights the generators have
+        self._synced_steps = 0  # training steps whose weights the generators have (without syncs: done)
         self._cursor = 0
 
     def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
@@ -166,6 +167,8 @@ class TrainLoop:
                     self._step(batch)
                 if self.cfg.sync_every and cursor % self.cfg.sync_every == 0:
                     self._sync_weights()
+                elif not self.cfg.sync_every:
+                    self._advance(len(self.result.trained))  # nothing to sync: the batch is done
                 if cursor % self.cfg.checkpoint_every == 0:
                     ray.get([t.save_checkpoint.remote(cursor) for t in self.roles.actors["trainer"]])
                     return []
@@ -226,6 +229,12 @@ class TrainLoop:
         self.roles.stop("trainer")
         return self.start_trainers()
 
+    def _advance(self, steps: int) -> None:
+        """The generators may now run max_staleness batches past `steps`."""
+        with self._synced:
+            self._synced_steps = steps
+            self._synced.notify_all()
+
     def _sync_weights(self) -> None:
         """Trainer -> generators: the adapter under LoRA, else full weights, as numpy copies."""
         started = time.perf_counter()
@@ -235,9 +244,7 @@ class TrainLoop:
         version = len(self.result.steps)
         ray.get([g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]])
         seconds = time.perf_counter() - started
-        with self._synced:
-            self._synced_steps = len(self.result.steps)
-            self._synced.notify_all()
+        self._advance(len(self.result.steps))
         self.result.syncs.append(seconds)
         record("weight_sync_s", seconds, self.roles.job_id, "trainer")
         self.report({"sync/seconds": seconds, "policy/version": version})

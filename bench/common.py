@@ -117,3 +117,34 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return "" if value is None else str(value)
+
+
+def run_stage(spec, workdir: Path, outputs: dict | None = None) -> list:
+    """Run the spec's one stage in this process with its real role actors on a local Ray started
+    here (no control service). Returns the stage's events (stillroom.v1.Event)."""
+    import threading
+
+    import ray
+    from stillroom.v1 import job_pb2 as pb
+
+    from actors.stage_registry import runner
+    from actors.supervisor import EventLog, StageContext
+
+    stage = spec.stages[0]
+    kind = stage.WhichOneof("kind")
+    log = EventLog()
+    ctx = StageContext("bench", kind, workdir, log, threading.Event(), spec.seed, outputs or {}, ("bench",), kind)
+    repo = str(Path(__file__).parents[1])  # role actors import bench reward functions
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    try:
+        runner(kind)(getattr(stage, kind), spec, ctx)
+    finally:
+        ctx.close()
+        ray.shutdown()
+    return [pb.Event.FromString(b) for b in log.since(0)[0]]
+
+
+def step_seconds(events: list, key: str = "train/step") -> list[float]:
+    """Seconds between consecutive metrics events that carry `key` (one per training step)."""
+    times = [e.time.seconds + e.time.nanos / 1e9 for e in events if key in e.metrics]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import median, report
+from bench.common import median, report, run_stage, step_seconds
 from bench.generation import model_path, prompts
 
 
@@ -39,11 +38,6 @@ def rows_for(model: str, n: int) -> list[dict]:
 
 
 def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
-    import ray
-    from stillroom.v1 import job_pb2 as pb
-
-    from actors import grpo
-    from actors.supervisor import EventLog, StageContext
     from services.recipes import parse
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
@@ -77,20 +71,10 @@ def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
             "seed": 0,
         }
     )
-    log = EventLog()
-    ctx = StageContext("bench-grpo", "grpo", work, log, threading.Event(), 0, {}, ("bench",), "grpo")
-    repo = str(Path(__file__).parents[1])  # the role actors import the bench's reward function
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
-    try:
-        grpo.run(spec.stages[0].grpo, spec, ctx)
-    finally:
-        ctx.close()
-        ray.shutdown()
-    steps = [pb.Event.FromString(b) for b in log.since(0)[0]]
-    steps = [e for e in steps if e.type == pb.EVENT_TYPE_METRICS and "train/step" in e.metrics]
-    times = [e.time.seconds + e.time.nanos / 1e9 for e in steps]
+    events = run_stage(spec, work)
+    steps = [e for e in events if "train/step" in e.metrics]
     rewards_seen = [e.metrics["reward"] for e in steps]
-    return _row(f"stillroom (max_staleness={max_staleness})", np.diff(times).tolist(), rewards_seen, args)
+    return _row(f"stillroom (max_staleness={max_staleness})", step_seconds(events), rewards_seen, args)
 
 
 def trl(model: str, path: str, args) -> dict:

@@ -302,6 +302,7 @@ def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
     v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
     v.number(s.student_init.keep_every_nth_layer, f"{p}.student_init.keep_every_nth_layer", lo=1)
     v.number(s.min_agreement, f"{p}.min_agreement", lo=0, hi=1)
+    v.number(s.max_ahead, f"{p}.max_ahead", lo=0)
     v.number(s.eval_prompts, f"{p}.eval_prompts", lo=1)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
     v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
@@ -336,9 +337,9 @@ def _check_gates(spec: pb.JobSpec, v: _Violations) -> None:
         metrics = {m.name for m in stage.evaluate.metrics} | set(MEASURED)
         for j, gate in enumerate(stage.evaluate.gates):
             p = f"stages[{i}].evaluate.gates[{j}]"
-            for field in ("model", "baseline"):
-                name = getattr(gate, field)
-                v.check(name in models, f"{p}.{field}", f"{name!r} is not a model of this job ({', '.join(models)})")
+            for role in ("model", "baseline"):
+                name = getattr(gate, role)
+                v.check(name in models, f"{p}.{role}", f"{name!r} is not a model of this job ({', '.join(models)})")
             v.check(gate.model != gate.baseline, f"{p}.baseline", "must differ from model")
             v.check(gate.metric in metrics, f"{p}.metric", f"must be one of {', '.join(sorted(metrics))}")
             v.number(gate.min_margin, f"{p}.min_margin")
