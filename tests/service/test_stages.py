@@ -373,21 +373,28 @@ def test_export_of_a_lora_policy_as_adapter_and_merged(start_server, sft_data, t
         )
 
 
-def test_evaluate_compares_base_tuned_and_student(start_server, sft_data, tiny_model):
+def test_evaluate_compares_every_model_and_gates_fail_the_job(start_server, sft_data, tiny_model):
     import json
 
     c = start_server(sft_data, "--model-root", str(tiny_model)).client()
     spec = distill_spec(tiny_model, sft_first=True, alpha=0.5, **{"optim": {"learning_rate": 0.005, "max_steps": 4}})
+    spec.stages[-1].distill.baseline = True
     spec.data.test.path = "sft_eval.jsonl"
     evaluate = spec.stages.add(name="evaluate").evaluate
     evaluate.max_new_tokens = 4
     evaluate.metrics.add(name="exact_match").args["column"] = "reference"
+    evaluate.gates.add(model="teacher_sft", baseline="base_teacher", metric="exact_match", min_margin=0.2)
+    evaluate.gates.add(model="student", baseline="teacher_sft", metric="size_bytes")  # smaller is not "beats"
     done = c.wait(c.submit(spec).job.id)
-    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    assert done.state == pb.JOB_STATE_FAILED and done.error.stage == "evaluate"
+    assert done.error.reason.startswith("student size_bytes ") and "does not beat it" in done.error.reason
     arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
     report = json.loads(arts["evaluate/report.json"].read_text())
-    assert set(report) == {"base_teacher", "tuned_teacher", "student"}
-    assert report["tuned_teacher"]["exact_match"] > report["base_teacher"]["exact_match"] + 0.2
-    assert report["student"]["size_bytes"] < report["tuned_teacher"]["size_bytes"]
+    assert list(report) == ["base_teacher", "teacher_sft", "student", "student_baseline"]
+    assert report["teacher_sft"]["exact_match"] > report["base_teacher"]["exact_match"] + 0.2
+    assert report["student"]["size_bytes"] < report["teacher_sft"]["size_bytes"]
+    assert report["student"]["parameters"] == report["student_baseline"]["parameters"]
     assert all(r["tokens_per_s"] > 0 for r in report.values())
-    assert "| tuned_teacher |" in arts["evaluate/report.md"].read_text()
+    text = arts["evaluate/report.md"].read_text()
+    assert "| teacher_sft |" in text and "PASS: teacher_sft exact_match" in text and "FAIL: student size_bytes" in text
+    assert "report/report.md" in arts and "report/plots/sft.png" in arts  # a failed job has its report too
