@@ -58,7 +58,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         ctx.progress(done + 1, len(models), "models")
     out = ctx.artifact_dir / ctx.stage
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / "report.json").write_text(json.dumps(report, indent=2))  # in the order the job made them
     verdicts = [gate_verdict(g, report) for g in params.gates]
     (out / "report.md").write_text(
         f"# Evaluation on {len(rows)} held-out rows\n\n"

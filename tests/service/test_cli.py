@@ -50,7 +50,11 @@ def test_submit_wait_get_list_events_artifacts(start_server, data_root, recipe):
     events = json.loads(cli(server, "events", job_id, "--after", "1", "-o", "json").stdout)
     assert events[0]["seq"] == "2"  # int64 is a string in the JSON mapping
     arts = json.loads(cli(server, "artifacts", job_id, "-o", "json").stdout)
-    assert {a["name"] for a in arts} == {"audit/report.json", "audit/report.md"}
+    names = {a["name"] for a in arts}
+    assert {"audit/report.json", "audit/report.md", "report/report.md"} <= names  # the stage's, the job's
+    assert all(n.startswith(("audit/", "report/", "tensorboard/audit/")) for n in names), names
+    shown = cli(server, "report", job_id).stdout
+    assert shown.startswith("# ") and "| audit | SUCCEEDED |" in shown and "| violations | 0 |" in shown
     again = cli(server, "submit", str(recipe), "--request-id", "cli-1")
     assert again.returncode == 0 and again.stdout.strip() == f"already submitted {job_id}"
 
