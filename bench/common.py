@@ -67,19 +67,26 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def tiny_llama(out: Path, layers: int = 4, hidden: int = 256, vocab: int = 4096, seed: int = 0) -> Path:
-    """A random Llama of the given shape with a byte-level tokenizer trained here (no hub)."""
+def tiny_llama(
+    out: Path, layers: int = 4, hidden: int = 256, vocab: int = 4096, seed: int = 0, tokenizer: str = ""
+) -> Path:
+    """A random Llama of the given shape with a byte-level tokenizer trained here (no hub), or with
+    the tokenizer (and chat template) of the model at `tokenizer`."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (out / "config.json").exists():
         return out
-    corpus = [f"ticket {i} about billing shipping refund priority order account {i * 7}" for i in range(2000)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>", "<pad>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    if tokenizer:
+        fast = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        corpus = [f"ticket {i} about billing shipping refund priority order account {i * 7}" for i in range(2000)]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        specials = ["<unk>", "<eos>", "<pad>"]
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(out)
     torch.manual_seed(seed)
     config = LlamaConfig(

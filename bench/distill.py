@@ -100,15 +100,18 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
+    from actors.models import encode_prompt
+
     tok = AutoTokenizer.from_pretrained(teacher)
     gen = AutoModelForCausalLM.from_pretrained(teacher).eval()
     messages = []
     for r in rows:  # the dataset's answers: the teacher's own, so both tools distill the same teacher
-        ids = tok(r["prompt"], return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(tok, r["prompt"], True)])  # framed as stillroom's generator does
         with torch.no_grad():
             out = gen.generate(ids, max_new_tokens=args.new_tokens, do_sample=True, pad_token_id=tok.pad_token_id)
         answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        messages.append({"prompt": r["prompt"], "completion": answer})
+        turns = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
+        messages.append({"messages": turns})  # GKD reads chat turns, framed by the same chat template
     config = GKDConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-gkd-"),
         per_device_train_batch_size=args.batch,
@@ -162,8 +165,10 @@ def main() -> None:
     from actors.students import from_teacher_layers
 
     root = Path("/tmp/stillroom-bench")
-    teacher = str(tiny_llama(root / "tiny-llama"))
-    student = root / "tiny-student"
+    from bench.generation import model_path
+
+    teacher = str(tiny_llama(root / "tiny-llama-smol-tokenizer", tokenizer=model_path("smollm2")))
+    student = root / "tiny-student-smol-tokenizer"
     if not (student / "config.json").exists():
         from_teacher_layers(teacher, student, every=3)
     texts = prompts(args.steps * args.batch + 16)
