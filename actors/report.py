@@ -75,7 +75,7 @@ def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: 
     stage has none of them."""
     panels = {title: {} for title in PANELS}
     for name, points in metrics.items():
-        if len(points) < 2 or name.startswith("eval/") and name.count("/") == 2:
+        if len(points) < 2 or (name.startswith("eval/") and name.count("/") == 2):
             continue  # a single point is not a curve; evaluation rows belong in the table
         title = next((t for t, words in PANELS.items() if any(w in name.lower() for w in words)), None)
         if title:
