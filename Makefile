@@ -30,7 +30,7 @@ lint: $(STAMP)
 	cd protos && npx --yes @bufbuild/buf lint
 
 proto: $(STAMP)
-	$(BIN)/python -m services.protogen
+	$(BIN)/python -m stillroom.services.protogen
 
 clean:
 	rm -rf $(VENV) .stillroom .pytest_cache

@@ -132,10 +132,9 @@ def run_stage(spec, workdir: Path, outputs: dict | None = None) -> list:
     import threading
 
     import ray
+    from stillroom.actors.common.stages import runner
+    from stillroom.actors.runtime.context import EventLog, StageContext
     from stillroom.v1 import job_pb2 as pb
-
-    from actors.stage_registry import runner
-    from actors.supervisor import EventLog, StageContext
 
     stage = spec.stages[0]
     kind = stage.WhichOneof("kind")

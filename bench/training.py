@@ -53,9 +53,8 @@ def plain_step(model, optim, t: dict[str, torch.Tensor]) -> None:
 
 
 def run(name: str, rows: int, prompt: int, completion: int, steps: int) -> tuple[list[dict], float]:
+    from stillroom.actors.roles.trainer import Trainer, TrainerSpec
     from transformers import AutoModelForCausalLM
-
-    from actors.trainer import Trainer, TrainerSpec
 
     path = model_path(name)
     peak = matmul_peak("float32")

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-from services.errors import Unauthenticated
+from stillroom.services.errors import Unauthenticated
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,9 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from stillroom.services.client import Client
+from stillroom.services.recipes import RecipeError, load
 from stillroom.v1 import job_pb2 as pb
-
-from services.client import Client
-from services.recipes import RecipeError, load
 
 STATES = [n.removeprefix("JOB_STATE_").lower() for n in pb.JobState.keys()[1:]]
 
@@ -110,10 +109,10 @@ def _watch(client: Client, job_id: str, fmt: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from services.ray_auth import enable_ray_token_auth
+    from stillroom.services.ray_auth import enable_ray_token_auth
 
     enable_ray_token_auth()  # before ray is imported
-    from services.server import Server, ServerConfig, default_home
+    from stillroom.services.server import Server, ServerConfig, default_home
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServerConfig(
@@ -165,30 +164,24 @@ def cmd_list(args, client: Client) -> int:
     return 0
 
 
-def cmd_get(args, client: Client) -> int:
-    _emit(client.get(args.job), args.output, _job_table)
-    return 0
+def _shows(fetch, table):
+    """A command that fetches one thing from the server and prints it (as a table, or -o json|yaml)."""
+
+    def command(args, client: Client) -> int:
+        _emit(fetch(client, args), args.output, table)
+        return 0
+
+    return command
 
 
 def cmd_watch(args, client: Client) -> int:
     return _watch(client, args.job, args.output)
 
 
-def cmd_events(args, client: Client) -> int:
-    events = list(client.events(args.job, args.after))
-    _emit(events, args.output, lambda es: [print(describe_event(e)) for e in es])
-    return 0
-
-
-def cmd_cancel(args, client: Client) -> int:
-    job = client.cancel(args.job)
-    _emit(job, args.output, _job_table)
-    return 0
-
-
-def cmd_artifacts(args, client: Client) -> int:
-    _emit(client.artifacts(args.job), args.output, _artifacts_table)
-    return 0
+cmd_get = _shows(lambda c, a: c.get(a.job), _job_table)
+cmd_events = _shows(lambda c, a: list(c.events(a.job, a.after)), lambda es: [print(describe_event(e)) for e in es])
+cmd_cancel = _shows(lambda c, a: c.cancel(a.job), _job_table)
+cmd_artifacts = _shows(lambda c, a: c.artifacts(a.job), _artifacts_table)
 
 
 def cmd_report(args, client: Client) -> int:
@@ -196,7 +189,7 @@ def cmd_report(args, client: Client) -> int:
     when --out is not given, into a temporary directory)."""
     import tempfile
 
-    from actors.report import render
+    from stillroom.actors.common.job_report import render
 
     job = client.get(args.job)
     events = list(client.events(args.job))

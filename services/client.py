@@ -1,6 +1,6 @@
 """The Python SDK: a thin, typed client of stillroom.v1.JobService. The CLI is built on it.
 
-from services.client import Client
+from stillroom.services.client import Client
 c = Client("127.0.0.1:50051", token="...")
 job = c.submit(spec, request_id="nightly-42").job
 for event in c.watch(job.id):
@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+from stillroom.services.store import TERMINAL
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2 as api
 from stillroom.v1 import job_service_pb2_grpc as api_grpc
-
-from services.store import TERMINAL
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from stillroom.actors.runtime.cluster import NAMESPACE, release_job, supervisor_name
+from stillroom.actors.runtime.supervisor import launch_supervisor
+from stillroom.services.store import ACTIVE, TERMINAL, Store
 from stillroom.v1 import job_pb2 as pb
-
-from actors.ray_actors import NAMESPACE, launch_supervisor, release_job, supervisor_name
-from services.store import ACTIVE, TERMINAL, Store
 
 log = logging.getLogger("stillroom.dispatcher")
 

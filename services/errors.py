@@ -24,28 +24,42 @@ class InvalidArgument(StillroomError):
 
 
 class NotFound(StillroomError):
+    """No such job (or not this tenant's: a tenant never learns of another's jobs)."""
+
     code = "NOT_FOUND"
 
 
 class AlreadyExists(StillroomError):
+    """A request_id already used with a different spec."""
+
     code = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(StillroomError):
+    """The job's state forbids the call, e.g. cancelling a finished job."""
+
     code = "FAILED_PRECONDITION"
 
 
 class PermissionDenied(StillroomError):
+    """A read-only token, a path outside the data roots, a reward module not allowed."""
+
     code = "PERMISSION_DENIED"
 
 
 class ResourceExhausted(StillroomError):
+    """A tenant's queue quota, or a message over the size limit."""
+
     code = "RESOURCE_EXHAUSTED"
 
 
 class Unauthenticated(StillroomError):
+    """No token, or one the server does not know."""
+
     code = "UNAUTHENTICATED"
 
 
 class Unavailable(StillroomError):
+    """The store is busy or the server is shutting down: retry."""
+
     code = "UNAVAILABLE"

@@ -14,9 +14,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
-from services.auth import Principal, TokenTable
-from services.errors import InvalidArgument, StillroomError
+from stillroom.services.auth import Principal, TokenTable
+from stillroom.services.errors import InvalidArgument, StillroomError
 
 log = logging.getLogger("stillroom.server")
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)

@@ -1,7 +1,7 @@
 """Generate the Python API code from protos/stillroom/v1/*.proto, next to the .proto files.
 
-Run: python -m services.protogen            (writes protos/stillroom/v1/*_pb2*.py)
-     python -m services.protogen --out DIR  (writes DIR/stillroom/v1/..., for comparison)
+Run: python -m stillroom.services.protogen            (writes protos/stillroom/v1/*_pb2*.py)
+     python -m stillroom.services.protogen --out DIR  (writes DIR/stillroom/v1/..., for comparison)
 """
 
 from __future__ import annotations

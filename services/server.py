@@ -20,16 +20,15 @@ import ray
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from stillroom.actors.runtime.cluster import NAMESPACE
+from stillroom.services.auth import Principal, TokenTable
+from stillroom.services.dispatcher import Dispatcher
+from stillroom.services.interceptors import AuthInterceptor, ErrorInterceptor
+from stillroom.services.servicer import JobService
+from stillroom.services.store import ACTIVE, Store
+from stillroom.services.validation import Policy
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2, job_service_pb2_grpc
-
-from actors.ray_actors import NAMESPACE
-from services.auth import Principal, TokenTable
-from services.dispatcher import Dispatcher
-from services.interceptors import AuthInterceptor, ErrorInterceptor
-from services.servicer import JobService
-from services.store import ACTIVE, Store
-from services.validation import Policy
 
 log = logging.getLogger("stillroom.server")
 SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name

@@ -10,14 +10,13 @@ import hashlib
 import secrets
 import threading
 
+from stillroom.services.dispatcher import Dispatcher
+from stillroom.services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from stillroom.services.store import TERMINAL, Store, decode_token, encode_token
+from stillroom.services.validation import Policy, validate, validate_request
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2 as api
 from stillroom.v1 import job_service_pb2_grpc as api_grpc
-
-from services.dispatcher import Dispatcher
-from services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
-from services.store import TERMINAL, Store, decode_token, encode_token
-from services.validation import Policy, validate, validate_request
 
 WATCH_POLL_S = 1.0
 

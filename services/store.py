@@ -18,9 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from stillroom.services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from stillroom.v1 import job_pb2 as pb
-
-from services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 S = pb.JobState
 TERMINAL = frozenset({S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED})

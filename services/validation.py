@@ -7,22 +7,21 @@ ValidateJob and SubmitJob both call it, so they cannot disagree.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import inspect
-import json
-import math
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
+from stillroom.actors.common.rewards import BUILTIN_NAMES, module_allowed
+from stillroom.actors.common.stages import AVAILABLE, MEASURED, job_models
+from stillroom.services.data_checks import (
+    check_dataset,
+    check_reward_columns,
+    check_target_modules,
+    check_tokenizers,
+    model_path,
+)
+from stillroom.services.errors import InvalidArgument, PermissionDenied
+from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
-
-from actors import datasets
-from actors.reward import module_allowed
-from actors.rewards import BUILTINS
-from actors.stage_registry import AVAILABLE, MEASURED, job_models
-from services.errors import InvalidArgument, PermissionDenied
 
 MAX_STAGES = 32
 LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
@@ -37,93 +36,71 @@ KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Operator settings that validation enforces."""
-
-    data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path.cwd(),))
-    # Model paths may also come from these (e.g. a shared model store); data roots always count.
-    model_roots: tuple[Path, ...] = ()
-    # Reward functions named by import path run on the cluster: only these modules (and their
-    # submodules) may be named.
-    reward_modules: tuple[str, ...] = ()
-
-
-class _Violations:
-    def __init__(self, policy: Policy = Policy()) -> None:
-        self.items: list[tuple[str, str]] = []
-        self.policy = policy
-
-    def check(self, ok: bool, path: str, message: str) -> None:
-        if not ok:
-            self.items.append((path, message))
-
-    def number(
-        self, value: float, path: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
-    ) -> None:
-        """value == 0 means 'use the default' in proto3, so only set values are range-checked."""
-        if value == 0:
-            return
-        if not math.isfinite(value):
-            self.items.append((path, "must be a finite number"))
-        elif lo is not None and (value <= lo if lo_open else value < lo):
-            self.items.append((path, f"must be {'>' if lo_open else '>='} {lo:g}"))
-        elif hi is not None and value > hi:
-            self.items.append((path, f"must be <= {hi:g}"))
-
-    def choice(self, value: str, path: str, choices: tuple[str, ...]) -> None:
-        self.check(not value or value in choices, path, f"{value!r} is not one of {', '.join(choices)}")
-
-
 def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     """Check `spec`; return (normalised copy, warnings). Raises InvalidArgument, PermissionDenied."""
     out = pb.JobSpec()
     out.CopyFrom(spec)
-    v, warnings = _Violations(policy), []
+    v, warnings = Violations(policy), []
     v.check(len(spec.display_name) <= 200, "display_name", "must be at most 200 characters")
     v.check(len(spec.stages) > 0, "stages", "a job needs at least one stage")
     v.check(len(spec.stages) <= MAX_STAGES, "stages", f"at most {MAX_STAGES} stages")
     _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
+    _check_required(out, kinds, v)
+    _check_files(out, kinds, policy, v)
+    check_tokenizers(out, v)
+    check_target_modules(out, v)
+    if v.items:
+        raise InvalidArgument(v.items)
+    return out, warnings
+
+
+def _check_required(out: pb.JobSpec, kinds: set[str], v: Violations) -> None:
+    """The fields the job's stages need: a teacher, held-out data, a student, train data; gates
+    that name models the job makes."""
     if kinds & NEEDS_TEACHER:
         v.check(
-            bool(spec.teacher.path),
+            bool(out.teacher.path),
             "teacher.path",
             f"required by the {', '.join(sorted(kinds & NEEDS_TEACHER))} stage(s)",
         )
     if "evaluate" in kinds:
         v.check(
-            bool(spec.data.test.path or spec.data.eval.path),
+            bool(out.data.test.path or out.data.eval.path),
             "data.test.path",
             "required by the evaluate stage (or data.eval): held-out data",
         )
-    for i, stage in enumerate(spec.stages):
+    for i, stage in enumerate(out.stages):
         if stage.WhichOneof("kind") == "distill":
             init = stage.distill.student_init
             v.check(
-                bool(spec.student.path or init.keep_every_nth_layer or init.config_overrides),
+                bool(out.student.path or init.keep_every_nth_layer or init.config_overrides),
                 "student.path",
                 f"required by stages[{i}].distill, unless its student_init makes the student from the teacher",
             )
     _check_gates(out, v)
     if kinds & NEEDS_TRAIN:
         v.check(
-            bool(spec.data.train.path),
+            bool(out.data.train.path),
             "data.train.path",
             f"required by the {', '.join(sorted(kinds & NEEDS_TRAIN))} stage(s)",
         )
+
+
+def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations) -> None:
+    """Model and data paths (normalised in `out`), data files row by row, answers where sft needs them."""
     for name in ("teacher", "student"):
         ref = getattr(out, name)
         if ref.path:
-            ref.path = _model_path(ref.path, f"{name}.path", policy, v)
+            ref.path = model_path(ref.path, f"{name}.path", policy, v)
         if ref.tokenizer_path:
-            ref.tokenizer_path = _model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
+            ref.tokenizer_path = model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
     loaded = {}
     for split in ("train", "eval", "unlabeled", "test"):
         ref = getattr(out.data, split)
         if ref.path and ref.format in pb.DatasetFormat.values():
-            loaded[split] = _check_dataset(ref, f"data.{split}", policy, v)
+            loaded[split] = check_dataset(ref, f"data.{split}", policy, v)
     if "sft" in kinds:
         for split in ("train", "eval"):
             v.check(
@@ -131,16 +108,11 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
                 f"data.{split}.path",
                 "sft needs answers: a completion column or chat messages ending with the assistant's turn",
             )
-    _check_reward_columns(out, loaded.get("train"), v)
-    _check_tokenizers(out, v)
-    _check_target_modules(out, v)
-    if v.items:
-        raise InvalidArgument(v.items)
-    return out, warnings
+    check_reward_columns(out, loaded.get("train"), v)
 
 
 def validate_request(request_id: str, labels: dict[str, str]) -> None:
-    v = _Violations()
+    v = Violations()
     v.check(not request_id or bool(REQUEST_ID.match(request_id)), "request_id", "must match [A-Za-z0-9._-]{1,128}")
     v.check(len(labels) <= 64, "labels", "at most 64 labels")
     for k, val in labels.items():
@@ -152,7 +124,7 @@ def validate_request(request_id: str, labels: dict[str, str]) -> None:
         raise InvalidArgument(v.items)
 
 
-def _check_enums(msg, path: str, v: _Violations) -> None:
+def _check_enums(msg, path: str, v: Violations) -> None:
     """Proto3 enums are open: a client can send a number no enum value has. Refuse those, anywhere."""
     for fd, value in msg.ListFields():
         name = f"{path}.{fd.name}" if path else fd.name
@@ -166,7 +138,7 @@ def _check_enums(msg, path: str, v: _Violations) -> None:
                 v.check(item in fd.enum_type.values_by_number, name, f"{item} is not a {fd.enum_type.name} ({known})")
 
 
-def _check_stages(spec: pb.JobSpec, v: _Violations) -> set[str]:
+def _check_stages(spec: pb.JobSpec, v: Violations) -> set[str]:
     kinds, names = set(), set()
     for i, stage in enumerate(spec.stages):
         kind = stage.WhichOneof("kind")
@@ -197,7 +169,7 @@ def _check_stages(spec: pb.JobSpec, v: _Violations) -> set[str]:
     return kinds
 
 
-def _audit(s: pb.AuditStage, p: str, v: _Violations) -> None:
+def _audit(s: pb.AuditStage, p: str, v: Violations) -> None:
     v.number(s.min_rows, f"{p}.min_rows", lo=0)
     for name in ("max_empty_fraction", "max_duplicate_fraction", "max_near_duplicate_fraction", "max_leakage_fraction"):
         v.number(getattr(s, name), f"{p}.{name}", lo=0, hi=1)
@@ -205,13 +177,13 @@ def _audit(s: pb.AuditStage, p: str, v: _Violations) -> None:
     v.number(s.max_tokens, f"{p}.max_tokens", lo=1)
 
 
-def _lora(s: pb.LoraConfig, p: str, v: _Violations) -> None:
+def _lora(s: pb.LoraConfig, p: str, v: Violations) -> None:
     v.number(s.r, f"{p}.r", lo=1)
     v.number(s.alpha, f"{p}.alpha", lo=0, lo_open=True)
     v.check(0 <= s.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
 
 
-def _optim(s: pb.OptimConfig, p: str, v: _Violations) -> None:
+def _optim(s: pb.OptimConfig, p: str, v: Violations) -> None:
     v.number(s.learning_rate, f"{p}.learning_rate", lo=0, hi=1, lo_open=True)
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "checkpoint_every"):
         v.number(getattr(s, name), f"{p}.{name}", lo=1)
@@ -220,23 +192,25 @@ def _optim(s: pb.OptimConfig, p: str, v: _Violations) -> None:
     v.check(0 <= s.zero_stage <= 3, f"{p}.zero_stage", "must be 0, 1, 2 or 3")
 
 
-def _rewards(rewards, p: str, v: _Violations) -> None:
+def _rewards(rewards, p: str, v: Violations) -> None:
     for j, r in enumerate(rewards):
         _reward_name(r.name, f"{p}[{j}].name", v)
         v.number(r.weight, f"{p}[{j}].weight")
         v.number(r.timeout_s, f"{p}[{j}].timeout_s", lo=0, lo_open=True)
 
 
-def _reward_name(name: str, path: str, v: _Violations) -> None:
+def _reward_name(name: str, path: str, v: Violations) -> None:
     """A built-in, `model:/path`, or `pkg.module:fn` from an allowed module that imports."""
-    if name in BUILTINS:
+    if name in BUILTIN_NAMES:
         return
     if name.startswith("model:"):
-        _model_path(name.removeprefix("model:"), path, v.policy, v)
+        model_path(name.removeprefix("model:"), path, v.policy, v)
         return
     module, sep, fn = name.partition(":")
     if not sep or not module or not fn.isidentifier():
-        v.check(False, path, f"{name!r} is not a built-in ({', '.join(BUILTINS)}), pkg.module:function or model:/path")
+        v.check(
+            False, path, f"{name!r} is not a built-in ({', '.join(BUILTIN_NAMES)}), pkg.module:function or model:/path"
+        )
         return
     if not module_allowed(module, v.policy.reward_modules):
         raise PermissionDenied(
@@ -249,7 +223,7 @@ def _reward_name(name: str, path: str, v: _Violations) -> None:
     v.check(found, path, f"module {module!r} does not import on the server")
 
 
-def _qlora(adapter: int, optim: pb.OptimConfig, p: str, v: _Violations) -> None:
+def _qlora(adapter: int, optim: pb.OptimConfig, p: str, v: Violations) -> None:
     """QLoRA needs bitsandbytes on the cluster, and DeepSpeed cannot partition 4-bit weights."""
     if adapter != pb.ADAPTER_TYPE_QLORA:
         return
@@ -265,7 +239,7 @@ def _qlora(adapter: int, optim: pb.OptimConfig, p: str, v: _Violations) -> None:
     )
 
 
-def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
+def _sft(s: pb.SftStage, p: str, v: Violations) -> None:
     _qlora(s.adapter, s.optim, p, v)
     v.check(
         not (s.merge and s.adapter == pb.ADAPTER_TYPE_QLORA),
@@ -278,7 +252,7 @@ def _sft(s: pb.SftStage, p: str, v: _Violations) -> None:
     v.number(s.eval_every, f"{p}.eval_every", lo=1)
 
 
-def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
+def _grpo(s: pb.GrpoStage, p: str, v: Violations) -> None:
     _qlora(s.adapter, s.optim, p, v)
     v.check(s.group_size == 0 or s.group_size >= 2, f"{p}.group_size", "must be >= 2")
     v.choice(s.loss_type, f"{p}.loss_type", LOSS_TYPES)
@@ -298,7 +272,7 @@ def _grpo(s: pb.GrpoStage, p: str, v: _Violations) -> None:
     _optim(s.optim, f"{p}.optim", v)
 
 
-def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
+def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.choice(s.mode, f"{p}.mode", DISTILL_MODES)
     v.number(s.student_init.keep_every_nth_layer, f"{p}.student_init.keep_every_nth_layer", lo=1)
     v.number(s.min_agreement, f"{p}.min_agreement", lo=0, hi=1)
@@ -317,14 +291,14 @@ def _distill(s: pb.DistillStage, p: str, v: _Violations) -> None:
     _optim(s.optim, f"{p}.optim", v)
 
 
-def _evaluate(s: pb.EvaluateStage, p: str, v: _Violations) -> None:
+def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
     v.check(len(s.metrics) > 0, f"{p}.metrics", "name at least one metric (any reward function)")
     _rewards(s.metrics, f"{p}.metrics", v)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
 
 
-def _check_gates(spec: pb.JobSpec, v: _Violations) -> None:
+def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
     """Evaluation gates name models that earlier stages produce and metrics the stage measures;
     a distillation baseline needs data.train."""
     for i, stage in enumerate(spec.stages):
@@ -345,14 +319,14 @@ def _check_gates(spec: pb.JobSpec, v: _Violations) -> None:
             v.number(gate.min_margin, f"{p}.min_margin")
 
 
-def _export(s: pb.ExportStage, p: str, v: _Violations) -> None:
+def _export(s: pb.ExportStage, p: str, v: Violations) -> None:
     v.choice(s.dtype, f"{p}.dtype", DTYPES)
 
 
 CHECKS = {"audit": _audit, "sft": _sft, "grpo": _grpo, "distill": _distill, "evaluate": _evaluate, "export": _export}
 
 
-def _check_resources(r: pb.Resources, v: _Violations) -> None:
+def _check_resources(r: pb.Resources, v: Violations) -> None:
     for role in ("generator", "scorer", "trainer", "student"):
         rr = getattr(r, role)
         v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
@@ -360,135 +334,3 @@ def _check_resources(r: pb.Resources, v: _Violations) -> None:
         v.number(rr.num_gpus, f"resources.{role}.num_gpus", lo=0)
         for name, amount in rr.custom.items():
             v.number(amount, f"resources.{role}.custom[{name!r}]", lo=0)
-
-
-def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:
-    """Absolute path inside one of `roots` (relative paths are taken from the first root)."""
-    p = Path(path)
-    resolved = (p if p.is_absolute() else roots[0] / p).resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
-        raise PermissionDenied(f"{field_path}: {path!r} is outside the server's allowed roots")
-    return resolved
-
-
-def _model_path(path: str, field_path: str, policy: Policy, v: _Violations) -> str:
-    if path.startswith("pkg://"):
-        package, _, rel = path[len("pkg://") :].partition("/")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            v.check(False, field_path, f"package {package!r} is not installed on the server")
-        elif not (Path(next(iter(spec.submodule_search_locations))) / rel).is_file():
-            v.check(False, field_path, f"package {package!r} has no file {rel!r}")
-        return path
-    resolved = _resolve(path, field_path, policy.data_roots + policy.model_roots)
-    if resolved.is_dir():
-        v.check(
-            any((resolved / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")),
-            field_path,
-            f"{resolved} has no config.json or tokenizer files",
-        )
-    else:
-        v.check(
-            resolved.suffix == ".gguf" and resolved.is_file(),
-            field_path,
-            f"{resolved} is neither a model directory nor a .gguf file",
-        )
-    return str(resolved)
-
-
-def _check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: _Violations) -> datasets.Dataset | None:
-    """Check the file row by row; return it (its shape and columns)."""
-    resolved = _resolve(ref.path, f"{p}.path", policy.data_roots)
-    ref.path = str(resolved)
-    try:
-        return datasets.load_ref(ref)
-    except datasets.DataError as e:
-        v.check(False, f"{p}.path", str(e))
-        return None
-
-
-def _check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: _Violations) -> None:
-    """A built-in reward that compares with a reference column needs that column in the prompts
-    (a `completion` column reaches reward functions as `reference`)."""
-    if train is None:
-        return
-    columns = {"reference" if c == "completion" else c for c in train.columns}
-    for i, stage in enumerate(spec.stages):
-        if stage.WhichOneof("kind") != "grpo":
-            continue
-        for j, r in enumerate(stage.grpo.rewards):
-            fn = BUILTINS.get(r.name)
-            default = inspect.signature(fn).parameters.get("column") if fn else None
-            if default is None:
-                continue
-            column = r.args.get("column", default.default)
-            v.check(
-                column in columns,
-                f"stages[{i}].grpo.rewards[{j}].args['column']",
-                f"the train data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})",
-            )
-
-
-def _tokenizer_digest(path: str) -> str | None:
-    """sha256 of a model directory's tokenizer.json, or None when it cannot be read here."""
-    f = Path(path) / "tokenizer.json"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
-
-
-def _check_tokenizers(spec: pb.JobSpec, v: _Violations) -> None:
-    """Logit KD compares distributions over one vocabulary: a student with another tokenizer can
-    only learn from the teacher's text (alpha: 1, sequence-level KD)."""
-    if not (spec.teacher.path and spec.student.path):
-        return
-    teacher = _tokenizer_digest(spec.teacher.tokenizer_path or spec.teacher.path)
-    student = _tokenizer_digest(spec.student.tokenizer_path or spec.student.path)
-    if teacher is None or student is None or teacher == student:
-        return
-    for i, stage in enumerate(spec.stages):
-        if stage.WhichOneof("kind") != "distill":
-            continue
-        d = stage.distill
-        v.check(
-            d.HasField("alpha") and d.alpha == 1,
-            f"stages[{i}].distill.alpha",
-            "logit KD needs a student that shares the teacher's tokenizer, and these differ; "
-            "set alpha: 1 (sequence-level KD on the teacher's answers only)",
-        )
-        v.check(
-            d.mode != "on_policy" and not getattr(d, "lambda"),
-            f"stages[{i}].distill.mode",
-            "on-policy distillation grades the student's tokens with the teacher's: it needs a shared tokenizer",
-        )
-
-
-def model_modules(path: str) -> set[str] | None:
-    """Names of the modules holding weights in a safetensors checkpoint (e.g. q_proj, lm_head),
-    read from the files' JSON headers without loading a tensor. None when they cannot be read."""
-    root = Path(path)
-    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
-    names: set[str] = set()
-    for f in files:
-        try:
-            with f.open("rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError):
-            return None
-        names |= {k.rsplit(".", 2)[-2] for k in header if k != "__metadata__" and k.count(".") >= 1}
-    return names or None
-
-
-def _check_target_modules(spec: pb.JobSpec, v: _Violations) -> None:
-    """A LoRA target module the teacher does not have is an error now, not at the first step."""
-    modules = model_modules(spec.teacher.path) if spec.teacher.path else None
-    if modules is None:
-        return
-    for i, stage in enumerate(spec.stages):
-        kind = stage.WhichOneof("kind")
-        if kind in ("sft", "grpo"):
-            for j, name in enumerate(getattr(stage, kind).lora.target_modules):
-                v.check(
-                    name in modules,
-                    f"stages[{i}].{kind}.lora.target_modules[{j}]",
-                    f"the teacher has no module {name!r} (it has e.g. {', '.join(sorted(modules)[:8])})",
-                )

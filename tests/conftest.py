@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from services.ray_auth import enable_ray_token_auth, ray_token_available
+from stillroom.services.ray_auth import enable_ray_token_auth, ray_token_available
 
 BIN = Path(sys.executable).parent
 # Tests run Ray with its token authentication on, as in production: make sure a token exists, and
@@ -202,7 +201,7 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def client(self, tenant: str = "alice", token: str | None = None):
-        from services.client import Client
+        from stillroom.services.client import Client
 
         return Client(self.address, token=token if token is not None else TOKENS[tenant], timeout_s=60)
 
@@ -243,7 +242,7 @@ def start_server(tmp_path, ray_cluster, tokens_file):
 
 
 def audit_spec(data_root: Path, **audit):
-    from services.recipes import parse
+    from stillroom.services.recipes import parse
 
     return parse(
         {

@@ -6,18 +6,23 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
+from stillroom.actors.roles.scorer import RewardSpec, ScorerSpec
+from stillroom.actors.roles.trainer import TrainerSpec
+from stillroom.actors.runtime.batches import make_batch, training_arrays
+from stillroom.actors.runtime.cluster import Placement, RoleGroup, release_job
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
 
-from actors.batches import make_batch
-from actors.pipeline import LoopConfig, TrainLoop
-from actors.queues import Journal
-from actors.ray_actors import Placement, RoleGroup, release_job
-from actors.reward import RewardSpec, ScorerSpec
-from actors.teacher import GeneratorSpec, SamplingParams
-from actors.trainer import TrainerSpec
 from tests.service.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 N_BATCHES = 6
+
+
+def reward_weighted(batch):
+    """Every completion token, weighted by its sample's reward."""
+    return training_arrays(batch, pad_id=0, weight_column="reward"), {}
 
 
 def prompts(n=N_BATCHES):
@@ -71,14 +76,19 @@ def test_pipeline_moves_every_batch_once_and_ranks_stay_in_sync(ray_client, tiny
             group,
             trainer_spec(tiny_model, tmp_path),
             journal,
-            LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=6), queue_size=2, checkpoint_every=3),
+            LoopConfig(
+                prepare=reward_weighted,
+                sampling=SamplingParams(n=2, max_new_tokens=6),
+                queue_size=2,
+                checkpoint_every=3,
+            ),
         )
         result = loop.run(prompts())
         assert result.trained == [f"b{i:03d}" for i in range(N_BATCHES)]  # none lost, none twice, in order
         assert journal.ids() == result.trained
         names = {a.name for a in alive(ray_client, "job-pipe1")[0]}
         assert names == {"job-pipe1:generator:0", "job-pipe1:scorer:0", "job-pipe1:trainer:0", "job-pipe1:trainer:1"}
-        rows = [r for b in journal.replay() for r in b.to_pylist()]
+        rows = [r for b in map(journal.read, journal.ids()) for r in b.to_pylist()]
         assert len(rows) == N_BATCHES * 2 * 2 and len({r["sample_id"] for r in rows}) == len(rows)
         assert len(result.syncs) == N_BATCHES + 1  # initial + one per step
         trainers = group.actors["trainer"]
@@ -96,7 +106,7 @@ def test_pipeline_moves_every_batch_once_and_ranks_stay_in_sync(ray_client, tiny
             group,
             replace(trainer_spec(tiny_model, tmp_path), checkpoint_dir=str(tmp_path / "c2")),
             journal,
-            LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=6)),
+            LoopConfig(prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=6)),
         )
         assert again.run(prompts()).replayed == N_BATCHES
     finally:
@@ -119,8 +129,8 @@ def test_killed_trainer_resumes_from_checkpoint_at_the_same_cursor(ray_client, t
         group,
         trainer_spec(tiny_model, tmp_path),
         journal,
-        LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=6), checkpoint_every=2),
-        report=kill_after_third_step,
+        LoopConfig(prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=6), checkpoint_every=2),
+        on_metrics=kill_after_third_step,
     )
     try:
         result = loop.run(prompts())
@@ -130,7 +140,7 @@ def test_killed_trainer_resumes_from_checkpoint_at_the_same_cursor(ray_client, t
         assert result.trained == ["b000", "b001", "b002", "b002", "b003", "b004", "b005"]
         assert [s["step"] for s in result.steps] == [1, 2, 3, 3, 4, 5, 6]  # optimizer steps follow the cursor
         assert journal.ids() == [f"b{i:03d}" for i in range(N_BATCHES)]
-        rows = [r["sample_id"] for b in journal.replay() for r in b.to_pylist()]
+        rows = [r["sample_id"] for b in map(journal.read, journal.ids()) for r in b.to_pylist()]
         assert len(rows) == len(set(rows)) == N_BATCHES * 4  # each sample journaled exactly once
     finally:
         group.close()
@@ -139,8 +149,7 @@ def test_killed_trainer_resumes_from_checkpoint_at_the_same_cursor(ray_client, t
 
 def test_roles_span_two_nodes(ray_client, tiny_model, tmp_path):
     from ray.util.state import list_actors
-
-    from actors.ray_actors import Placement as P
+    from stillroom.actors.runtime.cluster import Placement as P
 
     nodes = {n["NodeID"] for n in ray_client.nodes() if n["Alive"]}
     assert len(nodes) == 2
@@ -159,7 +168,7 @@ def test_roles_span_two_nodes(ray_client, tiny_model, tmp_path):
             group,
             trainer_spec(tiny_model, tmp_path),
             Journal(tmp_path / "journal"),
-            LoopConfig(sampling=SamplingParams(n=2, max_new_tokens=4)),
+            LoopConfig(prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=4)),
         )
         assert loop.run(prompts(2)).trained == ["b000", "b001"]
         placed = {
@@ -208,9 +217,13 @@ def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_m
         trainer_spec(tiny_model, tmp_path, zero=0),
         Journal(tmp_path / "journal"),
         LoopConfig(
-            sampling=SamplingParams(n=2, max_new_tokens=4), max_staleness=max_staleness, queue_size=4, poll_s=0.01
+            prepare=reward_weighted,
+            sampling=SamplingParams(n=2, max_new_tokens=4),
+            max_staleness=max_staleness,
+            queue_size=4,
+            poll_s=0.01,
         ),  # the loop often waits while its producers are still at work
-        report=lambda m: seen.append(m["policy/staleness"]) if "policy/staleness" in m else None,
+        on_metrics=lambda m: seen.append(m["policy/staleness"]) if "policy/staleness" in m else None,
     )
     try:
         loop.run(prompts())

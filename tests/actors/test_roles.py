@@ -8,13 +8,20 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from actors.batches import batch_id, make_batch, training_arrays
-from actors.queues import END, Channel, Journal, Seen, pump
-from actors.reward import RewardScorer, RewardSpec, ScorerSpec, resolve
-from actors.rewards import exact_match, json_fields, json_valid, length_penalty, numeric_match, regex_format
-from actors.teacher import GeneratorSpec, SamplingParams, TeacherGenerator
-from actors.trainer import Trainer, TrainerSpec, latest_complete
+from stillroom.actors.algo.rewards import (
+    exact_match,
+    json_fields,
+    json_valid,
+    length_penalty,
+    numeric_match,
+    regex_format,
+)
+from stillroom.actors.roles.generator import Generator, GeneratorSpec, SamplingParams
+from stillroom.actors.roles.scorer import RewardScorer, RewardSpec, ScorerSpec, resolve
+from stillroom.actors.roles.trainer import Trainer, TrainerSpec, latest_complete
+from stillroom.actors.runtime.batches import batch_id, make_batch, training_arrays
+from stillroom.actors.runtime.channels import END, Channel, Seen, pump
+from stillroom.actors.runtime.journal import Journal
 
 PROMPTS = make_batch("b000", {"prompt": ["ticket about billing", "order shipping refund"], "answer": ["1", "2"]})
 
@@ -29,7 +36,7 @@ def sleepy(prompts, completions, **_):
 
 
 def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
-    gen = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=1))
+    gen = Generator(GeneratorSpec(str(tiny_model), seed=1))
     # Prompts of very different lengths: left padding under the shared-prefix cache of n samples.
     long_prompt = "order shipping refund " * 6
     prompts = make_batch("b000", {"prompt": ["ticket about billing", long_prompt], "answer": ["1", "2"]})
@@ -101,7 +108,7 @@ def test_journal_and_seen(tmp_path):
     j.write(make_batch("s1/b002", {"x": [1, 2]}))
     j.write(make_batch("s1/b001", {"x": [3]}))
     assert j.ids() == ["s1/b001", "s1/b002"] and j.has("s1/b001")
-    assert [batch_id(b) for b in j.replay()] == ["s1/b001", "s1/b002"]
+    assert [batch_id(j.read(i)) for i in j.ids()] == ["s1/b001", "s1/b002"]
     assert j.read("s1/b002").column("x").to_pylist() == [1, 2]
     seen = Seen()
     assert [seen.fresh(i) for i in ("a", "b", "a")] == [True, True, False] and seen.dropped == 1
@@ -163,7 +170,7 @@ def test_trainer_learns_checkpoints_resumes_and_syncs(tiny_model, tmp_path, adap
     assert again.learning_rate() == lr  # the scheduler came back too
     assert again.train_step(arrays)["loss"] == pytest.approx(after, abs=1e-5)
 
-    gen = TeacherGenerator(GeneratorSpec(str(tiny_model), lora_r=8 if adapter == "lora" else 0))
+    gen = Generator(GeneratorSpec(str(tiny_model), lora_r=8 if adapter == "lora" else 0))
     ids = arrays["input_ids"][:2]
     assert not np.allclose(gen.logits(ids), again.logits(ids), atol=1e-4)
     gen.load_weights(again.weights(), version=6)
@@ -182,7 +189,7 @@ def test_zero3_trainer_gathers_full_weights_for_sync(tiny_model, tmp_path):
     assert losses[-1] < losses[0]
     weights = trainer.weights()
     assert weights["model.embed_tokens.weight"].ndim == 2  # gathered, not a ZeRO-3 partition
-    gen = TeacherGenerator(GeneratorSpec(str(tiny_model)))
+    gen = Generator(GeneratorSpec(str(tiny_model)))
     gen.load_weights(weights, version=3)
     ids = arrays["input_ids"][:2]
     np.testing.assert_allclose(gen.logits(ids), trainer.logits(ids), atol=1e-5)
@@ -230,11 +237,12 @@ def test_qlora_trainer_learns_after_inference(tiny_model, tmp_path):
 def test_student_distills_from_teacher_topk(tiny_model, tiny_tokenizer, tmp_path):
     """Teacher samples with top-k log-probs; a different student trained on them with pure KD
     (alpha 0) moves toward the teacher: its KD loss falls."""
-    from actors.trainer import Objective
+    from stillroom.actors.algo.objectives import KdObjective
+
     from tests.conftest import save_tiny_llama
 
     save_tiny_llama(tmp_path / "student", tiny_tokenizer, seed=5)
-    teacher = TeacherGenerator(GeneratorSpec(str(tiny_model), seed=2))
+    teacher = Generator(GeneratorSpec(str(tiny_model), seed=2))
     samples = teacher.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=6, topk_logprobs=8))
     arrays = training_arrays(samples, pad_id=0)
     assert arrays["topk_ids"].shape == (*arrays["loss_mask"].shape, 8)
@@ -242,6 +250,6 @@ def test_student_distills_from_teacher_topk(tiny_model, tiny_tokenizer, tmp_path
     start = len(first["prompt_ids"]) - 1
     assert arrays["topk_ids"][0, start, 0] == first["topk_ids"][0]  # the top-k lines up with its token
     student = Trainer(TrainerSpec(str(tmp_path / "student"), adapter="none", learning_rate=5e-3, master_port=29004))
-    objective = Objective("distill", alpha=0.0, kd_loss="forward_kl")
+    objective = KdObjective(alpha=0.0, kd_loss="forward_kl")
     losses = [student.train_step(arrays, objective)["loss/kd"] for _ in range(8)]
     assert losses[-1] < 0.7 * losses[0], losses

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stillroom.actors.models.students import from_config, from_teacher_layers, kept_layers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.students import from_config, from_teacher_layers, kept_layers
 from tests.conftest import save_tiny_llama
 
 

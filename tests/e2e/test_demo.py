@@ -12,10 +12,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from stillroom.services.recipes import load
 from stillroom.v1 import job_pb2 as pb
 
 from examples.tickets.generate import main as generate_tickets
-from services.recipes import load
 from tests.conftest import BIN, TOKENS
 
 pytestmark = pytest.mark.slow

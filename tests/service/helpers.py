@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import grpc
+from stillroom.services.recipes import parse
 from stillroom.v1 import job_pb2 as pb
 
-from services.recipes import parse
 from tests.conftest import write_jsonl
 
 

@@ -10,10 +10,10 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from stillroom.services.client import Client
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2 as api
 
-from services.client import Client
 from tests.conftest import READ_ONLY_TOKEN, audit_spec
 from tests.service.helpers import code, wait_state
 

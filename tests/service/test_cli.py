@@ -138,7 +138,7 @@ def _self_signed(tmp_path):
 
 
 def test_tls(start_server, data_root, tmp_path):
-    from services.client import Client
+    from stillroom.services.client import Client
 
     cert, key = _self_signed(tmp_path)
     server = start_server(data_root, "--tls-cert", str(cert), "--tls-key", str(key))

@@ -8,10 +8,10 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stillroom.actors.runtime.cluster import supervisor_name
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2 as api
 
-from actors.ray_actors import supervisor_name
 from tests.conftest import audit_spec
 from tests.service.helpers import alive_actors, slow_spec, wait_for, wait_state
 

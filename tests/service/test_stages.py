@@ -6,9 +6,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from stillroom.services.recipes import parse
 from stillroom.v1 import job_pb2 as pb
 
-from services.recipes import parse
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from stillroom.actors.common.datasets import Example
+from stillroom.actors.stages.audit import (
+    audit_split,
+    jaccard,
+    leakage,
+    length_stats,
+    near_duplicate_pairs,
+    shingles,
+    violations,
+)
 from stillroom.v1 import job_pb2 as pb
-
-from actors.audit import audit_split, jaccard, leakage, length_stats, near_duplicate_pairs, shingles, violations
-from actors.datasets import Example
 
 
 def words(texts):

@@ -6,8 +6,8 @@ import datasets as hf
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from stillroom.actors.common.datasets import DataError, load, to_example
 
-from actors.datasets import DataError, load, to_example
 from tests.conftest import write_jsonl
 
 ROWS = [{"prompt": "p1", "completion": "c1", "label": "x"}, {"prompt": "p2", "completion": "c2", "label": "y"}]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.filters import best_of_n, canonical, majority_vote, min_reward, valid_only
+from stillroom.actors.algo.filters import best_of_n, canonical, majority_vote, min_reward, valid_only
 
 
 def test_canonical_answers():
@@ -29,12 +29,11 @@ def test_majority_vote_by_hand():
 
 def test_distill_retokenizes_for_a_student_with_another_tokenizer(tiny_tokenizer, tmp_path):
     """Sequence-level KD across tokenizers: the kept teacher texts are encoded with the student's."""
+    from stillroom.actors.runtime.batches import make_batch
+    from stillroom.actors.stages.distill import DistillConfig, foreign_tokenizer, prepare
     from stillroom.v1 import job_pb2 as pb
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from actors.batches import make_batch
-    from actors.distill import DistillConfig, foreign_tokenizer, prepare
 
     other = Tokenizer(models.WordLevel(unk_token="<unk>"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -68,10 +67,9 @@ def test_distill_epochs_replay_the_teachers_batches_and_agreement_filters():
     import dataclasses
 
     import pyarrow as pa
+    from stillroom.actors.runtime.batches import batch_id, make_batch, replay_of
+    from stillroom.actors.stages.distill import DistillConfig, keep, prompt_batches
     from stillroom.v1 import job_pb2 as pb
-
-    from actors.batches import batch_id, make_batch, replay_of
-    from actors.distill import DistillConfig, keep, prompt_batches
 
     rows = [{"prompt": f"ticket {i}"} for i in range(10)]
     cfg = dataclasses.replace(DistillConfig.of(pb.DistillStage(prompts_per_step=4)), epochs=2)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
-from actors.losses import group_advantages, grpo_loss, k3_kl, masked_mean, token_logprobs, weighted_nll
+from stillroom.actors.algo.advantages import group_advantages
+from stillroom.actors.algo.losses import grpo_loss, k3_kl, masked_mean, token_logprobs, weighted_nll
 
 
 def test_token_logprobs_and_weighted_nll_by_hand():
@@ -118,7 +118,7 @@ def test_grpo_loss_matches_a_loop_reference_on_random_inputs(loss_type):
 def test_topk_buckets_with_tail_by_hand():
     # vocab 3; teacher top-1 is token 0 with p = 0.5 -> buckets [0.5, 0.5 (tail)]
     # student logits log([0.25, 0.25, 0.5]) -> buckets [0.25, 0.75]
-    from actors.losses import topk_buckets
+    from stillroom.actors.algo.losses import topk_buckets
 
     student = torch.log(torch.tensor([[[0.25, 0.25, 0.5]]]))
     log_p, log_q = topk_buckets(student, torch.tensor([[[0]]]), torch.log(torch.tensor([[[0.5]]])))
@@ -127,7 +127,7 @@ def test_topk_buckets_with_tail_by_hand():
 
 
 def test_kd_divergences_by_hand():
-    from actors.losses import kd_divergence
+    from stillroom.actors.algo.losses import kd_divergence
 
     p = torch.log(torch.tensor([[[0.5, 0.5]]]))
     q = torch.log(torch.tensor([[[0.25, 0.75]]]))
@@ -146,7 +146,7 @@ def test_kd_divergences_by_hand():
 
 
 def test_distill_loss_mixes_ce_and_kd_and_matches_full_kl_when_k_is_the_vocab():
-    from actors.losses import distill_loss
+    from stillroom.actors.algo.losses import distill_loss
 
     g = torch.Generator().manual_seed(0)
     student = torch.randn(2, 4, 5, generator=g)

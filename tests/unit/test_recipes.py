@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from services.recipes import RecipeError, apply_set, load
+from stillroom.services.recipes import RecipeError, apply_set, load
 
 
 def test_recipe_with_overrides(tmp_path):

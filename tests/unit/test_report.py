@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from stillroom.actors.common.job_report import eval_table, evaluation, render, series
+from stillroom.actors.stages.evaluate import gate_verdict
 from stillroom.v1 import job_pb2 as pb
-
-from actors.evaluate import gate_verdict
-from actors.report import eval_table, evaluation, render, series
 
 
 def _metrics(stage: str, **values) -> pb.Event:

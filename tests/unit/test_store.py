@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from stillroom.services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from stillroom.services.store import Store
 from stillroom.v1 import job_pb2 as pb
-
-from services.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from services.store import Store
 
 
 def make(store: Store, job_id: str, tenant: str = "a", request_id: str | None = None, h: str = "h", **kw):

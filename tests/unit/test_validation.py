@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from stillroom.services.errors import InvalidArgument, PermissionDenied
+from stillroom.services.recipes import parse
+from stillroom.services.validation import Policy, validate, validate_request
 
-from services.errors import InvalidArgument, PermissionDenied
-from services.recipes import parse
-from services.validation import Policy, validate, validate_request
 from tests.conftest import write_jsonl
 
 

@@ -1,6 +1,7 @@
 """Trainer: one rank of a data-parallel group running DeepSpeed (ZeRO 0-3) on a causal LM, with
-LoRA through peft or full fine-tuning. A plain class: the supervisor makes k of them Ray actors
-(actors/ray_actors.py); tests and GPU scripts use it directly.
+LoRA through peft or full fine-tuning. A plain class: runtime/cluster.py makes k of them Ray
+actors; tests and GPU scripts use it directly. What a step minimises is the objective it is given
+(algo/objectives.py).
 
 Checkpoints hold the weights (or adapter), optimizer, scheduler, RNG and the data cursor. They are
 written atomically: DeepSpeed writes <dir>/step-N/, then rank 0 writes step-N/COMPLETE after every
@@ -9,29 +10,25 @@ rank is done; resume picks the newest complete one.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
+import deepspeed.ops
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from actors.losses import (
-    distill_loss,
-    entropy,
-    grpo_loss,
-    kd_divergence,
-    token_logprobs,
-    topk_buckets,
-    weighted_nll,
-)
-from actors.metrics import record, role_of
-from actors.models import use_all_cores
+from peft import PeftModel, get_peft_model_state_dict
+from stillroom.actors.algo.losses import kd_divergence, token_logprobs, topk_buckets
+from stillroom.actors.algo.objectives import NLL, Objective
+from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
+from stillroom.actors.runtime.metrics import record, role_of
 
 COMPLETE = "COMPLETE"
 
@@ -42,14 +39,14 @@ class TrainerSpec:
 
     model_path: str
     name: str = "trainer"  # <job-id>:trainer:<rank> when it runs as an actor
-    adapter: str = "lora"  # lora | none
+    adapter: str = "lora"  # lora | qlora | none
     adapter_path: str = ""  # start from this saved PEFT adapter (e.g. an earlier sft stage's)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     learning_rate: float = 1e-4
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay (optim.weight_decay)
     warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
     zero_stage: int = 0
     micro_batch_size: int = 8
@@ -61,14 +58,11 @@ class TrainerSpec:
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    extra_ds_config: dict = field(default_factory=dict)
 
 
 def _quiet_deepspeed() -> None:
-    """Skip DeepSpeed's op probing and its shared-memory comm op: compiling it costs ~60 s on the
-    first init and training never uses it (STACK.md). An empty table marks every op unavailable."""
-    import deepspeed.ops
-
+    """Skip DeepSpeed's shared-memory comm op: compiling it costs ~60 s on the first init on CPU and
+    training never uses it. An empty table marks every op unavailable."""
     if "__compatible_ops__" not in deepspeed.ops.__dict__:
         deepspeed.ops.__dict__["__compatible_ops__"] = {}
     deepspeed.ops.__dict__["__compatible_ops__"]["deepspeed_shm_comm"] = False
@@ -77,8 +71,8 @@ def _quiet_deepspeed() -> None:
 def ds_config(spec: TrainerSpec) -> dict:
     zero: dict = {"stage": spec.zero_stage}
     if spec.zero_stage >= 2:
-        zero["overlap_comm"] = False  # overlap makes every CPU step take ~1 s (STACK.md)
-    cfg = {
+        zero["overlap_comm"] = False  # on CPU, overlap makes every step take ~1 s instead of tens of ms
+    return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.gradient_accumulation_steps,
         "zero_optimization": zero,
@@ -87,25 +81,6 @@ def ds_config(spec: TrainerSpec) -> dict:
         "steps_per_print": 10**9,
         "bf16": {"enabled": spec.dtype == "bfloat16"},
     }
-    return {**cfg, **spec.extra_ds_config}
-
-
-@dataclass(frozen=True)
-class Objective:
-    """What a train step minimises: "nll" (SFT, reward-weighted NLL), "grpo" (clipped surrogate
-    with the loss type's normalisation, plus beta * k3 KL against the reference model) or "distill"
-    (alpha * CE + (1 - alpha) * KD against the teacher's top-k, at a temperature)."""
-
-    kind: str = "nll"
-    loss_type: str = "dapo"
-    epsilon: float = 0.2
-    epsilon_high: float = 0.0  # 0: same as epsilon
-    beta: float = 0.0
-    max_completion_length: int = 0
-    alpha: float = 0.5
-    kd_loss: str = "forward_kl"
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
 
 
 class Trainer:
@@ -132,8 +107,6 @@ class Trainer:
 
     def _init_distributed(self) -> None:
         _quiet_deepspeed()
-        import deepspeed
-
         s = self.spec
         os.environ.update(
             MASTER_ADDR=s.master_addr,
@@ -154,32 +127,15 @@ class Trainer:
         return self.spec.adapter in ("lora", "qlora")
 
     def _build_model(self):
-        from transformers import AutoModelForCausalLM
-
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.spec.dtype]
-        if self.spec.adapter == "qlora":
-            model = load_4bit(self.spec.model_path, dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(self.spec.model_path, dtype=dtype)
+        s = self.spec
+        model = load_causal_lm(s.model_path, s.dtype, quantize_4bit=s.adapter == "qlora", trainable=True)
         if not self.uses_adapter:
             return model
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if self.spec.adapter_path:
-            return PeftModel.from_pretrained(model, self.spec.adapter_path, is_trainable=True)
-        targets = list(self.spec.target_modules) or "all-linear"
-        config = LoraConfig(
-            r=self.spec.lora_r,
-            lora_alpha=self.spec.lora_alpha,
-            lora_dropout=self.spec.lora_dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, config)
+        if s.adapter_path:
+            return PeftModel.from_pretrained(model, s.adapter_path, is_trainable=True)
+        return with_new_adapter(model, s.lora_r, s.lora_alpha, s.lora_dropout, s.target_modules)
 
     def _build_engine(self):
-        import deepspeed
-
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
         warmup = max(1, self.spec.warmup_steps)
@@ -194,7 +150,7 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, arrays: dict[str, np.ndarray], objective: Objective = Objective()) -> dict[str, float]:
+    def train_step(self, arrays: dict[str, np.ndarray], objective: Objective = NLL) -> dict[str, float]:
         """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights;
         for GRPO also advantages and old_logprobs), in gradient-accumulation chunks."""
         started = time.perf_counter()
@@ -219,41 +175,7 @@ class Trainer:
 
     def _loss(self, t: dict[str, torch.Tensor], objective: Objective) -> tuple[torch.Tensor, dict[str, float]]:
         logits, t = forward_from_first_loss(self.engine, t)
-        logprobs = token_logprobs(logits, t["input_ids"])
-        if objective.kind == "nll":
-            return weighted_nll(logprobs, t["loss_mask"], t.get("weights")), {}
-        if objective.kind == "distill" and "topk_ids" not in t:  # sequence-level KD: the teacher's text only
-            ce = weighted_nll(logprobs, t["loss_mask"])
-            return ce, {"loss/ce": float(ce)}
-        if objective.kind == "distill":
-            o = objective
-            return distill_loss(
-                logits,
-                t["input_ids"],
-                t["loss_mask"],
-                t["topk_ids"],
-                t["topk_logprobs"],
-                o.alpha,
-                o.kd_loss,
-                o.jsd_beta,
-                o.temperature,
-            )
-        ref = self._reference_logprobs(t) if objective.beta else None
-        old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
-        loss, metrics = grpo_loss(
-            logprobs,
-            old,
-            t["advantages"],
-            t["loss_mask"],
-            objective.loss_type,
-            objective.epsilon,
-            objective.epsilon_high or None,
-            objective.beta,
-            ref,
-            objective.max_completion_length or None,
-        )
-        metrics["entropy"] = entropy(logits[:, :-1].detach(), t["loss_mask"])
-        return loss, metrics
+        return objective.loss(logits, t, reference=lambda: self._reference_logprobs(t))
 
     @torch.no_grad()
     def _reference_logprobs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -264,9 +186,7 @@ class Trainer:
                 logits, t = forward_from_first_loss(self.engine.module, t)
         else:
             if getattr(self, "_reference", None) is None:
-                from transformers import AutoModelForCausalLM
-
-                self._reference = AutoModelForCausalLM.from_pretrained(self.spec.model_path).to(self.engine.device)
+                self._reference = load_causal_lm(self.spec.model_path).to(self.engine.device)
                 self._reference.eval().requires_grad_(False)
             logits, t = forward_from_first_loss(self._reference, t)
         return token_logprobs(logits, t["input_ids"])
@@ -292,14 +212,15 @@ class Trainer:
         mask = t["loss_mask"].float()
         return float((kd_divergence(log_p, log_q, "forward_kl") * mask).sum()), int(mask.sum())
 
-    def save_adapter(self, path: str, merged: str = "") -> str:
-        """The trained adapter in PEFT format (or the full model when not training LoRA), and on
-        request a merged model at `merged`. Rank 0 writes."""
+    def save_pretrained(self, path: str, merged: str = "") -> str:
+        """What this rank trains, in HF format: the adapter in PEFT format under LoRA (and on request
+        the adapter merged into its base at `merged`), else the whole model. Rank 0 writes."""
         module = self.engine.module
         if self.spec.rank == 0:
             module.save_pretrained(path)
             if merged and self.uses_adapter:
-                _merged(module, merged)
+                # merge a copy: the training copy keeps its adapter
+                copy.deepcopy(module).merge_and_unload().save_pretrained(merged)
         dist.barrier()
         return path
 
@@ -307,12 +228,10 @@ class Trainer:
 
     def weights(self) -> dict[str, np.ndarray]:
         """The trainable weights as numpy copies: the adapter (peft names) under LoRA, else every
-        parameter. Copies, never ZeRO views: pickling a view ships its whole flat buffer (STACK.md).
-        Under ZeRO-3 every rank must call this (it gathers the partitions)."""
+        parameter. Copies, never ZeRO views: under ZeRO-1/2 pickling a view ships its whole flat
+        buffer, once per tensor. Under ZeRO-3 every rank must call this (it gathers the partitions)."""
         module = self.engine.module
         if self.spec.zero_stage == 3:
-            import deepspeed
-
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
                 return _state(module, self.uses_adapter)
         return _state(module, self.uses_adapter)
@@ -375,31 +294,6 @@ def forward_from_first_loss(model, t: dict[str, torch.Tensor]) -> tuple[torch.Te
     return logits, {k: v[:, start:] if v.dim() >= 2 else v for k, v in t.items()}
 
 
-def load_4bit(path: str, dtype: torch.dtype):
-    """The base model quantised to 4-bit nf4 (bitsandbytes) and prepared for LoRA training (QLoRA).
-    On CPUs with AVX512-BF16 the first inference forward repacks 4-bit weights into an inference-only
-    layout and training then silently stops learning (STACK.md): the repack is switched off first."""
-    import bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=config, device_map="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
-def _merged(module, path: str) -> None:
-    """Save adapter-merged weights without disturbing the training copy."""
-    import copy
-
-    copy.deepcopy(module).merge_and_unload().save_pretrained(path)
-
-
 def latest_complete(checkpoint_dir: str) -> str | None:
     """The newest step-N directory with a COMPLETE marker; half-written ones are ignored."""
     root = Path(checkpoint_dir)
@@ -409,8 +303,6 @@ def latest_complete(checkpoint_dir: str) -> str | None:
 
 def _state(module: torch.nn.Module, adapter_only: bool) -> dict[str, np.ndarray]:
     if adapter_only:
-        from peft import get_peft_model_state_dict
-
         tensors = get_peft_model_state_dict(module)
     else:
         tensors = dict(module.named_parameters())

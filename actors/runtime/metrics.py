@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
+import ray
+from ray.util.metrics import Gauge
+
 _GAUGES: dict[str, object] = {}
 
 
 def record(name: str, value: float, job_id: str, role: str) -> None:
     """Set gauge `stillroom_<name>` for (job_id, role), e.g. tokens_generated_per_s."""
-    import ray
-
     if not ray.is_initialized():
         return
-    from ray.util.metrics import Gauge
-
     gauge = _GAUGES.get(name)
     if gauge is None:
         gauge = _GAUGES[name] = Gauge(
@@ -31,6 +30,7 @@ def role_of(name: str) -> tuple[str, str]:
 def write_tensorboard(series: dict[str, dict[str, list[tuple[float, float]]]], root) -> None:
     """TensorBoard event files, one run per stage (root/<stage>/), from report.series(events):
     `tensorboard --logdir <artifacts>/<job>/tensorboard` needs no network and no account."""
+    # imported here: the supervisor imports this module, and the control plane imports the supervisor
     from torch.utils.tensorboard import SummaryWriter
 
     for stage, metrics in series.items():

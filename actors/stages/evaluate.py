@@ -11,20 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from stillroom.actors.common import datasets
+from stillroom.actors.common.job_report import eval_table
+from stillroom.actors.models.loading import inference_dtype, model_dir
+from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
+from stillroom.actors.roles.scorer import RewardScorer, scorer_spec
+from stillroom.actors.runtime.batches import rows_batch
+from stillroom.actors.runtime.context import StageContext, StageFailed
+from stillroom.actors.stages.wiring import held_out
 from stillroom.v1 import job_pb2 as pb
-
-from actors import datasets
-from actors.batches import make_batch
-from actors.models import inference_dtype, model_dir
-from actors.report import eval_table
-from actors.reward import RewardScorer, scorer_spec
-from actors.supervisor import StageContext, StageFailed
-from actors.teacher import GeneratorSpec, SamplingParams
 
 
 def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
     """The models to compare: what the job started from, and every model its stages produced
-    (registered under the names actors.stage_registry.produced_models gives them)."""
+    (registered under the names stillroom.actors.common.stages.produced_models gives them)."""
     dtype = inference_dtype()
     models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, dtype=dtype, seed=spec.seed)}
     for name, (path, adapter) in ctx.outputs.get("models", {}).items():
@@ -39,30 +39,30 @@ def size_bytes(spec: GeneratorSpec) -> int:
 
 def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Stage entry point."""
-    held = spec.data.test if spec.data.test.path else spec.data.eval
+    held = held_out(spec)
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
     rows = datasets.as_prompts(datasets.load_ref(held).rows[: params.limit or None])
     scorer = RewardScorer(scorer_spec(params.metrics, ctx.reward_modules))
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator",))
-    report: dict[str, dict] = {}
+    results: dict[str, dict] = {}
     models = candidates(spec, ctx)
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
-        report[name] = evaluate_model(generator, scorer, rows, greedy)
-        report[name]["size_bytes"] = size_bytes(gen_spec)
+        results[name] = evaluate_model(generator, scorer, rows, greedy)
+        results[name]["size_bytes"] = size_bytes(gen_spec)
         roles.stop("generator")
-        ctx.metrics({f"eval/{name}/{k}": v for k, v in report[name].items()})
+        ctx.metrics({f"eval/{name}/{k}": v for k, v in results[name].items()})
         ctx.progress(done + 1, len(models), "models")
     out = ctx.artifact_dir / ctx.stage
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))  # in the order the job made them
-    verdicts = [gate_verdict(g, report) for g in params.gates]
+    (out / "report.json").write_text(json.dumps(results, indent=2))  # in the order the job made them
+    verdicts = [gate_verdict(g, results) for g in params.gates]
     (out / "report.md").write_text(
         f"# Evaluation on {len(rows)} held-out rows\n\n"
-        + eval_table(report)
+        + eval_table(results)
         + "".join(f"\n- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in verdicts)
     )
     ctx.artifact(out / "report.json", "report")
@@ -74,12 +74,12 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         raise StageFailed("; ".join(failed))
 
 
-def gate_verdict(gate: pb.EvalGate, report: dict[str, dict]) -> tuple[bool, str]:
+def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str]:
     """(passed, what was compared and by how much)."""
     for name in (gate.model, gate.baseline):
-        if name not in report:
-            return False, f"{name} was not evaluated (models: {', '.join(report)})"
-    a, b = report[gate.model].get(gate.metric, float("nan")), report[gate.baseline].get(gate.metric, float("nan"))
+        if name not in results:
+            return False, f"{name} was not evaluated (models: {', '.join(results)})"
+    a, b = results[gate.model].get(gate.metric, float("nan")), results[gate.baseline].get(gate.metric, float("nan"))
     ok = a - b > gate.min_margin
     return ok, (
         f"{gate.model} {gate.metric} {a:.3f} vs {gate.baseline} {b:.3f}: {a - b:+.3f} "
@@ -94,7 +94,7 @@ def evaluate_model(
     tokens, seconds = 0, 0.0
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
-        batch = make_batch(f"eval/{lo}", {k: [r.get(k) for r in chunk] for k in chunk[0]})
+        batch = rows_batch(f"eval/{lo}", chunk)
         started = time.perf_counter()
         samples = ray.get(generator.generate.remote(batch, greedy))
         seconds += time.perf_counter() - started

@@ -54,3 +54,20 @@ def majority_vote(completions: list[str], eligible: list[int] | None = None) -> 
     )
     first = next(i for i in pool if canonical(completions[i]) == answer)
     return [first], votes / len(completions)
+
+
+def select(
+    kind: str, rewards: list[float | None], completions: list[str], threshold: float = 0.0, min_agreement: float = 0.0
+) -> tuple[list[int], float | None]:
+    """The samples of one prompt group that filter `kind` keeps, and (majority_vote only) the
+    agreement: best_of_n, min_reward (at `threshold`), valid_only, or majority_vote among the samples
+    the rewards call valid (all of them when nothing was scored), kept only at `min_agreement`."""
+    if kind == "best_of_n":
+        return best_of_n(rewards), None
+    if kind == "min_reward":
+        return min_reward(rewards, threshold), None
+    if kind == "valid_only":
+        return valid_only(rewards), None
+    valid = valid_only(rewards) if any(r is not None for r in rewards) else None
+    chosen, agreement = majority_vote(completions, valid)
+    return (chosen if agreement >= min_agreement else []), agreement

@@ -15,10 +15,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import numpy as np
+from stillroom.actors.common import datasets
+from stillroom.actors.models.loading import load_tokenizer
+from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.v1 import job_pb2 as pb
-
-from actors import datasets
-from actors.supervisor import StageContext, StageFailed
 
 TRAIN_SIDE, EVAL_SIDE = ("train", "unlabeled"), ("eval", "test")
 _PRIME = (1 << 61) - 1
@@ -290,7 +290,5 @@ def _token_counter(spec: pb.JobSpec) -> tuple[Callable[[list[str]], list[int]], 
     """Count with the teacher's tokenizer when there is one, else in words."""
     if not spec.teacher.path:
         return (lambda texts: [len(t.split()) for t in texts]), "words"
-    from actors.models import load_tokenizer
-
     tok = load_tokenizer(spec.teacher)
     return (lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]), "tokens"

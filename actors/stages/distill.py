@@ -1,8 +1,9 @@
-"""The `distill` stage (offline mode): the tuned teacher labels prompts, filters keep the samples
-worth learning from, and the student learns from them with alpha * CE + (1 - alpha) * KD over the
-teacher's top-k log-probs.
+"""The `distill` stage: the tuned teacher labels prompts, filters keep the samples worth learning
+from, and the student learns from them with alpha * CE + (1 - alpha) * KD over the teacher's top-k
+log-probs (offline); or, with `lambda`, from its own samples graded token by token by the teacher
+(on-policy, GKD).
 
-    prompts -> TeacherGenerator (n samples, top-k) -> RewardScorer -> filter -> Trainer (student)
+    prompts -> Generator (teacher: n samples, top-k) -> RewardScorer -> filter -> Trainer (student)
 
 What the teacher wrote is journaled under content-addressed batch ids (teacher, sampling, prompts):
 a later job that names this one in `reuse_journal_of` replays it and generates nothing.
@@ -19,58 +20,50 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
+from stillroom.actors.algo import filters
+from stillroom.actors.algo.objectives import KdObjective
+from stillroom.actors.common import datasets
+from stillroom.actors.models.loading import encode_examples, inference_dtype, model_dir
+from stillroom.actors.models.students import from_config, from_teacher_layers
+from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
+from stillroom.actors.roles.scorer import scorer_spec
+from stillroom.actors.runtime.batches import batch_id, make_batch, replay, rows_batch, training_arrays
+from stillroom.actors.runtime.context import StageContext
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
+from stillroom.actors.runtime.trainers import eval_sums, train_step
+from stillroom.actors.stages.sft import step_order, train_rows
+from stillroom.actors.stages.wiring import held_out, save_model, step_reporter, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
-
-from actors import datasets, filters
-from actors.batches import batch_id, make_batch, replay, shard, training_arrays
-from actors.models import inference_dtype, model_dir
-from actors.pipeline import LoopConfig, TrainLoop
-from actors.queues import Journal
-from actors.reward import scorer_spec
-from actors.sft import encode, step_order, train_rows
-from actors.students import from_config, from_teacher_layers
-from actors.supervisor import StageContext
-from actors.teacher import GeneratorSpec, SamplingParams
-from actors.trainer import Objective, TrainerSpec
+from transformers import AutoTokenizer
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     on_policy_fraction: float  # lambda: the share of steps that train on the student's own samples
-    on_policy_objective: Objective
+    on_policy_objective: KdObjective
     num_samples: int
     filter: str
     min_reward: float
     min_agreement: float
     sampling: SamplingParams
-    objective: Objective
+    objective: KdObjective
     prompts_per_step: int
     epochs: int
     max_steps: int
-    learning_rate: float
     eval_prompts: int
+    max_ahead: int | None
 
     @classmethod
     def of(cls, p: pb.DistillStage) -> DistillConfig:
-        n = p.num_samples or 4
+        n, temperature = p.num_samples or 4, p.temperature or 1.0
         sampling = SamplingParams(
             n=n, max_new_tokens=p.max_new_tokens or 64, temperature=1.0, topk_logprobs=p.top_k or 8
         )
-        objective = Objective(
-            "distill",
-            alpha=p.alpha if p.HasField("alpha") else 0.5,
-            kd_loss=p.kd_loss or "forward_kl",
-            jsd_beta=p.jsd_beta or 0.5,
-            temperature=p.temperature or 1.0,
-        )
+        alpha = p.alpha if p.HasField("alpha") else 0.5
+        objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature)
         on_policy = getattr(p, "lambda") or (1.0 if p.mode == "on_policy" else 0.0)
-        student_kd = Objective(
-            "distill",
-            alpha=0.0,
-            kd_loss=p.kd_loss or "reverse_kl",
-            jsd_beta=p.jsd_beta or 0.5,
-            temperature=p.temperature or 1.0,
-        )
+        student_kd = KdObjective(0.0, p.kd_loss or "reverse_kl", p.jsd_beta or 0.5, temperature)
         return cls(
             on_policy,
             student_kd,
@@ -83,9 +76,89 @@ class DistillConfig:
             p.prompts_per_step or 8,
             p.optim.epochs or 1,
             p.optim.max_steps,
-            p.optim.learning_rate or 5e-4,
             p.eval_prompts or 16,
+            p.max_ahead if p.HasField("max_ahead") else None,
         )
+
+    def loop(self, prepare_batch, checkpoint_every: int) -> LoopConfig:
+        """Offline distillation: no weight syncs (the teacher is frozen), max_ahead bounds generation."""
+        return LoopConfig(
+            prepare=prepare_batch,
+            sampling=self.sampling,
+            objective=self.objective,
+            sync_every=0,
+            max_ahead=self.max_ahead,
+            checkpoint_every=checkpoint_every,
+        )
+
+
+def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
+    """The teacher labels prompts, the filter keeps what is worth learning, the student learns it
+    (or its own samples, graded by the teacher); held-out KL before and after; save the student
+    (and, with `baseline`, its twin trained on the labelled rows alone)."""
+    cfg = DistillConfig.of(params)
+    teacher, adapter = tuned_policy(ctx, spec)
+    out = ctx.artifact_dir / ctx.stage
+    student = student_dir(spec, params, teacher, adapter, out)
+    foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
+    roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
+    roles.start(
+        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
+    )
+    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
+    batches = prompt_batches(datasets.load_ref(prompt_source(spec)).rows, teacher + adapter, cfg, spec.seed)
+    trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4)
+    prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign)
+    loop = TrainLoop(
+        roles,
+        trainer,
+        Journal(journal_root(params, ctx)),
+        cfg.loop(prepare_batch, params.optim.checkpoint_every or 10),
+        on_metrics=step_reporter(ctx, len(batches)),
+        cancelled=ctx.is_cancelled,
+    )
+    loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
+    eval_prompts = [] if foreign is not None else held_out_prompts(spec, cfg.eval_prompts)
+    if eval_prompts:
+        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
+    if cfg.on_policy_fraction:
+        roles.start("student", GeneratorSpec(student, seed=spec.seed))
+        on_policy_loop(loop, batches, cfg, ctx, spec.seed)
+    else:
+        ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
+    if eval_prompts:
+        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
+    ctx.outputs["student_model"] = save_model(ctx, roles.actors["trainer"], student, out / "student", "model")
+    ctx.offer_model("student", ctx.outputs["student_model"])
+    if params.baseline:
+        roles.stop("trainer")
+        trainers = roles.start("trainer", replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")))
+        train_baseline(trainers, student, spec, cfg, steps=len(batches), ctx=ctx)
+        ctx.offer_model("student_baseline", save_model(ctx, trainers, student, out / "student-baseline", "model"))
+
+
+def prompt_source(spec: pb.JobSpec) -> pb.DatasetRef:
+    """What the teacher labels: data.unlabeled, else data.train."""
+    return spec.data.unlabeled if spec.data.unlabeled.path else spec.data.train
+
+
+def journal_root(params: pb.DistillStage, ctx: StageContext) -> Path:
+    """This stage's journal, or that of the earlier job `reuse_journal_of` names."""
+    job_dir = ctx.artifact_dir.parent / params.reuse_journal_of if params.reuse_journal_of else ctx.artifact_dir
+    return job_dir / ctx.stage / "journal"
+
+
+def held_out_prompts(spec: pb.JobSpec, n: int) -> list[str]:
+    ref = held_out(spec)
+    return [r["prompt"] for r in datasets.load_ref(ref).rows[:n]] if ref.path else []
+
+
+def teacher_metrics(replayed: int, batches: int, journal: Journal) -> dict[str, float]:
+    return {
+        "teacher/generated_batches": batches - replayed,
+        "teacher/replayed_batches": replayed,
+        "journal/bytes": journal.bytes(),
+    }
 
 
 def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str:
@@ -104,8 +177,7 @@ def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig, seed: int
     first = []
     for lo in range(0, min(per_epoch, -(-steps // cfg.epochs)) * cfg.prompts_per_step, cfg.prompts_per_step):
         chunk = rows[lo : lo + cfg.prompts_per_step]
-        columns = {k: [r.get(k) for r in chunk] for k in chunk[0]}
-        first.append(make_batch(batch_key(teacher, cfg.sampling, columns["prompt"]), columns))
+        first.append(rows_batch(batch_key(teacher, cfg.sampling, [r.get("prompt") for r in chunk]), chunk))
     batches, rng = list(first), np.random.default_rng(seed)
     for epoch in range(1, cfg.epochs):
         for i in rng.permutation(len(first)):
@@ -121,19 +193,12 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
     completions = batch.column("completion").to_pylist()
     kept, agreement = [], []
     for lo in range(0, rows, n):
-        group = rewards[lo : lo + n]
-        if cfg.filter == "best_of_n":
-            chosen = filters.best_of_n(group)
-        elif cfg.filter == "min_reward":
-            chosen = filters.min_reward(group, cfg.min_reward)
-        elif cfg.filter == "valid_only":
-            chosen = filters.valid_only(group)
-        else:  # majority_vote: among samples the rewards call valid, when there are rewards
-            valid = filters.valid_only(group) if any(r is not None for r in group) else None
-            chosen, agree = filters.majority_vote(completions[lo : lo + n], valid)
-            agreement.append(agree)
-            chosen = chosen if agree >= cfg.min_agreement else []
+        chosen, agree = filters.select(
+            cfg.filter, rewards[lo : lo + n], completions[lo : lo + n], cfg.min_reward, cfg.min_agreement
+        )
         kept += [lo + i for i in chosen]
+        if agree is not None:
+            agreement.append(agree)
     metrics = {"distill/kept_fraction": len(kept) / max(rows, 1)}
     if agreement:
         metrics["distill/agreement"] = float(np.mean(agreement))
@@ -154,15 +219,14 @@ def prepare(
             datasets.Example(p, c)
             for p, c in zip(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist(), strict=True)
         ]
-        return training_arrays(make_batch("retokenized", encode(student_tokenizer, texts, 4096)), pad_id=0), metrics
+        arrays = training_arrays(make_batch("retokenized", encode_examples(student_tokenizer, texts, 4096)), pad_id=0)
+        return arrays, metrics
     metrics["distill/topk_bytes_per_token"] = float(cfg.sampling.topk_logprobs * (4 + 2))  # int32 id + float16
     return training_arrays(batch, pad_id=0), metrics
 
 
 def foreign_tokenizer(teacher: str, student: str):
     """The student's tokenizer when its vocabulary differs from the teacher's, else None."""
-    from transformers import AutoTokenizer
-
     t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     return None if t.get_vocab() == s.get_vocab() else s
 
@@ -192,14 +256,8 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     )
     samples = ray.get(generator.generate.remote(make_batch("eval", {"prompt": prompts}), greedy))
     arrays = training_arrays(samples, pad_id=0)
-    total, count = ray.get(trainers[0].eval_kd.remote(arrays))
+    total, count = eval_sums(trainers[:1], "eval_kd", arrays)
     return total / max(count, 1)
-
-
-def _report(metrics: dict[str, float], ctx: StageContext, total: int) -> None:
-    ctx.metrics(metrics)
-    if "train/step" in metrics:
-        ctx.progress(int(metrics["train/step"]), total, "steps")
 
 
 def on_policy_loop(
@@ -229,106 +287,20 @@ def on_policy_loop(
             arrays, metrics = prepare(scored, cfg)
             metrics["distill/on_policy"], objective = 0.0, cfg.objective
         if arrays:
-            shards = [shard(arrays, r, len(roles["trainer"])) for r in range(len(roles["trainer"]))]
-            results = ray.get(
-                [t.train_step.remote(s, objective) for t, s in zip(roles["trainer"], shards, strict=True)]
-            )
-            metrics.update({k: float(np.mean([m[k] for m in results])) for k in ("loss", "loss/kd", "loss/ce")})
+            step_metrics = train_step(roles["trainer"], arrays, objective)
+            metrics.update({k: step_metrics[k] for k in ("loss", "loss/kd", "loss/ce")})
         ray.get(student.load_weights.remote(ray.get(roles["trainer"][0].weights.remote()), step + 1))
         ctx.metrics(metrics)
         ctx.progress(step + 1, len(batches), "steps")
 
 
-def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
-    """Stage entry point."""
-    cfg = DistillConfig.of(params)
-    teacher = ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))
-    adapter = ctx.outputs.get("policy_adapter", "")
-    out = ctx.artifact_dir / ctx.stage
-    student = student_dir(spec, params, teacher, adapter, out)
-    source = spec.data.unlabeled if spec.data.unlabeled.path else spec.data.train
-    rows = datasets.load_ref(source).rows
-    held = spec.data.test if spec.data.test.path else spec.data.eval
-    eval_prompts = [r["prompt"] for r in datasets.load_ref(held).rows[: cfg.eval_prompts]] if held.path else []
-    journal_root = out / "journal"
-    if params.reuse_journal_of:
-        journal_root = ctx.artifact_dir.parent / params.reuse_journal_of / ctx.stage / "journal"
-    roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
-    roles.start(
-        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
-    )
-    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    trainer = TrainerSpec(
-        student,
-        adapter="none",
-        learning_rate=cfg.learning_rate,
-        seed=spec.seed,
-        checkpoint_dir=str(out / "checkpoints"),
-        zero_stage=params.optim.zero_stage,
-    )
-    batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
-    foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
-    if foreign is not None:
-        eval_prompts = []  # a KL over the teacher's vocabulary means nothing for this student
-    loop = TrainLoop(
-        roles,
-        trainer,
-        Journal(journal_root),
-        LoopConfig(
-            sampling=cfg.sampling,
-            prepare=partial(prepare, cfg=cfg, student_tokenizer=foreign),
-            objective=cfg.objective,
-            sync_every=0,
-            max_staleness=params.max_ahead if params.HasField("max_ahead") else None,
-            checkpoint_every=params.optim.checkpoint_every or 10,
-        ),
-        report=partial(_report, ctx=ctx, total=len(batches)),
-        cancelled=ctx.is_cancelled,
-    )
-    loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
-    if eval_prompts:
-        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
-    if cfg.on_policy_fraction:
-        roles.start("student", GeneratorSpec(student, seed=spec.seed))
-        on_policy_loop(loop, batches, cfg, ctx, spec.seed)
-    else:
-        result = loop.run(batches)
-        generated = len(batches) - result.replayed
-        ctx.metrics(
-            {
-                "teacher/generated_batches": generated,
-                "teacher/replayed_batches": result.replayed,
-                "journal/bytes": Journal(journal_root).bytes(),
-            }
-        )
-    if eval_prompts:
-        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
-    saved = save_student(roles.actors["trainer"], student, out / "student", ctx)
-    ctx.outputs["student_model"] = saved
-    ctx.offer_model("student", saved)
-    if params.baseline:
-        roles.stop("trainer")
-        trainers = roles.start("trainer", replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")))
-        train_baseline(trainers, student, spec, cfg, steps=len(batches), ctx=ctx)
-        ctx.offer_model("student_baseline", save_student(trainers, student, out / "student-baseline", ctx))
-
-
-def save_student(trainers: list, init: str, path: Path, ctx: StageContext) -> str:
-    from transformers import AutoTokenizer
-
-    ray.get([t.save_adapter.remote(str(path)) for t in trainers])
-    AutoTokenizer.from_pretrained(init).save_pretrained(path)
-    ctx.artifact_tree(path, "model")
-    return str(path)
-
-
-def train_baseline(trainers: list, student: str, spec: pb.JobSpec, cfg: DistillConfig, steps: int, ctx) -> None:
+def train_baseline(
+    trainers: list, student: str, spec: pb.JobSpec, cfg: DistillConfig, steps: int, ctx: StageContext
+) -> None:
     """The same student init trained on data.train's gold answers alone, for as many steps of as
     many rows as the distillation had: what distillation must beat."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(student)
-    gold = encode(tok, datasets.load_ref(spec.data.train).examples(), 4096)
+    gold = encode_examples(tok, datasets.load_ref(spec.data.train).examples(), 4096)
     n = len(gold["prompt_ids"])
     epochs = -(-steps * cfg.prompts_per_step // n)  # ceil: enough passes over the gold rows
     order = step_order(n, cfg.prompts_per_step, spec.seed, epochs=epochs, max_steps=steps)

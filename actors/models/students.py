@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 
 def kept_layers(num_layers: int, every: int) -> list[int]:
@@ -23,12 +25,8 @@ def from_teacher_layers(teacher_dir: str | Path, out_dir: str | Path, every: int
     """Save a student made of the teacher's layers kept_layers(n, every), with the teacher's
     embeddings, final norm, head and tokenizer. With `adapter` (the tuned teacher's LoRA), the
     adapter is merged first, so the student starts from the tuned layers. Returns the kept indices."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     if adapter:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     layers = model.model.layers
     keep = kept_layers(len(layers), every)
@@ -47,8 +45,6 @@ def from_teacher_layers(teacher_dir: str | Path, out_dir: str | Path, every: int
 def from_config(teacher_dir: str | Path, out_dir: str | Path, seed: int = 0, **overrides) -> None:
     """Save a randomly initialised student of the teacher's architecture with `overrides` (e.g.
     num_hidden_layers=4, hidden_size=256), sharing the teacher's tokenizer and vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     config = AutoConfig.from_pretrained(teacher_dir)
     for key, value in overrides.items():
         if not hasattr(config, key):

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 BATCH_ID = b"stillroom.batch_id"
 REPLAY_OF = b"stillroom.replay_of"  # a prompt batch to be trained on what the teacher wrote for another
-# The columns a TeacherGenerator writes per sample; every other column is a dataset column.
+# The columns a Generator writes per sample; every other column is a dataset column.
 GENERATED_COLUMNS = (
     "sample_id",
     "prompt",
@@ -33,6 +33,11 @@ def make_batch(batch_id: str, columns: dict[str, list]) -> pa.RecordBatch:
     """A record batch that carries its id in the schema metadata."""
     batch = pa.RecordBatch.from_pydict(columns)
     return batch.replace_schema_metadata({BATCH_ID: batch_id.encode()})
+
+
+def rows_batch(batch_id: str, rows: list[dict]) -> pa.RecordBatch:
+    """A record batch of dataset rows (dicts), one column per key of the first row."""
+    return make_batch(batch_id, {k: [r.get(k) for r in rows] for k in rows[0]})
 
 
 def batch_id(batch: pa.RecordBatch) -> str:

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 # kind (the JobSpec Stage oneof field) -> "module:function"
 _RUNNERS = {
-    "audit": "actors.audit:run",
-    "sft": "actors.sft:run",
-    "grpo": "actors.grpo:run",
-    "distill": "actors.distill:run",
-    "evaluate": "actors.evaluate:run",
-    "export": "actors.export:run",
+    "audit": "stillroom.actors.stages.audit:run",
+    "sft": "stillroom.actors.stages.sft:run",
+    "grpo": "stillroom.actors.stages.grpo:run",
+    "distill": "stillroom.actors.stages.distill:run",
+    "evaluate": "stillroom.actors.stages.evaluate:run",
+    "export": "stillroom.actors.stages.export:run",
 }
 AVAILABLE = tuple(_RUNNERS)
 

@@ -1,12 +1,13 @@
 """The one place where role classes become Ray actors: names, resources, restart policies and the
 job's placement group.
 
-Names read well in the Ray dashboard: `<job-id>:<role>:<rank>`. Role classes are imported lazily
-(they pull in torch), so the control plane can import this module for the supervisor alone.
+Names read well in the Ray dashboard: `<job-id>:<role>:<rank>`. Role classes are imported when a
+role starts (they pull in torch), so the control plane can import this module for the supervisor.
 """
 
 from __future__ import annotations
 
+import importlib
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -14,8 +15,6 @@ from dataclasses import dataclass, replace
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-from actors.supervisor import Supervisor
 
 NAMESPACE = "stillroom"
 
@@ -43,16 +42,6 @@ def supervisor_name(job_id: str) -> str:
     return actor_name(job_id, "supervisor", 0)
 
 
-SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
-
-
-def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
-    """Create (or find, after a crash between create and record) the job's detached supervisor."""
-    return SupervisorActor.options(
-        name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(job_id, spec, artifact_dir, reward_modules)
-
-
 def placement_name(job_id: str) -> str:
     return f"{job_id}:placement"
 
@@ -76,18 +65,19 @@ def release_job(job_id: str) -> None:
         remove_placement_group(pg)
 
 
+# The class each role runs, imported only when a role starts: they pull in torch, and the control
+# plane imports this module (for the supervisor) without it.
+ROLE_CLASSES = {
+    "generator": "stillroom.actors.roles.generator:Generator",
+    "student": "stillroom.actors.roles.generator:Generator",  # a generator sampling from the student
+    "scorer": "stillroom.actors.roles.scorer:RewardScorer",
+    "trainer": "stillroom.actors.roles.trainer:Trainer",
+}
+
+
 def _role_class(role: str):
-    if role in ("generator", "student"):
-        from actors.teacher import TeacherGenerator
-
-        return TeacherGenerator
-    if role == "scorer":
-        from actors.reward import RewardScorer
-
-        return RewardScorer
-    from actors.trainer import Trainer
-
-    return Trainer
+    module, _, name = ROLE_CLASSES[role].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)

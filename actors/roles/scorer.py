@@ -1,10 +1,10 @@
 """RewardScorer: runs a job's reward functions over batches of completions.
 
-A function is a built-in (actors/rewards.py), an import path `pkg.module:fn` with TRL's signature,
+A function is a built-in (algo/rewards.py), an import path `pkg.module:fn` with TRL's signature,
 or a reward model `model:/path` (a sequence-classification checkpoint). Each has a weight and a
 per-call timeout. A function that raises or times out scores None for that call's samples and
 counts an error: it never kills the job. Import paths load only from operator-allowed modules.
-A plain class; made a Ray actor in actors/ray_actors.py.
+A plain class; runtime/cluster.py makes it a Ray actor.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import pyarrow as pa
-
-from actors.batches import GENERATED_COLUMNS, TOPK_COLUMNS, with_columns
-from actors.metrics import record, role_of
-from actors.queues import Channel, pump
-from actors.rewards import BUILTINS
+from stillroom.actors.algo.rewards import BUILTINS
+from stillroom.actors.common.rewards import module_allowed
+from stillroom.actors.runtime.batches import GENERATED_COLUMNS, TOPK_COLUMNS, with_columns
+from stillroom.actors.runtime.channels import Channel, pump
+from stillroom.actors.runtime.metrics import record, role_of
 
 # Columns a generator adds; everything else in a batch is a dataset column passed to reward functions.
 GENERATED = set(GENERATED_COLUMNS + TOPK_COLUMNS)
@@ -56,10 +56,6 @@ class ScorerSpec:
     name: str = "scorer"  # <job-id>:scorer:<rank> when it runs as an actor
 
 
-def module_allowed(module: str, allowed: tuple[str, ...]) -> bool:
-    return any(module == a or module.startswith(a + ".") for a in allowed)
-
-
 def resolve(name: str, allowed: tuple[str, ...]) -> Callable:
     """The callable a reward name means. Raises PermissionError outside the allow-list."""
     if name in BUILTINS:
@@ -78,6 +74,7 @@ class RewardModel:
     """Score = the first logit of a sequence-classification model over prompt + completion."""
 
     def __init__(self, path: str):
+        # imported only for a reward model: a scorer of plain functions never loads torch
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from stillroom.actors.models.loading import DTYPES, model_dir
+from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.v1 import job_pb2 as pb
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from actors.models import model_dir
-from actors.supervisor import StageContext, StageFailed
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE = ["Hello", "Classify this ticket:"]
 
 
@@ -40,8 +40,6 @@ def greedy_tokens(model, tokenizer, prompts: list[str] = PROBE, max_new_tokens: 
 
 
 def save_hf(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
-    from transformers import GenerationConfig
-
     model = model.to(dtype)
     if model.generation_config is None or not model.generation_config.eos_token_id:
         model.generation_config = GenerationConfig(
@@ -53,9 +51,6 @@ def save_hf(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
 
 def run(params: pb.ExportStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Stage entry point."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = DTYPES[params.dtype or "float32"]
     out = ctx.artifact_dir / ctx.stage
     source = ctx.outputs.get("student_model") or ctx.outputs.get("policy_model") or str(model_dir(spec.teacher))

@@ -1,6 +1,6 @@
 """generate -> score -> train through bounded queues: the loop that GRPO and distillation build on.
 
-    prompts --q--> TeacherGenerator x n --q--> RewardScorer x m --q--> train loop (Trainer group x k)
+    prompts --q--> Generator x n --q--> RewardScorer x m --q--> train loop (Trainer group x k)
                          ^------------------- weight sync ----------------------------'
 
 The train loop runs here (in the supervisor): it takes scored batches in batch-id order (so the
@@ -22,31 +22,31 @@ import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 from ray.util.queue import Empty, Queue
+from stillroom.actors.algo.objectives import NllObjective, Objective
+from stillroom.actors.roles.generator import SamplingParams
+from stillroom.actors.runtime.batches import BATCH_ID, batch_id, replay_of
+from stillroom.actors.runtime.channels import END, Channel, Seen
+from stillroom.actors.runtime.cluster import RoleGroup
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.metrics import record
+from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step
 
-from actors.batches import BATCH_ID, batch_id, replay_of, shard, training_arrays
-from actors.metrics import record
-from actors.queues import END, Channel, Journal, Seen
-from actors.ray_actors import RoleGroup
-from actors.teacher import SamplingParams
-from actors.trainer import Objective
-
-
-def reward_weighted(batch: pa.RecordBatch) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The default preparation: every completion token, weighted by its sample's reward."""
-    return training_arrays(batch, pad_id=0, weight_column="reward"), {}
+Prepare = Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]]
 
 
 @dataclass(frozen=True)
 class LoopConfig:
+    # scored batch -> (trainer arrays, metrics): where advantages are computed (GRPO) or samples filtered.
+    prepare: Prepare
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    # batch -> (trainer arrays, metrics): where advantages are computed (GRPO) or rewards weight.
-    prepare: Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]] = reward_weighted
-    objective: Objective = field(default_factory=Objective)
+    objective: Objective = field(default_factory=NllObjective)
     num_iterations: int = 1  # optimizer steps per generated batch (old log-probs kept)
-    # Generation may run at most this many policy versions ahead of training (0: synchronous).
-    # Without weight syncs (distillation), this many batches ahead of training: 0 alternates
-    # generation and training, the fastest when the roles share a few cores. None: the queues bound it.
+    # With weight syncs: generation runs at most this many policy versions ahead of training
+    # (0: synchronous). None: only the queues bound it.
     max_staleness: int | None = None
+    # Without weight syncs (distillation): generation runs at most this many batches ahead of
+    # training; 0 alternates them, the fastest when the roles share a few cores. None: the queues.
+    max_ahead: int | None = None
     sync_every: int = 1
     checkpoint_every: int = 1
     queue_size: int = 4
@@ -71,11 +71,11 @@ class TrainLoop:
         trainer_spec,
         journal: Journal,
         cfg: LoopConfig,
-        report: Callable[[dict], None] = lambda m: None,
+        on_metrics: Callable[[dict], None] = lambda m: None,
         cancelled: Callable[[], bool] = lambda: False,
     ):
         self.roles, self.trainer_spec, self.journal, self.cfg = roles, trainer_spec, journal, cfg
-        self.report, self.cancelled = report, cancelled
+        self.on_metrics, self.cancelled = on_metrics, cancelled
         self.prompts = Channel(Queue(maxsize=cfg.queue_size))
         self.rollouts = Channel(Queue(maxsize=cfg.queue_size))
         self.scored = Channel(Queue(maxsize=cfg.queue_size))
@@ -135,11 +135,13 @@ class TrainLoop:
             self.rollouts.put(END)
 
     def _wait_for_policy(self, i: int) -> None:
-        """Hold batch i back until the generators have the weights of step i - max_staleness."""
-        if self.cfg.max_staleness is None:
+        """Hold batch i back until the generators have the weights of step i - max_staleness
+        (without syncs: until step i - max_ahead is trained)."""
+        lead = self.cfg.max_staleness if self.cfg.sync_every else self.cfg.max_ahead
+        if lead is None:
             return
         with self._synced:
-            self._synced.wait_for(lambda: self._synced_steps >= i - self.cfg.max_staleness or self.cancelled())
+            self._synced.wait_for(lambda: self._synced_steps >= i - lead or self.cancelled())
 
     def _next_scored(self) -> pa.RecordBatch:
         while True:
@@ -170,7 +172,7 @@ class TrainLoop:
                 elif not self.cfg.sync_every:
                     self._advance(len(self.result.trained))  # nothing to sync: the batch is done
                 if cursor % self.cfg.checkpoint_every == 0:
-                    ray.get([t.save_checkpoint.remote(cursor) for t in self.roles.actors["trainer"]])
+                    save_checkpoint(self.roles.actors["trainer"], cursor)
                     return []
                 return batches
             except RayActorError:
@@ -181,33 +183,20 @@ class TrainLoop:
                 replay = batches[:-1]
 
     def _step(self, batch: pa.RecordBatch) -> None:
-        trainers = self.roles.actors["trainer"]
         arrays, metrics = self.cfg.prepare(batch)
         if not arrays:  # nothing in this batch is worth learning from (e.g. every sample filtered out)
             self.result.trained.append(batch_id(batch))
-            self.report(metrics)
+            self.on_metrics(metrics)
             return
-        shards = [shard(arrays, r, len(trainers)) for r in range(len(trainers))]
-        for _ in range(self.cfg.num_iterations):
-            results = ray.get(
-                [t.train_step.remote(s, self.cfg.objective) for t, s in zip(trainers, shards, strict=True)]
-            )
-        step = {
-            "batch_id": batch_id(batch),
-            "step": results[0]["step"],
-            "tokens": sum(m["tokens"] for m in results),
-            "step_s": max(m["step_s"] for m in results),
-        }
-        for key in results[0]:
-            if key not in ("tokens", "step_s", "step"):
-                step[key] = float(np.mean([m[key] for m in results]))
+        step = train_step(self.roles.actors["trainer"], arrays, self.cfg.objective, self.cfg.num_iterations)
+        step["batch_id"] = batch_id(batch)
         synced = self.cfg.sync_every and "policy_version" in batch.schema.names  # else there is no policy to lag
         versions = batch.column("policy_version").to_pylist() if synced else []
         staleness = len(self.result.steps) - float(np.mean(versions)) if versions else 0.0
         self.result.trained.append(step["batch_id"])
         self.result.steps.append(step)
         named = {k: v for k, v in step.items() if k not in ("batch_id", "tokens", "step_s", "step")}  # loss, kl, ...
-        self.report(
+        self.on_metrics(
             {
                 **metrics,
                 **named,
@@ -221,8 +210,7 @@ class TrainLoop:
         """Create the trainer group once; every rank resumes from the newest complete checkpoint.
         Returns the data cursor to continue from."""
         if "trainer" not in self.roles.actors:
-            trainers = self.roles.start("trainer", self.trainer_spec)
-            self._cursor = ray.get([t.resume.remote() for t in trainers])[0]
+            self._cursor = resume(self.roles.start("trainer", self.trainer_spec))
         return self._cursor
 
     def _restart_trainers(self) -> int:
@@ -247,4 +235,4 @@ class TrainLoop:
         self._advance(len(self.result.steps))
         self.result.syncs.append(seconds)
         record("weight_sync_s", seconds, self.roles.job_id, "trainer")
-        self.report({"sync/seconds": seconds, "policy/version": version})
+        self.on_metrics({"sync/seconds": seconds, "policy/version": version})

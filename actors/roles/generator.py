@@ -1,7 +1,8 @@
-"""TeacherGenerator: batched sampling with transformers, from a base model plus an optional PEFT
-adapter. Returns, per sample, the token ids, per-token log-probs and, on request, the top-k
-log-probs per token stored compactly (int32 ids, float16 log-probs). A plain class; made a Ray
-actor in actors/ray_actors.py.
+"""Generator: batched sampling with transformers from any model a job holds (the teacher being
+tuned, the frozen teacher, the student, every evaluated model), plus an optional PEFT adapter.
+Returns, per sample, the token ids, per-token log-probs and, on request, the top-k log-probs per
+token stored compactly (int32 ids, float16 log-probs). A plain class; runtime/cluster.py makes it
+a Ray actor.
 """
 
 from __future__ import annotations
@@ -13,11 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-
-from actors.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
-from actors.metrics import record, role_of
-from actors.models import encode_prompt, use_all_cores
-from actors.queues import Channel, Journal, pump
+from peft import PeftModel, set_peft_model_state_dict
+from stillroom.actors.models.loading import (
+    DTYPES,
+    device,
+    encode_prompt,
+    load_causal_lm,
+    use_all_cores,
+    with_new_adapter,
+)
+from stillroom.actors.runtime.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
+from stillroom.actors.runtime.channels import Channel, pump
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.metrics import record, role_of
+from transformers import AutoTokenizer, DynamicCache
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,6 @@ class GeneratorSpec:
     lora_r: int = 0
     lora_alpha: float = 16.0
     target_modules: tuple[str, ...] = ()
-    chat_template: bool = True  # frame prompts as a user turn when the tokenizer has a template
     quantize_4bit: bool = False  # a QLoRA policy: the same nf4 base the trainer trains on
     frozen: bool = False  # no weight syncs will come: merge the adapter into the base for speed
     dtype: str = "float32"
@@ -46,53 +55,41 @@ class SamplingParams:
     topk_logprobs: int = 0  # record the top-k log-probs per token (for logit KD)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def topk_columns(per_sample_logp: list[torch.Tensor], k: int) -> dict[str, pa.Array]:
+    """The top-k log-probs of each sample's tokens, compact: int32 ids and float16 log-probs,
+    flattened per sample (T*k). per_sample_logp: one (T_i, V) tensor of log-probs per sample."""
+    tops = [torch.topk(logp, k, dim=-1) for logp in per_sample_logp]
+    ids = [top.indices.to(torch.int32).cpu().numpy().reshape(-1) for top in tops]
+    lps = [top.values.to(torch.float16).cpu().numpy().reshape(-1) for top in tops]
+    return {
+        "topk_ids": pa.array([a.tolist() for a in ids], type=pa.list_(pa.int32())),
+        "topk_logprobs": pa.array([a.tolist() for a in lps], type=pa.list_(pa.float16())),
+    }
 
 
-class TeacherGenerator:
+class Generator:
     def __init__(self, spec: GeneratorSpec):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.spec, self.version = spec, 0
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device()
         use_all_cores()
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if spec.quantize_4bit:
-            from transformers import BitsAndBytesConfig
-
-            config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_dtype(spec.dtype)
-            )
-            model = AutoModelForCausalLM.from_pretrained(
-                spec.model_path, quantization_config=config, device_map=self.device
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=_dtype(spec.dtype))
+        model = load_causal_lm(spec.model_path, spec.dtype, spec.quantize_4bit)
         if spec.adapter_path:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, spec.adapter_path, is_trainable=False)
             if spec.frozen and not spec.quantize_4bit:
                 model = model.merge_and_unload()
         elif spec.lora_r:
-            from peft import LoraConfig, get_peft_model
-
-            targets = list(spec.target_modules) or "all-linear"
-            model = get_peft_model(
-                model,
-                LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules=targets, task_type="CAUSAL_LM"),
-            )
+            model = with_new_adapter(model, spec.lora_r, spec.lora_alpha, target_modules=spec.target_modules)
         self.model = (model if spec.quantize_4bit else model.to(self.device)).eval()
         # A weight sync waits for the batch being generated: one batch never mixes two policies.
         self._lock = threading.Lock()
         torch.manual_seed(spec.seed)
 
     def __repr__(self) -> str:
-        return f"TeacherGenerator({self.spec.name}, policy version {self.version})"
+        return f"Generator({self.spec.name}, policy version {self.version})"
 
     def serve(self, inbox: Channel, outbox: Channel, params: SamplingParams, journal_dir: str = "") -> int:
         """Generate for every prompt batch in the inbox until END; journal each result before
@@ -113,7 +110,7 @@ class TeacherGenerator:
         return pump(inbox, outbox, work, report)
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        return [encode_prompt(self.tokenizer, p, self.spec.chat_template) for p in prompts]
+        return [encode_prompt(self.tokenizer, p) for p in prompts]
 
     def generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
         """Sample params.n completions per prompt row. Other columns are repeated per sample."""
@@ -152,8 +149,6 @@ class TeacherGenerator:
         n == 1."""
         if n == 1 or enc["input_ids"].shape[1] < 2:
             return None
-        from transformers import DynamicCache
-
         ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
         cache = DynamicCache()
@@ -167,13 +162,13 @@ class TeacherGenerator:
         extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in columns}
         for name in extra:
             columns[name] = []
-        if params.topk_logprobs:
-            columns["topk_ids"], columns["topk_logprobs"] = [], []
         prompts = batch.column("prompt").to_pylist()
+        lengths = []
         for row in range(new.shape[0]):
             src = row // params.n
             ids = new[row].tolist()
             length = ids.index(eos) + 1 if eos in ids else len(ids)
+            lengths.append(length)
             chosen = logp[row, torch.arange(length), new[row, :length]]
             columns["sample_id"].append(f"{batch_id(batch)}/{src}/{row % params.n}")
             columns["prompt"].append(prompts[src])
@@ -185,29 +180,16 @@ class TeacherGenerator:
             columns["truncated"].append(eos not in ids[:length])
             for name, values in extra.items():
                 columns[name].append(values[src])
-            if params.topk_logprobs:
-                top = torch.topk(logp[row, :length], params.topk_logprobs, dim=-1)
-                columns["topk_ids"].append(top.indices.to(torch.int32).numpy().reshape(-1).tolist())
-                columns["topk_logprobs"].append(top.values.to(torch.float16).numpy().reshape(-1).tolist())
         rb = make_batch(batch_id(batch), columns)
-        if params.topk_logprobs:  # compact storage: int32 ids, float16 log-probs, flattened (T*k)
-            rb = rb.set_column(
-                rb.schema.get_field_index("topk_ids"),
-                "topk_ids",
-                pa.array(columns["topk_ids"], type=pa.list_(pa.int32())),
-            )
-            rb = rb.set_column(
-                rb.schema.get_field_index("topk_logprobs"),
-                "topk_logprobs",
-                pa.array(columns["topk_logprobs"], type=pa.list_(pa.float16())),
-            )
+        if params.topk_logprobs:
+            rb = with_columns(rb, topk_columns([logp[i, :n] for i, n in enumerate(lengths)], params.topk_logprobs))
         return rb.replace_schema_metadata(batch.schema.metadata)
 
     def load_weights(self, weights: dict[str, np.ndarray], version: int) -> float:
         """Install weights from the trainer: a PEFT adapter state dict under LoRA, else full
         parameters. Returns the seconds it took."""
         started = time.perf_counter()
-        tensors = {k: torch.tensor(v, dtype=_dtype(self.spec.dtype), device=self.device) for k, v in weights.items()}
+        tensors = {k: torch.tensor(v, dtype=DTYPES[self.spec.dtype], device=self.device) for k, v in weights.items()}
         with self._lock:
             self._install(tensors)
         self.version = version
@@ -215,8 +197,6 @@ class TeacherGenerator:
 
     def _install(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.spec.lora_r or self.spec.adapter_path:
-            from peft import set_peft_model_state_dict
-
             result = set_peft_model_state_dict(self.model, tensors)
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"adapter keys the generator does not have: {result.unexpected_keys[:3]}")
@@ -231,23 +211,17 @@ class TeacherGenerator:
         (on-policy distillation: the student samples, the teacher grades each token). Replaces the
         batch's topk_ids / topk_logprobs, flattened (T*k) as generate() stores them."""
         prompts, completions = batch.column("prompt_ids").to_pylist(), batch.column("completion_ids").to_pylist()
-        ids, lps = [], []
         with self._lock, torch.no_grad():
-            for p, c in zip(prompts, completions, strict=True):
-                seq = torch.tensor([p + c], device=self.device)
-                logp = torch.log_softmax(
-                    self.model(input_ids=seq).logits[0, len(p) - 1 : len(p) + len(c) - 1].float(), -1
+            logps = [
+                torch.log_softmax(
+                    self.model(input_ids=torch.tensor([p + c], device=self.device))
+                    .logits[0, len(p) - 1 : len(p) + len(c) - 1]
+                    .float(),
+                    -1,
                 )
-                top = torch.topk(logp, k, dim=-1)
-                ids.append(top.indices.to(torch.int32).cpu().numpy().reshape(-1).tolist())
-                lps.append(top.values.to(torch.float16).cpu().numpy().reshape(-1).tolist())
-        return with_columns(
-            batch,
-            {
-                "topk_ids": pa.array(ids, type=pa.list_(pa.int32())),
-                "topk_logprobs": pa.array(lps, type=pa.list_(pa.float16())),
-            },
-        )
+                for p, c in zip(prompts, completions, strict=True)
+            ]
+        return with_columns(batch, topk_columns(logps, k))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

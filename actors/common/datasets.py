@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from stillroom.v1 import job_pb2 as pb
 
 FORMATS = ("jsonl", "parquet", "arrow", "hf_disk")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -225,7 +226,5 @@ def columns_of(ref) -> Columns:
 
 def load_ref(ref) -> Dataset:
     """Load what a stillroom.v1.DatasetRef names."""
-    from stillroom.v1 import job_pb2 as pb
-
     fmt = pb.DatasetFormat.Name(ref.format).removeprefix("DATASET_FORMAT_").lower()
     return load(ref.path, "" if fmt == "unspecified" else fmt, columns_of(ref))

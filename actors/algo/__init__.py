@@ -1,0 +1,2 @@
+"""Pure functions (and small frozen types): losses, objectives, advantages, distillation filters,
+built-in rewards. No Ray, no I/O; tensor shapes in every docstring."""

@@ -1,0 +1,93 @@
+"""What a train step minimises: one small frozen type per kind of loss, each computing its loss from
+the policy's logits over a batch. Adding a loss is a new type with a `loss` method, nothing else.
+
+Every `loss(logits, t, reference)` takes logits (B, T, V) over t["input_ids"] (B, T), the batch's
+per-position arrays t (loss_mask (B, T-1), ...), and `reference`, a callable that returns the
+reference policy's token log-probs (B, T-1) when the objective needs them (it costs a forward).
+Returns (scalar loss, metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from stillroom.actors.algo.losses import distill_loss, entropy, grpo_loss, token_logprobs, weighted_nll
+
+Arrays = dict[str, torch.Tensor]
+Reference = Callable[[], torch.Tensor]
+
+
+def _no_reference() -> torch.Tensor:
+    raise RuntimeError("this objective has no reference policy")
+
+
+@dataclass(frozen=True)
+class NllObjective:
+    """SFT (and sequence-level KD): token NLL of the completions, each sequence scaled by t["weights"]."""
+
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+        return weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t.get("weights")), {}
+
+
+@dataclass(frozen=True)
+class GrpoObjective:
+    """The clipped surrogate with the loss type's normalisation, plus beta * k3 KL to the reference
+    policy. t carries advantages (B,) and, from the generator, old_logprobs (B, T-1)."""
+
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0: same as epsilon
+    beta: float = 0.0
+    max_completion_length: int = 0
+
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+        logprobs = token_logprobs(logits, t["input_ids"])
+        old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
+        loss, metrics = grpo_loss(
+            logprobs,
+            old,
+            t["advantages"],
+            t["loss_mask"],
+            self.loss_type,
+            self.epsilon,
+            self.epsilon_high or None,
+            self.beta,
+            reference() if self.beta else None,
+            self.max_completion_length or None,
+        )
+        metrics["entropy"] = entropy(logits[:, :-1].detach(), t["loss_mask"])
+        return loss, metrics
+
+
+@dataclass(frozen=True)
+class KdObjective:
+    """alpha * CE + (1 - alpha) * KD against the teacher's top-k (t["topk_ids"], t["topk_logprobs"],
+    (B, T-1, k)) at a temperature. Without top-k (a student with another tokenizer), CE on the
+    teacher's text alone: sequence-level KD."""
+
+    alpha: float = 0.5
+    kd_loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+        if "topk_ids" not in t:
+            ce = weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"])
+            return ce, {"loss/ce": float(ce)}
+        return distill_loss(
+            logits,
+            t["input_ids"],
+            t["loss_mask"],
+            t["topk_ids"],
+            t["topk_logprobs"],
+            self.alpha,
+            self.kd_loss,
+            self.jsd_beta,
+            self.temperature,
+        )
+
+
+Objective = NllObjective | GrpoObjective | KdObjective
+NLL = NllObjective()  # the default: SFT

@@ -1,0 +1,125 @@
+"""What a stage may do to the outside world (StageContext): report progress and metrics, write
+artifacts, start role actors, notice cancellation; and the job's append-only event log."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from stillroom.actors.common.stages import produced_models
+from stillroom.actors.runtime.cluster import Placement, RoleGroup
+from stillroom.v1 import job_pb2 as pb
+
+
+class Cancelled(Exception):
+    """Raised inside a stage at its next check after the job was cancelled."""
+
+
+class StageFailed(Exception):
+    """A stage's own, user-facing reason to fail the job (e.g. an audit threshold crossed)."""
+
+
+class EventLog:
+    """Append-only, thread-safe list of serialized Events."""
+
+    def __init__(self) -> None:
+        self._events: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def append(self, event: pb.Event) -> None:
+        event.time.GetCurrentTime()
+        with self._lock:
+            self._events.append(event.SerializeToString())
+
+    def since(self, cursor: int) -> tuple[list[bytes], int]:
+        with self._lock:
+            return self._events[cursor:], len(self._events)
+
+
+class StageContext:
+    """What a stage may do to the outside world: report, write artifacts, notice cancellation."""
+
+    def __init__(
+        self,
+        job_id: str,
+        stage: str,
+        artifact_dir: Path,
+        log_: EventLog,
+        cancelled: threading.Event,
+        seed: int = 0,
+        outputs: dict | None = None,
+        reward_modules: tuple[str, ...] = (),
+        kind: str = "",
+    ):
+        self.job_id, self.stage, self.artifact_dir, self.seed, self._kind = job_id, stage, artifact_dir, seed, kind
+        self._log, self._cancelled = log_, cancelled
+        self._groups: list = []
+        # What earlier stages of the job produced, for later ones: "policy_model" (a model directory)
+        # and "policy_adapter" (a PEFT adapter on it), set by fine-tune stages.
+        self.outputs = outputs if outputs is not None else {}
+        self.reward_modules = reward_modules
+
+    def roles(self, resources: pb.Resources, roles: tuple[str, ...] = ("generator", "scorer", "trainer")):
+        """The stage's role actors' placement group, sized from the job's resources. This
+        supervisor owns it; it is closed when the stage ends, however it ends."""
+        group = RoleGroup(self.job_id, {r: Placement.of(getattr(resources, r)) for r in roles})
+        self._groups.append(group)
+        return group
+
+    def close(self) -> None:
+        for group in self._groups:
+            group.close()
+        self._groups.clear()
+
+    def progress(self, done: int, total: int, unit: str) -> None:
+        self._log.append(
+            pb.Event(
+                type=pb.EVENT_TYPE_PROGRESS, stage=self.stage, progress=pb.Progress(done=done, total=total, unit=unit)
+            )
+        )
+
+    def metrics(self, values: dict[str, float]) -> None:
+        self._log.append(
+            pb.Event(type=pb.EVENT_TYPE_METRICS, stage=self.stage, metrics={k: float(v) for k, v in values.items()})
+        )
+
+    def log(self, message: str) -> None:
+        self._log.append(pb.Event(type=pb.EVENT_TYPE_LOG, stage=self.stage, message=message))
+
+    def artifact(self, path: Path, kind: str) -> pb.Artifact:
+        """Register a file already written under artifact_dir."""
+        data = path.read_bytes()
+        artifact = pb.Artifact(
+            name=str(path.relative_to(self.artifact_dir)),
+            kind=kind,
+            uri=path.as_uri(),
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            stage=self.stage,
+        )
+        self._log.append(pb.Event(type=pb.EVENT_TYPE_ARTIFACT, stage=self.stage, artifact=artifact))
+        return artifact
+
+    def artifact_tree(self, root: Path, kind: str) -> list[pb.Artifact]:
+        """Register every file under a directory written under artifact_dir (a model, an adapter)."""
+        return [self.artifact(p, kind) for p in sorted(root.rglob("*")) if p.is_file()]
+
+    def set_policy(self, model: str, adapter: str = "") -> None:
+        """The tuned teacher this stage produced: later stages start from it."""
+        self.outputs["policy_model"] = model
+        self.outputs.pop("policy_adapter", None)
+        if adapter:
+            self.outputs["policy_adapter"] = adapter
+        self.offer_model(produced_models(self._kind, self.stage)[0], model, adapter)
+
+    def offer_model(self, name: str, model: str, adapter: str = "") -> None:
+        """Name a model for the evaluate stage (names from stage_registry.produced_models)."""
+        self.outputs.setdefault("models", {})[name] = (model, adapter)
+
+    def check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled()
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()

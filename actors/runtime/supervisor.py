@@ -1,0 +1,124 @@
+"""The supervisor of one job: runs its stages in order and keeps the job's event log.
+
+A plain class, made a named, detached Ray actor here (launch_supervisor). The control service pulls
+events with events_since(cursor) and asks for cancellation with cancel(); the stages run in a
+background thread so both calls answer while a stage works.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from pathlib import Path
+
+import ray
+from stillroom.actors.common import job_report
+from stillroom.actors.common.stages import runner
+from stillroom.actors.runtime.cluster import NAMESPACE, RESTARTS, supervisor_name
+from stillroom.actors.runtime.context import Cancelled, EventLog, StageContext, StageFailed
+from stillroom.actors.runtime.metrics import write_tensorboard
+from stillroom.v1 import job_pb2 as pb
+
+log = logging.getLogger("stillroom.supervisor")
+
+
+class Supervisor:
+    def __init__(self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
+        self.job_id = job_id
+        self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
+        self.spec = pb.JobSpec.FromString(spec)
+        self.artifact_dir = Path(artifact_dir)
+        self.log = EventLog()
+        self._cancelled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.outputs: dict = {}  # passed from stage to stage (the tuned policy, the models to evaluate)
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.job_id}, stages={[s.name for s in self.spec.stages]})"
+
+    def start(self) -> None:
+        """Start running the stages; a second call does nothing."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name=f"{self.job_id}-stages", daemon=True)
+            self._thread.start()
+
+    def events_since(self, cursor: int) -> tuple[list[bytes], int]:
+        return self.log.since(cursor)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def ping(self) -> str:
+        return self.job_id
+
+    def run(self) -> None:
+        """The job: each stage in order; the first failure or a cancel ends it. The report is
+        written before the job's final state, so a finished job always has it."""
+        state, stage, message = self._run_stages()
+        self._write_report()
+        self._job_state(state, stage, message)
+
+    def _run_stages(self) -> tuple[int, str, str]:
+        for stage in self.spec.stages:
+            kind = stage.WhichOneof("kind")
+            ctx = self._context(stage.name, kind)
+            try:
+                ctx.check_cancelled()
+                self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)
+                try:
+                    runner(kind)(getattr(stage, kind), self.spec, ctx)
+                finally:
+                    ctx.close()
+            except Cancelled:
+                self._stage_state(stage.name, pb.STAGE_STATE_CANCELLED)
+                return pb.JOB_STATE_CANCELLED, "", "cancelled"
+            except Exception as e:  # noqa: BLE001 - a stage's failure fails the job, not the actor
+                reason = str(e) if isinstance(e, StageFailed) else f"{type(e).__name__}: {e}"
+                log.error("job %s stage %s failed:\n%s", self.job_id, stage.name, traceback.format_exc())
+                self._stage_state(stage.name, pb.STAGE_STATE_FAILED, reason)
+                return pb.JOB_STATE_FAILED, stage.name, reason
+            self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED)
+        return pb.JOB_STATE_SUCCEEDED, "", "all stages succeeded"
+
+    def _context(self, stage: str, kind: str = "") -> StageContext:
+        return StageContext(
+            self.job_id,
+            stage,
+            self.artifact_dir,
+            self.log,
+            self._cancelled,
+            self.spec.seed,
+            self.outputs,
+            self.reward_modules,
+            kind,
+        )
+
+    def _write_report(self) -> None:
+        """report/report.md with plots, and tensorboard/<stage>/ event files, from the event log.
+        A report that cannot be written costs a log line, never the job's outcome."""
+        events = [pb.Event.FromString(b) for b in self.log.since(0)[0]]
+        ctx = self._context("")
+        try:
+            path = job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
+            write_tensorboard(job_report.series(events), self.artifact_dir / "tensorboard")
+            ctx.artifact_tree(path.parent, "report")
+            ctx.artifact_tree(self.artifact_dir / "tensorboard", "metrics")
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: the report could not be written", self.job_id)
+
+    def _stage_state(self, stage: str, state: int, message: str = "") -> None:
+        self.log.append(pb.Event(type=pb.EVENT_TYPE_STAGE_STATE, stage=stage, stage_state=state, message=message))
+
+    def _job_state(self, state: int, stage: str = "", message: str = "") -> None:
+        self.log.append(pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=state, stage=stage, message=message))
+
+
+SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
+
+
+def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
+    """Create (or find, after a crash between create and record) the job's detached supervisor."""
+    return SupervisorActor.options(
+        name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(job_id, spec, artifact_dir, reward_modules)

@@ -1,0 +1,50 @@
+"""Calls on a trainer group (k Trainer actors that form one data-parallel group): every rank gets its
+share of the rows and the same call, and the group answers as one. The stages and the train loop
+use these, so sharding and merging the ranks' answers live in one place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from stillroom.actors.algo.objectives import NLL, Objective
+from stillroom.actors.runtime.batches import shard
+
+Group = list  # Ray actor handles of Trainer, rank order
+
+
+def train_step(trainers: Group, arrays: dict[str, np.ndarray], objective: Objective = NLL, iterations: int = 1) -> dict:
+    """`iterations` optimizer steps of every rank on its share of `arrays`. Returns the group's
+    metrics: step, tokens (summed), step_s (the slowest rank) and the mean of every other metric."""
+    shards = [shard(arrays, rank, len(trainers)) for rank in range(len(trainers))]
+    for _ in range(iterations):
+        results = ray.get([t.train_step.remote(s, objective) for t, s in zip(trainers, shards, strict=True)])
+    merged = {
+        "step": results[0]["step"],
+        "tokens": sum(m["tokens"] for m in results),
+        "step_s": max(m["step_s"] for m in results),
+    }
+    for key in results[0]:
+        merged.setdefault(key, float(np.mean([m[key] for m in results])))
+    return merged
+
+
+def eval_sums(trainers: Group, method: str, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
+    """(sum, count) of a held-out measure (`eval_loss`, `eval_kd`) over every rank's share."""
+    parts = [getattr(t, method).remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)]
+    sums = ray.get(parts)
+    return sum(s for s, _ in sums), sum(c for _, c in sums)
+
+
+def resume(trainers: Group) -> int:
+    """Every rank loads the newest complete checkpoint; the data cursor to continue from (0: none)."""
+    return ray.get([t.resume.remote() for t in trainers])[0]
+
+
+def save_checkpoint(trainers: Group, cursor: int) -> None:
+    ray.get([t.save_checkpoint.remote(cursor) for t in trainers])
+
+
+def save_pretrained(trainers: Group, path: str, merged: str = "") -> None:
+    """The trained adapter (or model) at `path`, and the merged model at `merged` on request."""
+    ray.get([t.save_pretrained.remote(path, merged) for t in trainers])

@@ -1,0 +1,172 @@
+"""The `grpo` stage: reinforcement fine-tuning of the teacher against reward functions.
+
+Each step: the Generators sample G completions per prompt from the current policy, the
+RewardScorers score them, advantages are group-relative, and the Trainer group takes
+`num_iterations` clipped-surrogate steps (old log-probs are the generator's, so a batch generated
+by an older policy is importance-corrected), then syncs weights to the generators. With
+`max_staleness` k, generation runs up to k policy versions ahead of training (one-step-off
+asynchronous GRPO when k = 1), so generation and training overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import torch
+from stillroom.actors.algo.advantages import group_advantages
+from stillroom.actors.algo.objectives import GrpoObjective
+from stillroom.actors.common import datasets
+from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
+from stillroom.actors.roles.scorer import scorer_spec
+from stillroom.actors.roles.trainer import TrainerSpec
+from stillroom.actors.runtime.batches import rows_batch, training_arrays
+from stillroom.actors.runtime.context import StageContext
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
+from stillroom.actors.stages.wiring import adapter_name, save_policy, step_reporter, trainer_spec, tuned_policy
+from stillroom.v1 import job_pb2 as pb
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """The stage's parameters with TRL's defaults filled in (proto3 zero means "default")."""
+
+    group_size: int
+    prompts_per_step: int
+    steps: int
+    objective: GrpoObjective
+    scale_rewards: str
+    num_iterations: int
+    max_staleness: int
+    dynamic_sampling: bool
+    sampling: SamplingParams
+    adapter: str
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, p: pb.GrpoStage) -> GrpoConfig:
+        loss_type = p.loss_type or "dapo"
+        eps = p.epsilon or 0.2
+        max_new = p.max_new_tokens or 64
+        objective = GrpoObjective(
+            loss_type, eps, p.epsilon_high or (0.28 if loss_type == "dapo" else eps), p.beta, max_new
+        )
+        return cls(
+            p.group_size or 4,
+            p.prompts_per_step or 4,
+            p.optim.max_steps or 20,
+            objective,
+            p.scale_rewards or ("none" if loss_type == "dr_grpo" else "group"),
+            p.num_iterations or 1,
+            p.max_staleness,
+            p.dynamic_sampling,
+            SamplingParams(
+                n=p.group_size or 4, max_new_tokens=max_new, temperature=p.temperature or 1.0, top_p=p.top_p or 1.0
+            ),
+            adapter_name(p.adapter),
+            p.optim.checkpoint_every or 10,
+        )
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(
+            prepare=partial(prepare, cfg=self),
+            sampling=self.sampling,
+            objective=self.objective,
+            num_iterations=self.num_iterations,
+            max_staleness=self.max_staleness,
+            checkpoint_every=self.checkpoint_every,
+            queue_size=max(2, self.max_staleness + 1),
+        )
+
+
+def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
+    """Sample G completions per prompt from the policy, score them, take clipped-surrogate steps on
+    their group-relative advantages, sync the new weights to the samplers; save the policy."""
+    cfg = GrpoConfig.of(params)
+    out = ctx.artifact_dir / ctx.stage
+    policy = policy_trainer(params, cfg, spec, ctx)
+    roles = ctx.roles(spec.resources)
+    roles.start("generator", sampler_of(policy, spec.seed))
+    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
+    loop = TrainLoop(
+        roles,
+        policy,
+        Journal(out / "journal"),
+        cfg.loop(),
+        on_metrics=step_reporter(ctx, cfg.steps * cfg.num_iterations),
+        cancelled=ctx.is_cancelled,
+    )
+    loop.run(prompt_batches(datasets.load_ref(spec.data.train).rows, cfg, spec.seed))
+    save_policy(ctx, roles.actors["trainer"], policy.model_path, cfg.adapter != "none", out)
+
+
+def policy_trainer(params: pb.GrpoStage, cfg: GrpoConfig, spec: pb.JobSpec, ctx: StageContext) -> TrainerSpec:
+    """The trainer of the policy: the teacher as earlier stages tuned it, continuing their adapter
+    under LoRA (or a new one on it)."""
+    model, adapter = tuned_policy(ctx, spec)
+    return trainer_spec(
+        model,
+        params.optim,
+        ctx.artifact_dir / ctx.stage,
+        spec.seed,
+        default_lr=1e-5 * (10 if cfg.adapter != "none" else 1),
+        adapter=cfg.adapter,
+        lora=params.lora,
+        adapter_path=adapter if cfg.adapter != "none" else "",
+        micro_batch_size=cfg.group_size * cfg.prompts_per_step,
+    )
+
+
+def sampler_of(policy: TrainerSpec, seed: int) -> GeneratorSpec:
+    """A generator of the same policy, into which the trainer's weights (or adapter) load."""
+    lora = policy.adapter != "none" and not policy.adapter_path
+    return GeneratorSpec(
+        policy.model_path,
+        adapter_path=policy.adapter_path,
+        seed=seed,
+        quantize_4bit=policy.adapter == "qlora",
+        lora_r=policy.lora_r if lora else 0,
+        lora_alpha=policy.lora_alpha if lora else 16.0,
+        target_modules=policy.target_modules if lora else (),
+    )
+
+
+def prompt_batches(rows: list[dict], cfg: GrpoConfig, seed: int) -> list[pa.RecordBatch]:
+    """cfg.steps batches of prompts_per_step rows, cycling through seeded shuffles of the data.
+    A `completion` column is the reference answer: it travels as `reference`."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < cfg.steps * cfg.prompts_per_step:
+        order += rng.permutation(len(rows)).tolist()
+    per = cfg.prompts_per_step
+    return [
+        rows_batch(f"grpo/{step:06d}", datasets.as_prompts([rows[i] for i in order[step * per : (step + 1) * per]]))
+        for step in range(cfg.steps)
+    ]
+
+
+def prepare(batch: pa.RecordBatch, cfg: GrpoConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Scored rollouts -> trainer arrays with group-relative advantages, and TRL-named metrics."""
+    rewards = np.array([np.nan if r is None else r for r in batch.column("reward").to_pylist()], dtype=np.float64)
+    rewards = np.nan_to_num(rewards, nan=0.0)  # no function could score it: no signal
+    adv, zero_std = group_advantages(torch.tensor(rewards), cfg.group_size, cfg.scale_rewards)
+    arrays = training_arrays(batch, pad_id=0)
+    arrays["advantages"] = adv.numpy().astype(np.float32)
+    lengths = [len(ids) for ids in batch.column("completion_ids").to_pylist()]
+    metrics = {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.reshape(-1, cfg.group_size).std(1, ddof=1).mean()),
+        "frac_reward_zero_std": float(zero_std.float().mean()),
+        "completions/mean_length": float(np.mean(lengths)),
+        "completions/clipped_ratio": float(np.mean(batch.column("truncated").to_pylist())),
+    }
+    for name in (n for n in batch.schema.names if n.startswith("rewards/")):
+        values = [v for v in batch.column(name).to_pylist() if v is not None]
+        metrics[f"{name}/mean"] = float(np.mean(values)) if values else float("nan")
+    if cfg.dynamic_sampling and bool(zero_std.any()) and not bool(zero_std.all()):
+        keep = np.repeat(~zero_std.numpy(), cfg.group_size)  # groups without signal are dropped
+        arrays = {k: v[keep] for k, v in arrays.items()}
+    return arrays, metrics

@@ -1,0 +1,146 @@
+"""Checks of what a spec points at on disk: model and data paths inside the server's roots, data
+files row by row, reference columns for built-in rewards, tokenizers that logit KD can compare,
+LoRA target modules the teacher has. Read from file headers; nothing is loaded into torch."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from stillroom.actors.common import datasets
+from stillroom.actors.common.rewards import reference_column
+from stillroom.services.errors import PermissionDenied
+from stillroom.services.violations import Policy, Violations
+from stillroom.v1 import job_pb2 as pb
+
+
+def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:
+    """Absolute path inside one of `roots` (relative paths are taken from the first root)."""
+    p = Path(path)
+    resolved = (p if p.is_absolute() else roots[0] / p).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        raise PermissionDenied(f"{field_path}: {path!r} is outside the server's allowed roots")
+    return resolved
+
+
+def model_path(path: str, field_path: str, policy: Policy, v: Violations) -> str:
+    if path.startswith("pkg://"):
+        package, _, rel = path[len("pkg://") :].partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            v.check(False, field_path, f"package {package!r} is not installed on the server")
+        elif not (Path(next(iter(spec.submodule_search_locations))) / rel).is_file():
+            v.check(False, field_path, f"package {package!r} has no file {rel!r}")
+        return path
+    resolved = _resolve(path, field_path, policy.data_roots + policy.model_roots)
+    if resolved.is_dir():
+        v.check(
+            any((resolved / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")),
+            field_path,
+            f"{resolved} has no config.json or tokenizer files",
+        )
+    else:
+        v.check(
+            resolved.suffix == ".gguf" and resolved.is_file(),
+            field_path,
+            f"{resolved} is neither a model directory nor a .gguf file",
+        )
+    return str(resolved)
+
+
+def check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: Violations) -> datasets.Dataset | None:
+    """Check the file row by row; return it (its shape and columns)."""
+    resolved = _resolve(ref.path, f"{p}.path", policy.data_roots)
+    ref.path = str(resolved)
+    try:
+        return datasets.load_ref(ref)
+    except datasets.DataError as e:
+        v.check(False, f"{p}.path", str(e))
+        return None
+
+
+def check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: Violations) -> None:
+    """A built-in reward that compares with a reference column needs that column in the prompts
+    (a `completion` column reaches reward functions as `reference`)."""
+    if train is None:
+        return
+    columns = {"reference" if c == "completion" else c for c in train.columns}
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") != "grpo":
+            continue
+        for j, r in enumerate(stage.grpo.rewards):
+            column = reference_column(r.name, dict(r.args))
+            if column is None:
+                continue
+            v.check(
+                column in columns,
+                f"stages[{i}].grpo.rewards[{j}].args['column']",
+                f"the train data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})",
+            )
+
+
+def _tokenizer_digest(path: str) -> str | None:
+    """sha256 of a model directory's tokenizer.json, or None when it cannot be read here."""
+    f = Path(path) / "tokenizer.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def check_tokenizers(spec: pb.JobSpec, v: Violations) -> None:
+    """Logit KD compares distributions over one vocabulary: a student with another tokenizer can
+    only learn from the teacher's text (alpha: 1, sequence-level KD)."""
+    if not (spec.teacher.path and spec.student.path):
+        return
+    teacher = _tokenizer_digest(spec.teacher.tokenizer_path or spec.teacher.path)
+    student = _tokenizer_digest(spec.student.tokenizer_path or spec.student.path)
+    if teacher is None or student is None or teacher == student:
+        return
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") != "distill":
+            continue
+        d = stage.distill
+        v.check(
+            d.HasField("alpha") and d.alpha == 1,
+            f"stages[{i}].distill.alpha",
+            "logit KD needs a student that shares the teacher's tokenizer, and these differ; "
+            "set alpha: 1 (sequence-level KD on the teacher's answers only)",
+        )
+        v.check(
+            d.mode != "on_policy" and not getattr(d, "lambda"),
+            f"stages[{i}].distill.mode",
+            "on-policy distillation grades the student's tokens with the teacher's: it needs a shared tokenizer",
+        )
+
+
+def model_modules(path: str) -> set[str] | None:
+    """Names of the modules holding weights in a safetensors checkpoint (e.g. q_proj, lm_head),
+    read from the files' JSON headers without loading a tensor. None when they cannot be read."""
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors")) if root.is_dir() else []
+    names: set[str] = set()
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError):
+            return None
+        names |= {k.rsplit(".", 2)[-2] for k in header if k != "__metadata__" and k.count(".") >= 1}
+    return names or None
+
+
+def check_target_modules(spec: pb.JobSpec, v: Violations) -> None:
+    """A LoRA target module the teacher does not have is an error now, not at the first step."""
+    modules = model_modules(spec.teacher.path) if spec.teacher.path else None
+    if modules is None:
+        return
+    for i, stage in enumerate(spec.stages):
+        kind = stage.WhichOneof("kind")
+        if kind in ("sft", "grpo"):
+            for j, name in enumerate(getattr(stage, kind).lora.target_modules):
+                v.check(
+                    name in modules,
+                    f"stages[{i}].{kind}.lora.target_modules[{j}]",
+                    f"the teacher has no module {name!r} (it has e.g. {', '.join(sorted(modules)[:8])})",
+                )
