@@ -32,6 +32,13 @@ def weighted_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor, weights: torch
 # -- GRPO ----------------------------------------------------------------------------------------
 
 
+def dapo_num_items(global_tokens: float, world_size: int, chunks: int) -> float:
+    """The normaliser of one rank's one accumulation chunk under DAPO, so that what data parallelism
+    and gradient accumulation average (world_size ranks x chunks) is sum(per-token loss) / the
+    completion tokens of the whole global batch, however unevenly they fall on ranks and chunks."""
+    return global_tokens / (world_size * chunks)
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(policy || reference): exp(d) - d - 1 with d = ref - logp.
     Both (B, T) -> (B, T), >= 0."""
@@ -99,27 +106,36 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
 # -- knowledge distillation over the teacher's top-k ----------------------------------------------
 
 
+TAIL_FLOOR = 1e-6  # the least mass a tail bucket keeps: a float16 top-k can round to a sum of 1
+
+
+def _buckets(log_top: torch.Tensor) -> torch.Tensor:
+    """k log-probs -> k + 1: the tail bucket holds the rest of the mass, at least TAIL_FLOOR (so
+    reverse KL never meets log 0), renormalised to sum to 1. (..., k) -> (..., k + 1)."""
+    mass = torch.logsumexp(log_top, dim=-1, keepdim=True)
+    tail = torch.log(-torch.expm1(torch.clamp(mass, max=math.log1p(-TAIL_FLOOR))))
+    return torch.log_softmax(torch.cat([log_top, tail], dim=-1), dim=-1)
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def topk_buckets(
     student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student distributions over k + 1 buckets: the teacher's top-k tokens, and a tail
     bucket holding the rest of the mass. student_logits (B, T, V); topk_ids (B, T, k) int;
     topk_logprobs (B, T, k), the teacher's log-probs at temperature 1. Both returns (B, T, k + 1) are
-    log-probabilities. The temperature sharpens or flattens both: the student's logits / T over the
-    vocabulary; the teacher's buckets p^(1/T), renormalised (the tail counts as one token)."""
-    log_q_vocab = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q_top = log_q_vocab.gather(-1, topk_ids.long())
-    log_q = torch.cat([log_q_top, _log1mexp(torch.logsumexp(log_q_top, dim=-1, keepdim=True))], dim=-1)
-    log_p_top = topk_logprobs.float()
-    log_p = torch.cat([log_p_top, _log1mexp(torch.logsumexp(log_p_top, dim=-1, keepdim=True))], dim=-1)
+    log-probabilities. Both sides are built alike: the student's buckets from its temperature-1
+    distribution, exactly as the teacher's were; then the temperature tempers each bucket (the tail
+    as one token) on both sides, p^(1/T) renormalised. So the divergence is 0, with zero gradient,
+    when the student equals the teacher, at any temperature."""
+    log_q_top = torch.log_softmax(_at_least_f32(student_logits), dim=-1).gather(-1, topk_ids.long())
+    log_p, log_q = _buckets(_at_least_f32(topk_logprobs)), _buckets(log_q_top)
     if temperature != 1.0:
-        log_p = torch.log_softmax(log_p / temperature, dim=-1)
+        log_p, log_q = torch.log_softmax(log_p / temperature, dim=-1), torch.log_softmax(log_q / temperature, dim=-1)
     return log_p, log_q
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, clamped so a tail of (numerically) zero mass stays finite."""
-    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=1e-12))
 
 
 def kd_divergence(
@@ -153,11 +169,14 @@ def distill_loss(
     kind: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    scale_by_t2: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """alpha * CE(teacher's tokens) + (1 - alpha) * KD(teacher top-k + tail || student).
+    """alpha * CE(teacher's tokens) + (1 - alpha) * KD(teacher top-k + tail || student); with
+    `scale_by_t2` the KD term is multiplied by T^2 (Hinton et al.; DistillKit does, TRL's GKD does
+    not: the default), which keeps its gradients' scale as the temperature softens both sides.
     student_logits (B, T, V); input_ids (B, T); loss_mask (B, T-1) marks positions predicting a
     completion token; topk_ids / topk_logprobs (B, T-1, k) aligned with those positions."""
     ce = weighted_nll(token_logprobs(student_logits, input_ids), loss_mask)
     log_p, log_q = topk_buckets(student_logits[:, :-1], topk_ids, topk_logprobs, temperature)
-    kd = masked_mean(kd_divergence(log_p, log_q, kind, beta), loss_mask)
+    kd = masked_mean(kd_divergence(log_p, log_q, kind, beta), loss_mask) * (temperature**2 if scale_by_t2 else 1.0)
     return alpha * ce + (1 - alpha) * kd, {"loss/ce": float(ce), "loss/kd": float(kd)}

@@ -1,10 +1,11 @@
 """What a train step minimises: one small frozen type per kind of loss, each computing its loss from
 the policy's logits over a batch. Adding a loss is a new type with a `loss` method, nothing else.
 
-Every `loss(logits, t, reference)` takes logits (B, T, V) over t["input_ids"] (B, T), the batch's
-per-position arrays t (loss_mask (B, T-1), ...), and `reference`, a callable that returns the
-reference policy's token log-probs (B, T-1) when the objective needs them (it costs a forward).
-Returns (scalar loss, metrics).
+Every `loss(logits, t, reference, num_items)` takes logits (B, T, V) over t["input_ids"] (B, T),
+the batch's per-position arrays t (loss_mask (B, T-1), ...), `reference`, a callable that returns
+the reference policy's token log-probs (B, T-1) at a temperature when the objective needs them (it
+costs a forward), and num_items, the token normaliser of a loss that normalises by the global batch
+(algo.losses.dapo_num_items). Returns (scalar loss, metrics).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 from stillroom.actors.algo.losses import distill_loss, entropy, grpo_loss, token_logprobs, weighted_nll
 
 Arrays = dict[str, torch.Tensor]
-Reference = Callable[[], torch.Tensor]
+Reference = Callable[[float], torch.Tensor]
 
 
-def _no_reference() -> torch.Tensor:
+def _no_reference(temperature: float = 1.0) -> torch.Tensor:
     raise RuntimeError("this objective has no reference policy")
 
 
@@ -27,22 +28,26 @@ def _no_reference() -> torch.Tensor:
 class NllObjective:
     """SFT (and sequence-level KD): token NLL of the completions, each sequence scaled by t["weights"]."""
 
-    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         return weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t.get("weights")), {}
 
 
 @dataclass(frozen=True)
 class GrpoObjective:
     """The clipped surrogate with the loss type's normalisation, plus beta * k3 KL to the reference
-    policy. t carries advantages (B,) and, from the generator, old_logprobs (B, T-1)."""
+    policy. t carries advantages (B,) and, from the generator, old_logprobs (B, T-1). Every
+    log-prob (the policy's, the reference's, the entropy's) is at the sampling temperature, as the
+    generator's old log-probs are (logits / T), so the ratio compares like with like."""
 
     loss_type: str = "dapo"
     epsilon: float = 0.2
     epsilon_high: float = 0.0  # 0: same as epsilon
     beta: float = 0.0
     max_completion_length: int = 0
+    temperature: float = 1.0
 
-    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
+        logits = logits / self.temperature
         logprobs = token_logprobs(logits, t["input_ids"])
         old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
         loss, metrics = grpo_loss(
@@ -54,8 +59,9 @@ class GrpoObjective:
             self.epsilon,
             self.epsilon_high or None,
             self.beta,
-            reference() if self.beta else None,
+            reference(self.temperature) if self.beta else None,
             self.max_completion_length or None,
+            num_items if self.loss_type == "dapo" else None,
         )
         metrics["entropy"] = entropy(logits[:, :-1].detach(), t["loss_mask"])
         return loss, metrics
@@ -71,8 +77,9 @@ class KdObjective:
     kd_loss: str = "forward_kl"
     jsd_beta: float = 0.5
     temperature: float = 1.0
+    scale_by_t2: bool = False  # multiply KD by T^2 (Hinton; DistillKit); TRL's GKD does not
 
-    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference):
+    def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         if "topk_ids" not in t:
             ce = weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"])
             return ce, {"loss/ce": float(ce)}
@@ -86,6 +93,7 @@ class KdObjective:
             self.kd_loss,
             self.jsd_beta,
             self.temperature,
+            self.scale_by_t2,
         )
 
 

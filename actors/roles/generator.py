@@ -140,7 +140,10 @@ class Generator:
         )
         width = enc["input_ids"].shape[1]
         new = out.sequences[:, width:]
-        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)  # (B*n, T_new, V)
+        # The log-probs of the distribution sampled from: logits / T (output_logits are raw), so a
+        # trainer that divides by the same T computes the same numbers (TRL does likewise).
+        scale = params.temperature if params.temperature > 0 else 1.0
+        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float() / scale, dim=-1)  # (B*n, T_new, V)
         return self._rows(batch, prompt_ids, new, logp, params)
 
     def _shared_prefix(self, enc, n: int):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model_state_dict
-from stillroom.actors.algo.losses import kd_divergence, token_logprobs, topk_buckets
+from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
 from stillroom.actors.runtime.metrics import record, role_of
@@ -150,19 +150,25 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
 
-    def train_step(self, arrays: dict[str, np.ndarray], objective: Objective = NLL) -> dict[str, float]:
+    def train_step(
+        self, arrays: dict[str, np.ndarray], objective: Objective = NLL, global_tokens: int = 0
+    ) -> dict[str, float]:
         """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights;
-        for GRPO also advantages and old_logprobs), in gradient-accumulation chunks."""
+        for GRPO also advantages and old_logprobs), in gradient-accumulation chunks. global_tokens:
+        the completion tokens of the whole step on every rank (default: this rank's), for losses
+        that normalise by the global batch (DAPO)."""
         started = time.perf_counter()
         n = len(arrays["input_ids"])
         chunks = max(1, min(n, self.spec.gradient_accumulation_steps))
         bounds = np.linspace(0, n, chunks + 1).astype(int)
         totals: dict[str, float] = {}
         tokens = 0
+        global_tokens = global_tokens or int(arrays["loss_mask"].sum()) * self.spec.world_size
+        num_items = dapo_num_items(global_tokens, self.spec.world_size, chunks)
         self.engine.train()
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             t = {k: torch.tensor(v[lo:hi], device=self.engine.device) for k, v in arrays.items()}
-            loss, metrics = self._loss(t, objective)
+            loss, metrics = self._loss(t, objective, num_items)
             self.engine.backward(loss)
             self.engine.step()
             for k, v in {"loss": loss.item(), **metrics}.items():
@@ -173,12 +179,12 @@ class Trainer:
         record("train_tokens_per_s", tokens / max(seconds, 1e-9), *role_of(self.spec.name))
         return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
 
-    def _loss(self, t: dict[str, torch.Tensor], objective: Objective) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, t: dict[str, torch.Tensor], objective: Objective, num_items: float):
         logits, t = forward_from_first_loss(self.engine, t)
-        return objective.loss(logits, t, reference=lambda: self._reference_logprobs(t))
+        return objective.loss(logits, t, lambda temperature: self._reference_logprobs(t, temperature), num_items)
 
     @torch.no_grad()
-    def _reference_logprobs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _reference_logprobs(self, t: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
         """Log-probs under the reference policy: under LoRA the base model with the adapter
         disabled (no second copy); otherwise a frozen copy of the starting weights."""
         if self.uses_adapter:
@@ -189,7 +195,7 @@ class Trainer:
                 self._reference = load_causal_lm(self.spec.model_path).to(self.engine.device)
                 self._reference.eval().requires_grad_(False)
             logits, t = forward_from_first_loss(self._reference, t)
-        return token_logprobs(logits, t["input_ids"])
+        return token_logprobs(logits / temperature, t["input_ids"])
 
     @torch.no_grad()
     def eval_loss(self, arrays: dict[str, np.ndarray]) -> tuple[float, int]:

@@ -61,9 +61,9 @@ class DistillConfig:
             n=n, max_new_tokens=p.max_new_tokens or 64, temperature=1.0, topk_logprobs=p.top_k or 8
         )
         alpha = p.alpha if p.HasField("alpha") else 0.5
-        objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature)
+        objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)
         on_policy = getattr(p, "lambda") or (1.0 if p.mode == "on_policy" else 0.0)
-        student_kd = KdObjective(0.0, p.kd_loss or "reverse_kl", p.jsd_beta or 0.5, temperature)
+        student_kd = KdObjective(0.0, p.kd_loss or "reverse_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)
         return cls(
             on_policy,
             student_kd,

@@ -52,7 +52,12 @@ class GrpoConfig:
         eps = p.epsilon or 0.2
         max_new = p.max_new_tokens or 64
         objective = GrpoObjective(
-            loss_type, eps, p.epsilon_high or (0.28 if loss_type == "dapo" else eps), p.beta, max_new
+            loss_type,
+            eps,
+            p.epsilon_high or (0.28 if loss_type == "dapo" else eps),
+            p.beta,
+            max_new,
+            p.temperature or 1.0,  # the sampling temperature: log-probs are computed at it
         )
         return cls(
             p.group_size or 4,
@@ -149,24 +154,38 @@ def prompt_batches(rows: list[dict], cfg: GrpoConfig, seed: int) -> list[pa.Reco
 
 
 def prepare(batch: pa.RecordBatch, cfg: GrpoConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Scored rollouts -> trainer arrays with group-relative advantages, and TRL-named metrics."""
+    """Scored rollouts -> trainer arrays with group-relative advantages, and TRL-named metrics.
+    A sample no reward function could score is left out of its group's statistics and of the loss."""
     rewards = np.array([np.nan if r is None else r for r in batch.column("reward").to_pylist()], dtype=np.float64)
-    rewards = np.nan_to_num(rewards, nan=0.0)  # no function could score it: no signal
+    scored = ~np.isnan(rewards)
     adv, zero_std = group_advantages(torch.tensor(rewards), cfg.group_size, cfg.scale_rewards)
     arrays = training_arrays(batch, pad_id=0)
     arrays["advantages"] = adv.numpy().astype(np.float32)
+    arrays["loss_mask"] = arrays["loss_mask"] * scored[:, None]
+    metrics = rollout_metrics(batch, rewards, cfg.group_size)
+    metrics["frac_reward_zero_std"] = float(zero_std.float().mean())
+    if cfg.dynamic_sampling and bool(zero_std.any()) and not bool(zero_std.all()):
+        keep = np.repeat(~zero_std.numpy(), cfg.group_size)  # groups without signal are dropped
+        arrays = {k: v[keep] for k, v in arrays.items()}
+    return arrays, metrics
+
+
+def rollout_metrics(batch: pa.RecordBatch, rewards: np.ndarray, group_size: int) -> dict[str, float]:
+    """TRL's names: reward and reward_std over the scored samples (NaN: unscored), lengths, and
+    rewards/<fn>/mean; plus rewards/unscored_fraction."""
+    scored = ~np.isnan(rewards)
+    grouped = rewards.reshape(-1, group_size)
+    counts = (~np.isnan(grouped)).sum(1)
+    stds = [np.nanstd(g, ddof=1) for g, c in zip(grouped, counts, strict=True) if c > 1]
     lengths = [len(ids) for ids in batch.column("completion_ids").to_pylist()]
     metrics = {
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.reshape(-1, cfg.group_size).std(1, ddof=1).mean()),
-        "frac_reward_zero_std": float(zero_std.float().mean()),
+        "reward": float(rewards[scored].mean()) if scored.any() else float("nan"),
+        "reward_std": float(np.mean(stds)) if stds else float("nan"),
+        "rewards/unscored_fraction": float(1.0 - scored.mean()),
         "completions/mean_length": float(np.mean(lengths)),
         "completions/clipped_ratio": float(np.mean(batch.column("truncated").to_pylist())),
     }
     for name in (n for n in batch.schema.names if n.startswith("rewards/")):
         values = [v for v in batch.column(name).to_pylist() if v is not None]
         metrics[f"{name}/mean"] = float(np.mean(values)) if values else float("nan")
-    if cfg.dynamic_sampling and bool(zero_std.any()) and not bool(zero_std.all()):
-        keep = np.repeat(~zero_std.numpy(), cfg.group_size)  # groups without signal are dropped
-        arrays = {k: v[keep] for k, v in arrays.items()}
-    return arrays, metrics
+    return metrics

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from stillroom.actors.algo.rewards import (
     exact_match,
     json_fields,
@@ -59,6 +60,51 @@ def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
         k = np.array(row["topk_logprobs"], dtype=np.float32).reshape(-1, 4)
         assert np.all(k[:, 0] >= np.array(row["completion_logprobs"]) - 1e-2)  # the top-1 is the max
         assert 1 <= len(row["completion_ids"]) <= 8
+
+
+def test_generation_logprobs_are_those_of_the_sampling_temperature(tiny_model):
+    """At T = 0.7 the generator's log-probs are log_softmax(logits / 0.7) of a teacher-forced
+    forward, the distribution it sampled from (what the trainer's ratio compares against)."""
+    gen = Generator(GeneratorSpec(str(tiny_model), seed=3))
+    out = gen.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, temperature=0.7))
+    for row in out.to_pylist():
+        ids = row["prompt_ids"] + row["completion_ids"]
+        logits = torch.tensor(gen.logits(np.array([ids]))[0], dtype=torch.float64)
+        logp = torch.log_softmax(logits / 0.7, dim=-1).numpy()
+        start = len(row["prompt_ids"])
+        expected = [logp[start - 1 + t, tok] for t, tok in enumerate(row["completion_ids"])]
+        np.testing.assert_allclose(row["completion_logprobs"], expected, atol=1e-4)
+
+
+def test_dapo_over_accumulation_chunks_equals_one_chunk(tiny_model, tmp_path):
+    """DAPO normalises by the whole step's tokens: two accumulation chunks of very different
+    lengths make the same update as one chunk holding both (per-chunk normalisation would not)."""
+    from stillroom.actors.algo.objectives import GrpoObjective
+
+    rows = make_batch(
+        "b",
+        {
+            "prompt_ids": [[5, 6], [7, 8]],
+            "completion_ids": [[9], [10, 11, 12, 13, 14, 15]],
+            "completion_logprobs": [[-2.0], [-2.0] * 6],
+        },
+    )
+    arrays = training_arrays(rows, pad_id=0)
+    arrays["advantages"] = np.array([1.0, -0.5], dtype=np.float32)
+    digests = []
+    for accumulation, port in ((1, 29011), (2, 29012)):
+        spec = TrainerSpec(
+            str(tiny_model),
+            adapter="none",
+            learning_rate=1e-2,
+            gradient_accumulation_steps=accumulation,
+            master_port=port,
+        )
+        trainer = Trainer(spec)
+        trainer.train_step(arrays, GrpoObjective("dapo"))
+        digests.append(trainer.weights())
+    for name, value in digests[0].items():
+        np.testing.assert_allclose(value, digests[1][name], atol=1e-6, err_msg=name)
 
 
 def test_builtin_rewards_by_hand():

@@ -266,7 +266,7 @@ class StudentInit(_message.Message):
     def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -287,6 +287,7 @@ class DistillStage(_message.Message):
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     MAX_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    SCALE_BY_T2_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -306,7 +307,8 @@ class DistillStage(_message.Message):
     baseline: bool
     min_agreement: float
     max_ahead: int
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., **kwargs) -> None: ...
+    scale_by_t2: bool
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
     __slots__ = ("metrics", "max_new_tokens", "limit", "gates")
