@@ -48,6 +48,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
     _check_required(out, kinds, v)
+    _check_adapter_chain(out, v)
     _check_files(out, kinds, policy, v)
     check_tokenizers(out, v)
     check_target_modules(out, v)
@@ -317,6 +318,27 @@ def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
             v.check(gate.model != gate.baseline, f"{p}.baseline", "must differ from model")
             v.check(gate.metric in metrics, f"{p}.metric", f"must be one of {', '.join(sorted(metrics))}")
             v.number(gate.min_margin, f"{p}.min_margin")
+
+
+def _check_adapter_chain(spec: pb.JobSpec, v: Violations) -> None:
+    """A stage that fine-tunes after an earlier one left a LoRA adapter (unmerged) must continue
+    that adapter: a full fine-tune, or an sft (which starts from the base model), would silently
+    drop what the earlier stage learned."""
+    left = ""  # the stage whose adapter the policy carries now
+    for i, stage in enumerate(spec.stages):
+        kind = stage.WhichOneof("kind")
+        if kind not in ("sft", "grpo"):
+            continue
+        s = getattr(stage, kind)
+        continues = kind == "grpo" and s.adapter != pb.ADAPTER_TYPE_NONE
+        v.check(
+            not left or continues,
+            f"stages[{i}].{kind}.adapter",
+            f"{left} leaves a LoRA adapter that this stage would drop: use a LoRA grpo (it continues "
+            f"the adapter), or set merge: true on {left}",
+        )
+        has_adapter = s.adapter != pb.ADAPTER_TYPE_NONE and not (kind == "sft" and s.merge)
+        left = f"stages[{i}].{kind}" if has_adapter else ("" if not continues else left)
 
 
 def _export(s: pb.ExportStage, p: str, v: Violations) -> None:

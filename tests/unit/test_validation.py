@@ -250,3 +250,28 @@ def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data
         "stages[2].evaluate.gates[2].metric": "must be one of json_valid, parameters, seconds_per_prompt, "
         "size_bytes, tokens_per_s",
     }
+
+
+def test_a_stage_that_would_drop_an_earlier_lora_adapter_is_refused(data_root):
+    (data_root / "teacher").mkdir()
+    (data_root / "teacher" / "config.json").write_text("{}")
+
+    def doc(*stages):
+        return {
+            "teacher": {"path": "teacher"},
+            "data": {"train": {"path": "train.jsonl"}},
+            "stages": list(stages),
+        }
+
+    rewards = [{"name": "json_valid"}]
+    v = violations(doc({"sft": {}}, {"grpo": {"adapter": "ADAPTER_TYPE_NONE", "rewards": rewards}}), data_root)
+    assert "stages[0].sft leaves a LoRA adapter that this stage would drop" in v["stages[1].grpo.adapter"]
+    v = violations(doc({"grpo": {"rewards": rewards}}, {"sft": {}}), data_root)
+    assert "stages[0].grpo leaves a LoRA adapter" in v["stages[1].sft.adapter"]
+    # continuing the adapter, merging it first, or a full fine-tune first are all fine
+    for stages in (
+        ({"sft": {}}, {"grpo": {"rewards": rewards}}),
+        ({"sft": {"merge": True}}, {"grpo": {"adapter": "ADAPTER_TYPE_NONE", "rewards": rewards}}),
+        ({"sft": {"adapter": "ADAPTER_TYPE_NONE"}}, {"grpo": {"adapter": "ADAPTER_TYPE_NONE", "rewards": rewards}}),
+    ):
+        validate(parse(doc(*stages)), Policy((data_root,)))
