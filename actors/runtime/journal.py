@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from stillroom.actors.runtime.batches import BATCH_ID, batch_id
 
@@ -43,3 +44,11 @@ class Journal:
 
     def bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.parquet"))
+
+    def completion_tokens(self) -> int:
+        """Tokens the teacher generated, over every journaled batch (read from the files)."""
+        total = 0
+        for path in self.root.glob("*.parquet"):
+            ids = pq.read_table(path, columns=["completion_ids"])["completion_ids"]
+            total += pc.sum(pc.list_value_length(ids)).as_py() or 0
+        return total

@@ -158,6 +158,8 @@ def teacher_metrics(replayed: int, batches: int, journal: Journal) -> dict[str, 
         "teacher/generated_batches": batches - replayed,
         "teacher/replayed_batches": replayed,
         "journal/bytes": journal.bytes(),
+        # measured from the files: ids, log-probs and the top-k of every generated token, compressed
+        "journal/bytes_per_token": journal.bytes() / max(journal.completion_tokens(), 1),
     }
 
 
@@ -221,7 +223,6 @@ def prepare(
         ]
         arrays = training_arrays(make_batch("retokenized", encode_examples(student_tokenizer, texts, 4096)), pad_id=0)
         return arrays, metrics
-    metrics["distill/topk_bytes_per_token"] = float(cfg.sampling.topk_logprobs * (4 + 2))  # int32 id + float16
     return training_arrays(batch, pad_id=0), metrics
 
 

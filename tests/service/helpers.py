@@ -59,3 +59,16 @@ def alive_actors(ray_client, job_id: str) -> list:
     from ray.util.state import list_actors
 
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.name.startswith(job_id)]
+
+
+def metric_series(client, job_id: str, name: str) -> list[float]:
+    return [e.metrics[name] for e in client.events(job_id) if e.type == pb.EVENT_TYPE_METRICS and name in e.metrics]
+
+
+def journal_bytes_per_token(journal: Path) -> float:
+    """Bytes of a teacher journal's Parquet files per completion token they hold, measured here."""
+    import pyarrow.parquet as pq
+
+    files = list(journal.glob("*.parquet"))
+    tokens = sum(len(ids) for f in files for ids in pq.read_table(f)["completion_ids"].to_pylist())
+    return sum(f.stat().st_size for f in files) / tokens

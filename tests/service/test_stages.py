@@ -10,6 +10,7 @@ from stillroom.services.recipes import parse
 from stillroom.v1 import job_pb2 as pb
 
 from tests.conftest import write_jsonl
+from tests.service.helpers import journal_bytes_per_token, metric_series
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,6 @@ def sft_data(data_root):
     write_jsonl(data_root / "sft_train.jsonl", task_rows(96))
     write_jsonl(data_root / "sft_eval.jsonl", task_rows(24, offset=1000))
     return data_root
-
-
-def metric_series(client, job_id: str, name: str) -> list[float]:
-    return [e.metrics[name] for e in client.events(job_id) if e.type == pb.EVENT_TYPE_METRICS and name in e.metrics]
 
 
 def sft_spec(tiny_model, **sft) -> pb.JobSpec:
@@ -260,6 +257,8 @@ def test_distill_lowers_held_out_kl_and_a_second_job_reuses_the_teacher(start_se
     before, after = metric_series(c, first.id, "eval/kl_before"), metric_series(c, first.id, "eval/kl_after")
     assert before[0] > 0.1 and after[0] < 0.7 * before[0], (before, after)
     assert metric_series(c, first.id, "teacher/generated_batches") == [12.0]
+    measured = journal_bytes_per_token(artifacts / first.id / "distill" / "journal")
+    assert metric_series(c, first.id, "journal/bytes_per_token") == [pytest.approx(measured)]
     assert 0 < metric_series(c, first.id, "distill/kept_fraction")[0] <= 0.25  # majority vote: one of 4 per prompt
     arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(first.id)}
     student = AutoModelForCausalLM.from_pretrained(arts["distill/student/model.safetensors"].parent)
