@@ -184,7 +184,10 @@ def _lora(s: pb.LoraConfig, p: str, v: Violations) -> None:
     v.check(0 <= s.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
 
 
-def _optim(s: pb.OptimConfig, p: str, v: Violations) -> None:
+def _optim(s: pb.OptimConfig, p: str, v: Violations, unused: dict[str, str] | None = None) -> None:
+    """`unused`: the settings this stage does not read, and what it reads instead (refused when set)."""
+    for name, instead in (unused or {}).items():
+        v.check(not getattr(s, name), f"{p}.{name}", f"this stage does not use it: {instead}")
     v.number(s.learning_rate, f"{p}.learning_rate", lo=0, hi=1, lo_open=True)
     for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "epochs", "checkpoint_every"):
         v.number(getattr(s, name), f"{p}.{name}", lo=1)
@@ -270,7 +273,8 @@ def _grpo(s: pb.GrpoStage, p: str, v: Violations) -> None:
     v.check(len(s.rewards) > 0, f"{p}.rewards", "GRPO needs at least one reward function")
     _rewards(s.rewards, f"{p}.rewards", v)
     _lora(s.lora, f"{p}.lora", v)
-    _optim(s.optim, f"{p}.optim", v)
+    per_step = "each step is prompts_per_step prompts x group_size completions"
+    _optim(s.optim, f"{p}.optim", v, {"batch_size": per_step, "epochs": "optim.max_steps counts the steps"})
 
 
 def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
@@ -289,7 +293,7 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.number(s.temperature, f"{p}.temperature", lo=0, lo_open=True)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     _rewards(s.rewards, f"{p}.rewards", v)
-    _optim(s.optim, f"{p}.optim", v)
+    _optim(s.optim, f"{p}.optim", v, {"batch_size": "each step is prompts_per_step prompts x num_samples"})
 
 
 def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:

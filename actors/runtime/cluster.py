@@ -18,8 +18,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 NAMESPACE = "stillroom"
 
-# Explicit restart policy per role. Generators and scorers hold no state that a restart loses
-# (the supervisor re-sends weights and unfinished batches); a trainer rank is never restarted
+# Explicit restart policy per role. Generators and scorers hold no state that a restart loses, so
+# Ray restarts them (the batch one was working on is not re-sent yet: the stage fails with the
+# actor's error); a trainer rank is never restarted
 # alone, because a collective group cannot take one new member: the supervisor restarts the whole
 # group from its latest checkpoint instead. The supervisor reruns a job from the start, so Ray
 # must not restart it either: its death fails the job with a reason.

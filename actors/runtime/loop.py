@@ -29,7 +29,7 @@ from stillroom.actors.runtime.channels import END, Channel, Seen
 from stillroom.actors.runtime.cluster import RoleGroup
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.metrics import record
-from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step
+from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step, weights
 
 Prepare = Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]]
 
@@ -227,8 +227,7 @@ class TrainLoop:
         """Trainer -> generators: the adapter under LoRA, else full weights, as numpy copies."""
         started = time.perf_counter()
         trainers = self.roles.actors["trainer"]
-        weights = ray.get([t.weights.remote() for t in trainers])[0]  # every rank gathers under ZeRO-3
-        ref = ray.put(weights)
+        ref = ray.put(weights(trainers))
         version = len(self.result.steps)
         ray.get([g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]])
         seconds = time.perf_counter() - started

@@ -37,6 +37,12 @@ def eval_sums(trainers: Group, method: str, arrays: dict[str, np.ndarray]) -> tu
     return sum(s for s, _ in sums), sum(c for _, c in sums)
 
 
+def weights(trainers: Group) -> dict[str, np.ndarray]:
+    """The trained weights (the adapter under LoRA) as numpy copies. Every rank is asked: under
+    ZeRO-3 each holds a partition, and gathering them is a collective every rank must join."""
+    return ray.get([t.weights.remote() for t in trainers])[0]
+
+
 def resume(trainers: Group) -> int:
     """Every rank loads the newest complete checkpoint; the data cursor to continue from (0: none)."""
     return ray.get([t.resume.remote() for t in trainers])[0]

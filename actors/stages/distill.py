@@ -31,7 +31,7 @@ from stillroom.actors.runtime.batches import batch_id, make_batch, replay, rows_
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
-from stillroom.actors.runtime.trainers import eval_sums, train_step
+from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import held_out, save_model, step_reporter, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
@@ -257,7 +257,7 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     )
     samples = ray.get(generator.generate.remote(make_batch("eval", {"prompt": prompts}), greedy))
     arrays = training_arrays(samples, pad_id=0)
-    total, count = eval_sums(trainers[:1], "eval_kd", arrays)
+    total, count = eval_sums(trainers, "eval_kd", arrays)  # every rank: ZeRO-3 forwards are collective
     return total / max(count, 1)
 
 
@@ -271,7 +271,7 @@ def on_policy_loop(
     student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
     own = SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.sampling.max_new_tokens, temperature=1.0)
     rng = np.random.default_rng(seed)
-    ray.get(student.load_weights.remote(ray.get(roles["trainer"][0].weights.remote()), 0))
+    ray.get(student.load_weights.remote(weights(roles["trainer"]), 0))
     for step, batch in enumerate(batches):
         ctx.check_cancelled()
         if rng.random() < cfg.on_policy_fraction:
@@ -290,7 +290,7 @@ def on_policy_loop(
         if arrays:
             step_metrics = train_step(roles["trainer"], arrays, objective)
             metrics.update({k: step_metrics[k] for k in ("loss", "loss/kd", "loss/ce")})
-        ray.get(student.load_weights.remote(ray.get(roles["trainer"][0].weights.remote()), step + 1))
+        ray.get(student.load_weights.remote(weights(roles["trainer"]), step + 1))
         ctx.metrics(metrics)
         ctx.progress(step + 1, len(batches), "steps")
 

@@ -50,6 +50,16 @@ def test_grpo_group_size_field_path(data_root):
             "stages[0].distill.kd_loss",
             "'mse' is not one of forward_kl, reverse_kl, jsd",
         ),
+        (
+            {"grpo": {"optim": {"batch_size": 8}}},
+            "stages[0].grpo.optim.batch_size",
+            "this stage does not use it: each step is prompts_per_step prompts x group_size completions",
+        ),
+        (
+            {"distill": {"optim": {"batch_size": 8}}},
+            "stages[0].distill.optim.batch_size",
+            "this stage does not use it: each step is prompts_per_step prompts x num_samples",
+        ),
         ({"audit": {"max_empty_fraction": 3}}, "stages[0].audit.max_empty_fraction", "must be <= 1"),
         (
             {"audit": {"near_duplicate_threshold": "NaN"}},
