@@ -7,6 +7,12 @@ import math
 import torch
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T, the logits of the distribution sampled at temperature T. At T = 1 (and 0, greedy)
+    the same tensor: no copy of a (B, T, V) tensor on every step."""
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of each next token. logits (B, T, V), input_ids (B, T) -> (B, T-1):
     out[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1])."""

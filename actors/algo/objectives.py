@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from stillroom.actors.algo.losses import distill_loss, entropy, grpo_loss, token_logprobs, weighted_nll
+from stillroom.actors.algo.losses import distill_loss, entropy, grpo_loss, tempered, token_logprobs, weighted_nll
 
 Arrays = dict[str, torch.Tensor]
 Reference = Callable[[float], torch.Tensor]
@@ -47,7 +47,7 @@ class GrpoObjective:
     temperature: float = 1.0
 
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
-        logits = logits / self.temperature
+        logits = tempered(logits, self.temperature)
         logprobs = token_logprobs(logits, t["input_ids"])
         old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
         loss, metrics = grpo_loss(

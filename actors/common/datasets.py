@@ -2,7 +2,8 @@
 
 Formats: JSONL, Parquet, Arrow (IPC file or stream) and `datasets` save_to_disk directories.
 Row shapes: prompt/completion, chat `messages`, and prompt-only with reference columns.
-Imports only pyarrow, so the control plane validates data with the same code the stages read it with.
+Imports only pyarrow and the API messages, so the control plane validates data with the same code the
+stages read it with.
 """
 
 from __future__ import annotations

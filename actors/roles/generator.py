@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from stillroom.actors.algo.losses import tempered
 from stillroom.actors.models.loading import (
     DTYPES,
     device,
@@ -142,8 +143,7 @@ class Generator:
         new = out.sequences[:, width:]
         # The log-probs of the distribution sampled from: logits / T (output_logits are raw), so a
         # trainer that divides by the same T computes the same numbers (TRL does likewise).
-        scale = params.temperature if params.temperature > 0 else 1.0
-        logp = torch.log_softmax(torch.stack(out.logits, dim=1).float() / scale, dim=-1)  # (B*n, T_new, V)
+        logp = torch.log_softmax(tempered(torch.stack(out.logits, dim=1).float(), params.temperature), dim=-1)
         return self._rows(batch, prompt_ids, new, logp, params)
 
     def _shared_prefix(self, enc, n: int):
@@ -185,7 +185,9 @@ class Generator:
                 columns[name].append(values[src])
         rb = make_batch(batch_id(batch), columns)
         if params.topk_logprobs:
-            rb = with_columns(rb, topk_columns([logp[i, :n] for i, n in enumerate(lengths)], params.topk_logprobs))
+            rb = with_columns(
+                rb, topk_columns([logp[i, :length] for i, length in enumerate(lengths)], params.topk_logprobs)
+            )
         return rb.replace_schema_metadata(batch.schema.metadata)
 
     def load_weights(self, weights: dict[str, np.ndarray], version: int) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model_state_dict
-from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, token_logprobs, topk_buckets
+from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
 from stillroom.actors.runtime.metrics import record, role_of
@@ -195,7 +195,7 @@ class Trainer:
                 self._reference = load_causal_lm(self.spec.model_path).to(self.engine.device)
                 self._reference.eval().requires_grad_(False)
             logits, t = forward_from_first_loss(self._reference, t)
-        return token_logprobs(logits / temperature, t["input_ids"])
+        return token_logprobs(tempered(logits, temperature), t["input_ids"])
 
     @torch.no_grad()
     def eval_loss(self, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
