@@ -30,6 +30,9 @@ NEEDS_TEACHER = {"sft", "grpo", "distill", "evaluate", "export"}
 NEEDS_TRAIN = {"audit", "sft", "grpo"}
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+IS_MODES = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 DISTILL_MODES = ("offline", "on_policy")
 DISTILL_FILTERS = ("best_of_n", "min_reward", "majority_vote", "valid_only")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
@@ -193,6 +196,7 @@ def _optim(s: pb.OptimConfig, p: str, v: Violations, unused: dict[str, str] | No
         v.number(getattr(s, name), f"{p}.{name}", lo=1)
     v.number(s.weight_decay, f"{p}.weight_decay", lo=0)
     v.number(s.warmup_steps, f"{p}.warmup_steps", lo=0)
+    v.choice(s.lr_scheduler_type, f"{p}.lr_scheduler_type", LR_SCHEDULERS)
     v.check(0 <= s.zero_stage <= 3, f"{p}.zero_stage", "must be 0, 1, 2 or 3")
 
 
@@ -270,6 +274,10 @@ def _grpo(s: pb.GrpoStage, p: str, v: Violations) -> None:
     v.number(s.temperature, f"{p}.temperature", lo=0)
     v.number(s.top_p, f"{p}.top_p", lo=0, hi=1, lo_open=True)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
+    v.number(s.max_resample, f"{p}.max_resample", lo=1)
+    v.choice(s.importance_sampling_level, f"{p}.importance_sampling_level", IS_LEVELS)
+    v.choice(s.importance_sampling_mode, f"{p}.importance_sampling_mode", IS_MODES)
+    v.number(s.importance_sampling_cap, f"{p}.importance_sampling_cap", lo=1)
     v.check(len(s.rewards) > 0, f"{p}.rewards", "GRPO needs at least one reward function")
     _rewards(s.rewards, f"{p}.rewards", v)
     _lora(s.lora, f"{p}.lora", v)
@@ -284,6 +292,9 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.number(s.max_ahead, f"{p}.max_ahead", lo=0)
     v.number(s.eval_prompts, f"{p}.eval_prompts", lo=1)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
+    v.number(s.samples_per_step, f"{p}.samples_per_step", lo=1)
+    v.number(s.max_resample, f"{p}.max_resample", lo=1)
+    v.number(s.min_kept_fraction, f"{p}.min_kept_fraction", lo=0, hi=1)
     v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
     v.choice(s.kd_loss, f"{p}.kd_loss", KD_LOSSES)
     v.number(s.num_samples, f"{p}.num_samples", lo=1)

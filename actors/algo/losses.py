@@ -52,6 +52,46 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """log(pi / pi_old): per token (B, T) at level "token"; at level "sequence" (GSPO) the mean over
+    each sequence's masked tokens, (B, 1), so a sequence is clipped as a whole."""
+    diff = logprobs - old_logprobs
+    if level == "token":
+        return diff
+    if level == "sequence":
+        return ((diff * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
+    raise ValueError(f"unknown importance_sampling_level {level!r}")
+
+
+def importance_weights(
+    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Off-policy correction for samples drawn by an older policy (the generator's, under
+    max_staleness): w = pi_proximal / pi_behaviour, as TRL corrects vLLM's samples.
+
+    proximal (the trainer's log-probs before this step's update), behaviour (the generator's),
+    mask: (B, T). mode: token_truncate (w per token, capped at `cap`: TIS), token_mask (w per token,
+    0 above the cap), sequence_truncate / sequence_mask (one w per sequence from the summed log
+    ratio, (B, 1)). Returns (w, metrics), w detached."""
+    mask = mask.to(proximal.dtype)
+    diff = ((proximal - behaviour) * mask).detach()
+    level, _, how = mode.partition("_")
+    logw = diff.sum(1, keepdim=True) if level == "sequence" else diff
+    w = torch.exp(logw)
+    if how == "truncate":
+        out = w.clamp(max=cap)
+    elif how == "mask":
+        out = w.masked_fill(w > cap, 0.0)
+    else:
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    over = (w > cap).to(mask.dtype).expand_as(mask)
+    tokens = mask.sum().clamp(min=1)
+    return out, {
+        "is/ratio_mean": float((w.expand_as(mask) * mask).sum() / tokens),
+        "is/capped_fraction": float((over * mask).sum() / tokens),
+    }
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -64,20 +104,28 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     max_completion_length: int | None = None,
     num_items: float | None = None,
+    *,
+    level: str = "token",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate policy loss, as TRL defines the loss types.
 
     logprobs, old_logprobs, ref_logprobs, mask: (B, T) over completion tokens; advantages (B,).
-    per-token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + beta * k3
+    per-token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) * w + beta * k3
+    ratio: exp(logp - old) per token, or with level "sequence" (GSPO) exp of its mean over each
+    sequence's tokens, (B, 1), one ratio for the whole sequence. w: importance weights (B, T) or (B, 1)
+    (truncated IS: see importance_weights), default 1.
     grpo: mean over each sequence's tokens, then over sequences;  bnpo: mean over the batch's tokens;
     dr_grpo: sum / (B * max_completion_length);  dapo: sum / num_items (tokens in the global batch,
     default this batch's). Returns (loss, metrics)."""
     mask = mask.to(logprobs.dtype)
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(log_ratio(logprobs, old_logprobs, mask, level))
     a = advantages.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     per_token = -torch.min(ratio * a, clipped * a)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     metrics = {}
     if beta:
         kl = k3_kl(logprobs, ref_logprobs)
@@ -94,8 +142,8 @@ def grpo_loss(
         loss = (per_token * mask).sum() / (num_items or tokens)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    low = ((ratio < 1 - epsilon) & (a < 0)).to(mask.dtype)
-    high = ((ratio > 1 + eps_high) & (a > 0)).to(mask.dtype)
+    low = ((ratio < 1 - epsilon) & (a < 0)).to(mask.dtype).expand_as(mask)
+    high = ((ratio > 1 + eps_high) & (a > 0)).to(mask.dtype).expand_as(mask)
     metrics["clip_ratio/low_mean"] = float((low * mask).sum() / tokens)
     metrics["clip_ratio/high_mean"] = float((high * mask).sum() / tokens)
     metrics["clip_ratio/region_mean"] = float(((low + high) * mask).sum() / tokens)

@@ -14,7 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from stillroom.actors.algo.losses import distill_loss, entropy, grpo_loss, tempered, token_logprobs, weighted_nll
+from stillroom.actors.algo.losses import (
+    distill_loss,
+    entropy,
+    grpo_loss,
+    importance_weights,
+    tempered,
+    token_logprobs,
+    weighted_nll,
+)
 
 Arrays = dict[str, torch.Tensor]
 Reference = Callable[[float], torch.Tensor]
@@ -37,7 +45,11 @@ class GrpoObjective:
     """The clipped surrogate with the loss type's normalisation, plus beta * k3 KL to the reference
     policy. t carries advantages (B,) and, from the generator, old_logprobs (B, T-1). Every
     log-prob (the policy's, the reference's, the entropy's) is at the sampling temperature, as the
-    generator's old log-probs are (logits / T), so the ratio compares like with like."""
+    generator's old log-probs are (logits / T), so the ratio compares like with like.
+
+    With an importance sampling mode (off-policy correction for stale samples), t also carries
+    proximal_logprobs, the trainer's own before the step's first update: the ratio is clipped
+    against them and each token is weighted by the truncated proximal / generator ratio (TIS)."""
 
     loss_type: str = "dapo"
     epsilon: float = 0.2
@@ -45,11 +57,20 @@ class GrpoObjective:
     beta: float = 0.0
     max_completion_length: int = 0
     temperature: float = 1.0
+    level: str = "token"  # importance_sampling_level: token, or sequence (GSPO)
+    is_mode: str = ""  # "": no correction; token_truncate | token_mask | sequence_truncate | sequence_mask
+    is_cap: float = 3.0
 
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         logits = tempered(logits, self.temperature)
         logprobs = token_logprobs(logits, t["input_ids"])
         old = t["old_logprobs"] if "old_logprobs" in t else logprobs.detach()
+        weights, is_metrics = None, {}
+        if self.is_mode and "proximal_logprobs" in t:
+            weights, is_metrics = importance_weights(
+                t["proximal_logprobs"], old, t["loss_mask"], self.is_mode, self.is_cap
+            )
+            old = t["proximal_logprobs"]
         loss, metrics = grpo_loss(
             logprobs,
             old,
@@ -62,7 +83,10 @@ class GrpoObjective:
             reference(self.temperature) if self.beta else None,
             self.max_completion_length or None,
             num_items if self.loss_type == "dapo" else None,
+            level=self.level,
+            is_weights=weights,
         )
+        metrics.update(is_metrics)
         metrics["entropy"] = entropy(logits[:, :-1].detach(), t["loss_mask"])
         return loss, metrics
 

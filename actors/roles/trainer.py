@@ -29,6 +29,7 @@ from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
 from stillroom.actors.runtime.metrics import record, role_of
+from transformers import get_scheduler
 
 COMPLETE = "COMPLETE"
 
@@ -47,7 +48,9 @@ class TrainerSpec:
     target_modules: tuple[str, ...] = ()
     learning_rate: float = 1e-4
     weight_decay: float = 0.0  # AdamW's decoupled weight decay (optim.weight_decay)
-    warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then the schedule
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine (to 0 at total_steps), as HF names them
+    total_steps: int = 0  # optimizer steps the stage will take (the schedule's length)
     zero_stage: int = 0
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -138,8 +141,9 @@ class Trainer:
     def _build_engine(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.spec.learning_rate, weight_decay=self.spec.weight_decay)
-        warmup = max(1, self.spec.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        s = self.spec
+        kind = "constant_with_warmup" if s.lr_scheduler_type in ("", "constant") else s.lr_scheduler_type
+        scheduler = get_scheduler(kind, optimizer, s.warmup_steps, num_training_steps=max(s.total_steps, 1))
         engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(self.spec)
         )
@@ -196,6 +200,18 @@ class Trainer:
                 self._reference.eval().requires_grad_(False)
             logits, t = forward_from_first_loss(self._reference, t)
         return token_logprobs(tempered(logits, temperature), t["input_ids"])
+
+    @torch.no_grad()
+    def logprobs(self, arrays: dict[str, np.ndarray], temperature: float = 1.0) -> np.ndarray:
+        """This rank's token log-probs of its rows at a temperature, before any update: the proximal
+        policy of an importance-corrected step. (B, T) arrays -> (B, T-1) float32, 0 where no loss."""
+        self.engine.eval()
+        t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
+        logits, cropped = forward_from_first_loss(self.engine, t)
+        lp = token_logprobs(tempered(logits, temperature), cropped["input_ids"]).float()
+        out = torch.zeros(t["loss_mask"].shape, dtype=torch.float32)
+        out[:, out.shape[1] - lp.shape[1] :] = lp.cpu()
+        return (out * t["loss_mask"].cpu()).numpy()
 
     @torch.no_grad()
     def eval_loss(self, arrays: dict[str, np.ndarray]) -> tuple[float, int]:

@@ -8,6 +8,7 @@ once scored, reward and rewards/<fn>.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -118,3 +119,24 @@ def shard(arrays: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.
     n = len(next(iter(arrays.values())))
     bounds = np.linspace(0, n, world + 1).astype(int)
     return {k: v[bounds[rank] : bounds[rank + 1]] for k, v in arrays.items()}
+
+
+def concat(batches: list[pa.RecordBatch], batch_id: str) -> pa.RecordBatch:
+    """Several scored batches as one (a step and its refills), under one id. A column that is null
+    throughout one part (e.g. a reward nobody could compute) takes the type the others give it."""
+    tables = [pa.Table.from_batches([b.replace_schema_metadata(None)]) for b in batches]
+    table = pa.concat_tables(tables, promote_options="default").combine_chunks()
+    merged = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
+    return merged.replace_schema_metadata({BATCH_ID: batch_id.encode()})
+
+
+def refill_batch(step: pa.RecordBatch, round_: int, rows: list[dict], n: int, seed: int) -> pa.RecordBatch:
+    """Prompts for refill round `round_` of a step (a Refill's prompts): n rows drawn with a seed
+    of (seed, step, round), under the id <step>+<round>, so a restart (or a later job reusing the
+    journal) asks for the same prompts and replays them. A step that replays another (a later
+    epoch) replays that step's refill of the same round."""
+    source = replay_of(step)
+    digest = hashlib.sha256(f"{seed}/{source or batch_id(step)}/{round_}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    batch = rows_batch(f"{batch_id(step)}+{round_}", [rows[i] for i in rng.choice(len(rows), n, len(rows) < n)])
+    return replay(batch, f"{source}+{round_}") if source else batch

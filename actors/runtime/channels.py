@@ -8,6 +8,7 @@ in the object store. Bounds give backpressure: a fast producer blocks on a full 
 
 from __future__ import annotations
 
+import queue
 import time
 
 import ray
@@ -37,15 +38,21 @@ class Channel:
     def __init__(self, queue, by_ref: bool = True):
         self.queue, self.by_ref = queue, by_ref
 
-    def put(self, item) -> None:
+    def put(self, item, timeout: float | None = None) -> bool:
+        """Put an item; with a timeout, False when the queue stayed full that long."""
         if self.by_ref and item is not END:
             # In a list: Ray resolves an ObjectRef passed directly as an argument (to the queue
             # actor), which would copy the batch into the queue instead of its reference.
             item = [ray.put(item)]
-        self.queue.put(item)
+        try:
+            self.queue.put(item, timeout=timeout)
+        except queue.Full:  # ray.util.queue.Full is one
+            return False
+        return True
 
     def get(self, timeout: float | None = None):
-        item = self.queue.get(timeout=timeout)
+        """The next item; timeout 0: only one already waiting (else Empty, as with a timeout)."""
+        item = self.queue.get(block=timeout != 0, timeout=timeout or None)
         if self.by_ref and isinstance(item, list):
             return ray.get(item[0])
         return item

@@ -87,6 +87,10 @@ class StageContext:
     def log(self, message: str) -> None:
         self._log.append(pb.Event(type=pb.EVENT_TYPE_LOG, stage=self.stage, message=message))
 
+    def warn(self, message: str) -> None:
+        """A log event a user should act on: `stillroom watch` shows it as a warning."""
+        self.log(f"warning: {message}")
+
     def artifact(self, path: Path, kind: str) -> pb.Artifact:
         """Register a file already written under artifact_dir."""
         data = path.read_bytes()

@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError
 from ray.util.queue import Empty, Queue
 from stillroom.actors.algo.objectives import NllObjective, Objective
 from stillroom.actors.roles.generator import SamplingParams
-from stillroom.actors.runtime.batches import BATCH_ID, batch_id, replay_of
+from stillroom.actors.runtime.batches import BATCH_ID, batch_id, concat, replay_of
 from stillroom.actors.runtime.channels import END, Channel, Seen
 from stillroom.actors.runtime.cluster import RoleGroup
 from stillroom.actors.runtime.journal import Journal
@@ -32,6 +32,29 @@ from stillroom.actors.runtime.metrics import record
 from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step, weights
 
 Prepare = Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Refill:
+    """Top a step up from further generations, as DAPO's dynamic sampling does: while prepare yields
+    fewer than per_prompt trainer rows per prompt of the step's batch, generate
+    `prompts(step_batch, round)` (a prompt batch with an id of its own, deterministic, so a restart
+    replays it from the journal) and prepare everything the step drew together; at most `rounds`
+    prompt batches per step, the first included."""
+
+    per_prompt: float
+    rounds: int
+    prompts: Callable[[pa.RecordBatch, int], pa.RecordBatch]
+
+
+@dataclass
+class Prepared:
+    """One step's trainer arrays, from one scored batch or several (a refill)."""
+
+    batch_id: str
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    versions: list[int]  # the policy versions that generated it (staleness)
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,9 @@ class LoopConfig:
     # training; 0 alternates them, the fastest when the roles share a few cores. None: the queues.
     max_ahead: int | None = None
     sync_every: int = 1
+    # When prepare leaves a step short (dynamic sampling's zero-variance groups, distillation's
+    # filters): more prompts for it, until it holds refill.rows rows.
+    refill: Refill | None = None
     checkpoint_every: int = 1
     queue_size: int = 4
     max_trainer_restarts: int = 2
@@ -73,9 +99,10 @@ class TrainLoop:
         cfg: LoopConfig,
         on_metrics: Callable[[dict], None] = lambda m: None,
         cancelled: Callable[[], bool] = lambda: False,
+        on_warning: Callable[[str], None] = lambda message: None,
     ):
         self.roles, self.trainer_spec, self.journal, self.cfg = roles, trainer_spec, journal, cfg
-        self.on_metrics, self.cancelled = on_metrics, cancelled
+        self.on_metrics, self.cancelled, self.on_warning = on_metrics, cancelled, on_warning
         self.prompts = Channel(Queue(maxsize=cfg.queue_size))
         self.rollouts = Channel(Queue(maxsize=cfg.queue_size))
         self.scored = Channel(Queue(maxsize=cfg.queue_size))
@@ -84,9 +111,14 @@ class TrainLoop:
         self._synced = threading.Condition()
         self._synced_steps = 0  # training steps whose weights the generators have (without syncs: done)
         self._cursor = 0
+        self._pending: dict[str, pa.RecordBatch] = {}  # scored batches that arrived before their turn
+        self._seen = Seen()
+        self._owner: threading.Thread | None = None  # the thread run() trains on
+        self._feed_error: Exception | None = None
 
     def run(self, prompt_batches: list[pa.RecordBatch]) -> LoopResult:
         """Train on every batch, in order; returns what happened."""
+        self._owner = threading.current_thread()
         start = self.start_trainers()
         todo = prompt_batches[start:]
         generators, scorers = self.roles.actors["generator"], self.roles.actors["scorer"]
@@ -97,37 +129,53 @@ class TrainLoop:
         ]
         scoring = [s.serve.remote(self.rollouts, self.scored) for s in scorers]
         self.producers = loops + scoring
-        threading.Thread(target=self._feed, args=(todo, loops, len(scorers)), daemon=True).start()
-        pending: dict[str, pa.RecordBatch] = {}
-        seen, since_checkpoint = Seen(), []
-        for i, expected in enumerate(batch_id(b) for b in todo):
-            while expected not in pending:
-                batch = self._next_scored()
-                if seen.fresh(batch_id(batch)):
-                    pending[batch_id(batch)] = batch
-            since_checkpoint.append(pending.pop(expected))
+        threading.Thread(target=self._feed, args=(todo,), daemon=True).start()
+        since_checkpoint: list[Prepared] = []
+        for i, batch in enumerate(todo):
+            since_checkpoint.append(self._prepared(self._await(batch_id(batch))))
             since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
+        self._close(loops, len(scorers))
         ray.get(loops + scoring)
-        self.result.duplicates_dropped = seen.dropped
+        self.result.duplicates_dropped = self._seen.dropped
         return self.result
 
     # -- feeding --------------------------------------------------------------------------------
 
-    def _feed(self, todo: list[pa.RecordBatch], loops: list, scorers: int) -> None:
-        """Prompts to the generators, or the journal's copy straight to the scorers; then END.
-        A batch marked as a replay (another epoch over the teacher's output) waits for its source
-        to be journaled and is never generated."""
-        for i, batch in enumerate(todo):
-            self._wait_for_policy(i)
-            source = replay_of(batch)
-            while source and not self.journal.has(source) and not self.cancelled():
-                time.sleep(self.cfg.poll_s / 10)
-            if self.journal.has(source or batch_id(batch)):
-                written = self.journal.read(source or batch_id(batch))
-                self.rollouts.put(written.replace_schema_metadata({BATCH_ID: batch_id(batch).encode()}))
-                self.result.replayed += 1
-            else:
-                self.prompts.put(batch)
+    def _feed(self, todo: list[pa.RecordBatch]) -> None:
+        """Every step's prompts, each held back until the policy it must be sampled from exists.
+        An error here is the train loop's to raise (it would otherwise wait for batches forever)."""
+        try:
+            for i, batch in enumerate(todo):
+                self._wait_for_policy(i)
+                self._submit(batch)
+        except Exception as error:  # noqa: BLE001 - re-raised on the loop's thread
+            self._feed_error = error
+
+    def _submit(self, batch: pa.RecordBatch, wait_for_source: bool = True) -> None:
+        """Prompts to the generators, or the journal's copy straight to the scorers. A batch marked
+        as a replay (another epoch over the teacher's output) waits for its source to be journaled
+        and is never generated; a refill's replay, sent once its source's step is trained, does
+        not wait: a source not journaled by then was never needed, and the prompts are generated."""
+        source = replay_of(batch)
+        while wait_for_source and source and not self.journal.has(source) and not self.cancelled():
+            time.sleep(self.cfg.poll_s / 10)
+        source = source if source and self.journal.has(source) else ""
+        if self.journal.has(source or batch_id(batch)):
+            written = self.journal.read(source or batch_id(batch))
+            self._put(self.rollouts, written.replace_schema_metadata({BATCH_ID: batch_id(batch).encode()}))
+            self.result.replayed += 1
+        else:
+            self._put(self.prompts, batch)
+
+    def _put(self, channel: Channel, batch: pa.RecordBatch) -> None:
+        """Put, never blocking for good: on the loop's own thread (a refill), a full queue waits on
+        the consumers downstream, so take scored batches off their queue while it waits."""
+        on_loop = threading.current_thread() is self._owner
+        while not channel.put(batch, timeout=self.cfg.poll_s / 10 if on_loop else None):
+            self._stash(timeout=0)
+
+    def _close(self, loops: list, scorers: int) -> None:
+        """END to every generator, then (once they have drained) to every scorer."""
         for _ in loops:
             self.prompts.put(END)
         ray.wait(loops, num_returns=len(loops), timeout=None)
@@ -143,26 +191,62 @@ class TrainLoop:
         with self._synced:
             self._synced.wait_for(lambda: self._synced_steps >= i - lead or self.cancelled())
 
-    def _next_scored(self) -> pa.RecordBatch:
-        while True:
-            if self.cancelled():
-                raise InterruptedError("cancelled")
-            try:
-                return self.scored.get(timeout=self.cfg.poll_s)
-            except Empty:
-                done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
-                ray.get(done)  # a generator or scorer loop that failed raises its error here
-                if len(done) == len(self.producers):
-                    raise RuntimeError("the generators and scorers finished, but a batch never arrived") from None
+    def _await(self, bid: str) -> pa.RecordBatch:
+        """The scored batch `bid`; batches that arrive before it wait their turn, re-sent ones are dropped."""
+        while bid not in self._pending:
+            self._stash(timeout=self.cfg.poll_s)
+        return self._pending.pop(bid)
+
+    def _stash(self, timeout: float) -> None:
+        """Take one scored batch (if one comes within the timeout) into pending."""
+        batch = self._next_scored(timeout)
+        if batch is not None and self._seen.fresh(batch_id(batch)):
+            self._pending[batch_id(batch)] = batch
+
+    def _next_scored(self, timeout: float) -> pa.RecordBatch | None:
+        if self.cancelled():
+            raise InterruptedError("cancelled")
+        if self._feed_error is not None:
+            raise RuntimeError(f"feeding prompts to the generators failed: {self._feed_error}") from self._feed_error
+        try:
+            return self.scored.get(timeout=timeout)
+        except Empty:
+            done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
+            ray.get(done)  # a generator or scorer loop that failed raises its error here
+            if len(done) == len(self.producers):
+                raise RuntimeError("the generators and scorers finished, but a batch never arrived") from None
             record("queue_depth", self.rollouts.size(), self.roles.job_id, "rollouts")
+            return None
+
+    def _prepared(self, batch: pa.RecordBatch) -> Prepared:
+        """The step's arrays; with a refill, topped up from further generations while short."""
+        arrays, metrics = self.cfg.prepare(batch)
+        refill, parts = self.cfg.refill, [batch]
+        prompts = batch.num_rows / max(self.cfg.sampling.n, 1)
+        need = int(np.ceil(refill.per_prompt * prompts)) if refill else 0
+        while refill and _rows(arrays) < need and len(parts) < refill.rounds:
+            more = refill.prompts(batch, len(parts))
+            self._submit(more, wait_for_source=False)
+            parts.append(self._await(batch_id(more)))
+            arrays, metrics = self.cfg.prepare(concat(parts, batch_id(batch)))
+        if refill:
+            metrics["sampling/rounds"] = float(len(parts))
+            if _rows(arrays) < need:
+                self.on_warning(
+                    f"{batch_id(batch)}: {_rows(arrays)} of {need} rows to train on after {len(parts)} "
+                    "generation rounds (the filters left the rest out); training on what there is"
+                )
+        synced = self.cfg.sync_every and "policy_version" in batch.schema.names  # else there is no policy to lag
+        versions = [v for b in parts for v in b.column("policy_version").to_pylist()] if synced else []
+        return Prepared(batch_id(batch), arrays, metrics, versions)
 
     # -- training -------------------------------------------------------------------------------
 
-    def _train(self, batches: list[pa.RecordBatch], cursor: int) -> list[pa.RecordBatch]:
+    def _train(self, batches: list[Prepared], cursor: int) -> list[Prepared]:
         """Train on batches[-1]; the others were trained since the last checkpoint. If a trainer
         dies, restart the group from that checkpoint and train them all again. Returns the batches
         that no checkpoint covers yet."""
-        replay: list[pa.RecordBatch] = []
+        replay: list[Prepared] = []
         while True:
             try:
                 for batch in [*replay, batches[-1]]:
@@ -182,27 +266,24 @@ class TrainLoop:
                 self._restart_trainers()
                 replay = batches[:-1]
 
-    def _step(self, batch: pa.RecordBatch) -> None:
-        arrays, metrics = self.cfg.prepare(batch)
-        if not arrays:  # nothing in this batch is worth learning from (e.g. every sample filtered out)
-            self.result.trained.append(batch_id(batch))
-            self.on_metrics(metrics)
+    def _step(self, step: Prepared) -> None:
+        if not step.arrays:  # nothing in this batch is worth learning from (e.g. every sample filtered out)
+            self.result.trained.append(step.batch_id)
+            self.on_metrics(step.metrics)
             return
-        step = train_step(self.roles.actors["trainer"], arrays, self.cfg.objective, self.cfg.num_iterations)
-        step["batch_id"] = batch_id(batch)
-        synced = self.cfg.sync_every and "policy_version" in batch.schema.names  # else there is no policy to lag
-        versions = batch.column("policy_version").to_pylist() if synced else []
-        staleness = len(self.result.steps) - float(np.mean(versions)) if versions else 0.0
-        self.result.trained.append(step["batch_id"])
-        self.result.steps.append(step)
-        named = {k: v for k, v in step.items() if k not in ("batch_id", "tokens", "step_s", "step")}  # loss, kl, ...
+        done = train_step(self.roles.actors["trainer"], step.arrays, self.cfg.objective, self.cfg.num_iterations)
+        done["batch_id"] = step.batch_id
+        staleness = len(self.result.steps) - float(np.mean(step.versions)) if step.versions else 0.0
+        self.result.trained.append(step.batch_id)
+        self.result.steps.append(done)
+        named = {k: v for k, v in done.items() if k not in ("batch_id", "tokens", "step_s", "step")}  # loss, kl, ...
         self.on_metrics(
             {
-                **metrics,
+                **step.metrics,
                 **named,
-                "train/step": step["step"],
+                "train/step": done["step"],
                 "policy/staleness": staleness,
-                "train/tokens_per_s": step["tokens"] / max(step["step_s"], 1e-9),
+                "train/tokens_per_s": done["tokens"] / max(done["step_s"], 1e-9),
             }
         )
 
@@ -235,3 +316,7 @@ class TrainLoop:
         self.result.syncs.append(seconds)
         record("weight_sync_s", seconds, self.roles.job_id, "trainer")
         self.on_metrics({"sync/seconds": seconds, "policy/version": version})
+
+
+def _rows(arrays: dict[str, np.ndarray]) -> int:
+    return len(arrays["input_ids"]) if arrays else 0

@@ -27,10 +27,17 @@ from stillroom.actors.models.loading import encode_examples, inference_dtype, mo
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
-from stillroom.actors.runtime.batches import batch_id, make_batch, replay, rows_batch, training_arrays
-from stillroom.actors.runtime.context import StageContext
+from stillroom.actors.runtime.batches import (
+    batch_id,
+    make_batch,
+    refill_batch,
+    replay,
+    rows_batch,
+    training_arrays,
+)
+from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
+from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import held_out, save_model, step_reporter, trainer_spec, tuned_policy
@@ -53,6 +60,9 @@ class DistillConfig:
     max_steps: int
     eval_prompts: int
     max_ahead: int | None
+    samples_per_step: int  # a step is refilled from further teacher generations until it has these
+    max_resample: int
+    min_kept_fraction: float
 
     @classmethod
     def of(cls, p: pb.DistillStage) -> DistillConfig:
@@ -78,16 +88,25 @@ class DistillConfig:
             p.optim.max_steps,
             p.eval_prompts or 16,
             p.max_ahead if p.HasField("max_ahead") else None,
+            p.samples_per_step or p.prompts_per_step or 8,
+            p.max_resample or 3,
+            p.min_kept_fraction,
         )
 
-    def loop(self, prepare_batch, checkpoint_every: int) -> LoopConfig:
-        """Offline distillation: no weight syncs (the teacher is frozen), max_ahead bounds generation."""
+    def loop(self, prepare_batch, checkpoint_every: int, rows: list[dict], seed: int) -> LoopConfig:
+        """Offline distillation: no weight syncs (the teacher is frozen), max_ahead bounds generation;
+        a step the filter leaves short is refilled with further prompts from `rows`."""
         return LoopConfig(
             prepare=prepare_batch,
             sampling=self.sampling,
             objective=self.objective,
             sync_every=0,
             max_ahead=self.max_ahead,
+            refill=Refill(
+                self.samples_per_step / self.prompts_per_step,
+                self.max_resample,
+                partial(refill_batch, rows=datasets.as_prompts(rows), n=self.prompts_per_step, seed=seed),
+            ),
             checkpoint_every=checkpoint_every,
         )
 
@@ -106,16 +125,18 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    batches = prompt_batches(datasets.load_ref(prompt_source(spec)).rows, teacher + adapter, cfg, spec.seed)
-    trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4)
+    rows = datasets.load_ref(prompt_source(spec)).rows
+    batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
+    trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
     prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign)
     loop = TrainLoop(
         roles,
         trainer,
         Journal(journal_root(params, ctx)),
-        cfg.loop(prepare_batch, params.optim.checkpoint_every or 10),
-        on_metrics=step_reporter(ctx, len(batches)),
+        cfg.loop(prepare_batch, params.optim.checkpoint_every or 10, rows, spec.seed),
+        on_metrics=KeptFraction(cfg, step_reporter(ctx, len(batches))),
         cancelled=ctx.is_cancelled,
+        on_warning=ctx.warn,
     )
     loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
     eval_prompts = [] if foreign is not None else held_out_prompts(spec, cfg.eval_prompts)
@@ -188,6 +209,29 @@ def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig, seed: int
     return batches[:steps]
 
 
+class KeptFraction:
+    """Step metrics -> the job's events, counting what the filter kept: the stage fails, saying
+    why, once less than min_kept_fraction of the teacher's samples has been kept so far."""
+
+    def __init__(self, cfg: DistillConfig, report):
+        self.cfg, self.report = cfg, report
+        self.kept = self.seen = 0
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        self.report(metrics)
+        if "distill/kept" not in metrics:
+            return
+        self.kept += metrics["distill/kept"]
+        self.seen += metrics["distill/samples"]
+        if self.seen and self.kept / self.seen < self.cfg.min_kept_fraction:
+            raise StageFailed(
+                f"the {self.cfg.filter} filter kept {self.kept:.0f} of {self.seen:.0f} teacher samples "
+                f"({self.kept / self.seen:.3f}), below min_kept_fraction {self.cfg.min_kept_fraction}: the "
+                "teacher is unsure on these prompts (lower min_agreement / min_reward, raise num_samples, "
+                "or tune the teacher further)"
+            )
+
+
 def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str, float]]:
     """Indices of the samples the filter keeps, group by group (n samples per prompt)."""
     n, rows = cfg.num_samples, batch.num_rows
@@ -201,7 +245,7 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
         kept += [lo + i for i in chosen]
         if agree is not None:
             agreement.append(agree)
-    metrics = {"distill/kept_fraction": len(kept) / max(rows, 1)}
+    metrics = {"distill/kept_fraction": len(kept) / max(rows, 1), "distill/kept": len(kept), "distill/samples": rows}
     if agreement:
         metrics["distill/agreement"] = float(np.mean(agreement))
     return kept, metrics

@@ -22,10 +22,10 @@ from stillroom.actors.common import datasets
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.roles.trainer import TrainerSpec
-from stillroom.actors.runtime.batches import rows_batch, training_arrays
+from stillroom.actors.runtime.batches import refill_batch, rows_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
+from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 from stillroom.actors.stages.wiring import adapter_name, save_policy, step_reporter, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
 
@@ -42,6 +42,8 @@ class GrpoConfig:
     num_iterations: int
     max_staleness: int
     dynamic_sampling: bool
+    max_resample: int
+    mask_truncated: bool
     sampling: SamplingParams
     adapter: str
     checkpoint_every: int
@@ -58,6 +60,9 @@ class GrpoConfig:
             p.beta,
             max_new,
             p.temperature or 1.0,  # the sampling temperature: log-probs are computed at it
+            p.importance_sampling_level or "token",
+            correction_mode(p),
+            p.importance_sampling_cap or 3.0,
         )
         return cls(
             p.group_size or 4,
@@ -68,6 +73,8 @@ class GrpoConfig:
             p.num_iterations or 1,
             p.max_staleness,
             p.dynamic_sampling,
+            p.max_resample or 3,
+            p.mask_truncated_completions,
             SamplingParams(
                 n=p.group_size or 4, max_new_tokens=max_new, temperature=p.temperature or 1.0, top_p=p.top_p or 1.0
             ),
@@ -75,16 +82,31 @@ class GrpoConfig:
             p.optim.checkpoint_every or 10,
         )
 
-    def loop(self) -> LoopConfig:
+    def loop(self, rows: list[dict], seed: int) -> LoopConfig:
+        """The train loop's settings; a dynamic-sampling refill draws further prompts from `rows`."""
         return LoopConfig(
             prepare=partial(prepare, cfg=self),
             sampling=self.sampling,
             objective=self.objective,
             num_iterations=self.num_iterations,
             max_staleness=self.max_staleness,
+            refill=Refill(
+                self.group_size,
+                self.max_resample,
+                partial(refill_batch, rows=datasets.as_prompts(rows), n=self.prompts_per_step, seed=seed),
+            )
+            if self.dynamic_sampling
+            else None,
             checkpoint_every=self.checkpoint_every,
             queue_size=max(2, self.max_staleness + 1),
         )
+
+
+def correction_mode(p: pb.GrpoStage) -> str:
+    """The importance sampling mode: TIS by default where samples can be stale, none where the
+    generator always has the trainer's weights (it then samples from the proximal policy)."""
+    mode = p.importance_sampling_mode or ("token_truncate" if p.max_staleness else "none")
+    return "" if mode == "none" else mode
 
 
 def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
@@ -96,15 +118,17 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     roles = ctx.roles(spec.resources)
     roles.start("generator", sampler_of(policy, spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
+    rows = datasets.load_ref(spec.data.train).rows
     loop = TrainLoop(
         roles,
         policy,
         Journal(out / "journal"),
-        cfg.loop(),
+        cfg.loop(rows, spec.seed),
         on_metrics=step_reporter(ctx, cfg.steps * cfg.num_iterations),
         cancelled=ctx.is_cancelled,
+        on_warning=ctx.warn,
     )
-    loop.run(prompt_batches(datasets.load_ref(spec.data.train).rows, cfg, spec.seed))
+    loop.run(prompt_batches(rows, cfg, spec.seed))
     save_policy(ctx, roles.actors["trainer"], policy.model_path, cfg.adapter != "none", out)
 
 
@@ -122,6 +146,7 @@ def policy_trainer(params: pb.GrpoStage, cfg: GrpoConfig, spec: pb.JobSpec, ctx:
         lora=params.lora,
         adapter_path=adapter if cfg.adapter != "none" else "",
         micro_batch_size=cfg.group_size * cfg.prompts_per_step,
+        total_steps=cfg.steps * cfg.num_iterations,
     )
 
 
@@ -147,8 +172,9 @@ def prompt_batches(rows: list[dict], cfg: GrpoConfig, seed: int) -> list[pa.Reco
     while len(order) < cfg.steps * cfg.prompts_per_step:
         order += rng.permutation(len(rows)).tolist()
     per = cfg.prompts_per_step
+    prompts = datasets.as_prompts(rows)
     return [
-        rows_batch(f"grpo/{step:06d}", datasets.as_prompts([rows[i] for i in order[step * per : (step + 1) * per]]))
+        rows_batch(f"grpo/{step:06d}", [prompts[i] for i in order[step * per : (step + 1) * per]])
         for step in range(cfg.steps)
     ]
 
@@ -162,12 +188,23 @@ def prepare(batch: pa.RecordBatch, cfg: GrpoConfig) -> tuple[dict[str, np.ndarra
     arrays = training_arrays(batch, pad_id=0)
     arrays["advantages"] = adv.numpy().astype(np.float32)
     arrays["loss_mask"] = arrays["loss_mask"] * scored[:, None]
+    if cfg.mask_truncated:  # DAPO: a completion cut off at max_new_tokens says nothing about its end
+        arrays["loss_mask"] = arrays["loss_mask"] * ~np.asarray(batch.column("truncated").to_pylist())[:, None]
     metrics = rollout_metrics(batch, rewards, cfg.group_size)
-    metrics["frac_reward_zero_std"] = float(zero_std.float().mean())
-    if cfg.dynamic_sampling and bool(zero_std.any()) and not bool(zero_std.all()):
-        keep = np.repeat(~zero_std.numpy(), cfg.group_size)  # groups without signal are dropped
-        arrays = {k: v[keep] for k, v in arrays.items()}
+    metrics["frac_reward_zero_std"] = float(zero_std.float().mean())  # before any group is dropped
+    if cfg.dynamic_sampling:
+        arrays, metrics["sampling/groups_with_signal"] = with_signal(arrays, ~zero_std.numpy(), cfg)
     return arrays, metrics
+
+
+def with_signal(arrays: dict[str, np.ndarray], signal: np.ndarray, cfg: GrpoConfig) -> tuple[dict, int]:
+    """Dynamic sampling: only the groups whose rewards differ (signal (groups,)), at most
+    prompts_per_step of them, first come first kept; and how many had signal."""
+    groups = np.flatnonzero(signal)[: cfg.prompts_per_step]
+    if not len(groups):
+        return {}, 0
+    rows = (groups[:, None] * cfg.group_size + np.arange(cfg.group_size)).ravel()
+    return {k: v[rows] for k, v in arrays.items()}, int(signal.sum())
 
 
 def rollout_metrics(batch: pa.RecordBatch, rewards: np.ndarray, group_size: int) -> dict[str, float]:

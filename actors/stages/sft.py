@@ -29,9 +29,11 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     train, held = (encoded(tok, ref, params.max_length or 512) for ref in (spec.data.train, spec.data.eval))
     out = ctx.artifact_dir / ctx.stage
     default_lr = 2e-4 if adapter != "none" else 2e-5
-    trainer = trainer_spec(model, o, out, spec.seed, default_lr, adapter, params.lora, dtype="float32")
-    trainers = ctx.roles(spec.resources, roles=("trainer",)).start("trainer", trainer)
     order = step_order(len(train["prompt_ids"]), o.batch_size or 8, spec.seed, o.epochs or 1, o.max_steps)
+    trainer = trainer_spec(
+        model, o, out, spec.seed, default_lr, adapter, params.lora, dtype="float32", total_steps=len(order)
+    )
+    trainers = ctx.roles(spec.resources, roles=("trainer",)).start("trainer", trainer)
     cursor = resume(trainers)
     if held and cursor == 0:
         ctx.metrics({"eval/loss": eval_loss(trainers, held)})

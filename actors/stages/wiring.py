@@ -44,6 +44,7 @@ def trainer_spec(
         learning_rate=optim.learning_rate or default_lr,
         weight_decay=optim.weight_decay,
         warmup_steps=optim.warmup_steps,
+        lr_scheduler_type=optim.lr_scheduler_type or "constant",
         zero_stage=optim.zero_stage,
         gradient_accumulation_steps=optim.gradient_accumulation_steps or 1,
         seed=seed,

@@ -4,15 +4,17 @@ DeepSpeed ranks in sync, a trainer killed mid-stage, weight sync, and nothing le
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
+import pyarrow as pa
 import pytest
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import RewardSpec, ScorerSpec
 from stillroom.actors.roles.trainer import TrainerSpec
-from stillroom.actors.runtime.batches import make_batch, training_arrays
+from stillroom.actors.runtime.batches import batch_id, make_batch, refill_batch, training_arrays
 from stillroom.actors.runtime.cluster import Placement, RoleGroup, release_job
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, TrainLoop
+from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 
 from tests.service.helpers import wait_for
 
@@ -238,3 +240,46 @@ def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_m
 def test_roles_that_cannot_fit_fail_at_once_with_the_numbers(ray_client):
     with pytest.raises(RuntimeError, match="need more than the cluster has: 99 CPU wanted, 3 in the cluster"):
         RoleGroup("job-big", {"trainer": Placement(1, 99.0)})
+
+
+def order_rows_only(batch):
+    """A filter that keeps half of a step's own samples (its "order" prompts) and every refill
+    sample; it keeps nothing of step b002, however often that step is refilled."""
+    if batch_id(batch) == "b002":
+        return {}, {}
+    kept = [i for i, p in enumerate(batch.column("prompt").to_pylist()) if not p.startswith("ticket")]
+    return training_arrays(batch.take(pa.array(kept)), pad_id=0), {"kept": len(kept)}
+
+
+def test_a_short_step_is_refilled_from_further_generations(ray_client, tiny_model, tmp_path):
+    """Each step needs 2 rows per prompt (4); its own samples give 2, so one refill of 2 further
+    prompts (journaled under <step>+1) tops it up. A step the filter never keeps anything of is
+    refilled up to the bound and trained as it is, with a warning that says so."""
+    group = roles("job-refill", tiny_model, trainers=1)
+    metrics, warnings = [], []
+    extra = [{"prompt": f"refill {i}", "answer": "a"} for i in range(8)]
+    loop = TrainLoop(
+        group,
+        trainer_spec(tiny_model, tmp_path, zero=0),
+        Journal(tmp_path / "journal"),
+        LoopConfig(
+            prepare=order_rows_only,
+            sampling=SamplingParams(n=2, max_new_tokens=4),
+            refill=Refill(2.0, 3, partial(refill_batch, rows=extra, n=2, seed=0)),
+            poll_s=0.05,
+        ),
+        on_metrics=metrics.append,
+        on_warning=warnings.append,
+    )
+    try:
+        result = loop.run(prompts(3))
+    finally:
+        group.close()
+    assert result.trained == ["b000", "b001", "b002"]
+    assert [m["sampling/rounds"] for m in metrics if "sampling/rounds" in m] == [2.0, 2.0, 3.0]
+    assert [m["kept"] for m in metrics if "kept" in m] == [6, 6]  # 2 own + 4 refill rows
+    assert set(loop.journal.ids()) >= {"b000+1", "b001+1", "b002+1", "b002+2"}
+    assert warnings == [
+        "b002: 0 of 4 rows to train on after 3 generation rounds (the filters left the rest out); "
+        "training on what there is"
+    ]

@@ -107,6 +107,33 @@ def test_dapo_over_accumulation_chunks_equals_one_chunk(tiny_model, tmp_path):
         np.testing.assert_allclose(value, digests[1][name], atol=1e-6, err_msg=name)
 
 
+def test_trainer_logprobs_are_the_generators_at_the_same_weights_and_temperature(tiny_model, tmp_path):
+    """The proximal log-probs of an importance-corrected step: the trainer's own, before any update,
+    equal what a generator with the same weights reports at T = 0.7, at every completion token."""
+    gen = Generator(GeneratorSpec(str(tiny_model), seed=5))
+    arrays = training_arrays(gen.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=6, temperature=0.7)), pad_id=0)
+    trainer = Trainer(TrainerSpec(str(tiny_model), adapter="none", master_port=29013))
+    proximal = trainer.logprobs({k: arrays[k] for k in ("input_ids", "attention_mask", "loss_mask")}, 0.7)
+    mask = arrays["loss_mask"].astype(bool)
+    np.testing.assert_allclose(proximal[mask], arrays["old_logprobs"][mask], atol=1e-4)
+    assert np.all(proximal[~mask] == 0)
+
+
+@pytest.mark.parametrize(("kind", "after_two_of_four"), [("constant", 1.0), ("linear", 0.5), ("cosine", 0.5)])
+def test_learning_rate_schedules_follow_hf(tiny_model, kind, after_two_of_four):
+    arrays = _arrays(n=2)
+    spec = TrainerSpec(
+        str(tiny_model), adapter="none", learning_rate=1e-2, lr_scheduler_type=kind, total_steps=4, master_port=29014
+    )
+    trainer = Trainer(spec)
+    for _ in range(2):
+        trainer.train_step(arrays)
+    assert trainer.learning_rate() == pytest.approx(1e-2 * after_two_of_four)
+    warm = Trainer(TrainerSpec(str(tiny_model), adapter="none", learning_rate=1e-2, warmup_steps=4, total_steps=8))
+    warm.train_step(arrays)
+    assert warm.learning_rate() == pytest.approx(1e-2 / 4)  # one of four warm-up steps, as HF counts them
+
+
 def test_builtin_rewards_by_hand():
     p = ["q"] * 3
     assert exact_match(p, [" 4", "5", "4"], answer=["4", "4", None]) == [1.0, 0.0, None]

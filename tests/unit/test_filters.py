@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from stillroom.actors.algo.filters import best_of_n, canonical, majority_vote, min_reward, valid_only
 
 
@@ -88,3 +89,21 @@ def test_distill_epochs_replay_the_teachers_batches_and_agreement_filters():
     assert kept == [0] and metrics["distill/agreement"] == (0.75 + 0.25) / 2  # 3 of 4 agree, then 1 of 4
     assert keep(scored, dataclasses.replace(agreeing, min_agreement=0.0))[0] == [0, 4]
     assert isinstance(scored, pa.RecordBatch)
+
+
+def test_distill_refills_short_steps_and_fails_below_min_kept_fraction():
+    from stillroom.actors.runtime.context import StageFailed
+    from stillroom.actors.stages.distill import DistillConfig, KeptFraction
+    from stillroom.v1 import job_pb2 as pb
+
+    cfg = DistillConfig.of(pb.DistillStage(prompts_per_step=8, samples_per_step=12, min_kept_fraction=0.1))
+    refill = cfg.loop(lambda b: ({}, {}), 10, [{"prompt": "q"}], seed=0).refill
+    assert refill.per_prompt == 1.5 and refill.rounds == 3  # 12 kept samples per 8 prompts; 3x at most
+    assert DistillConfig.of(pb.DistillStage()).loop(None, 1, [{"prompt": "q"}], 0).refill.per_prompt == 1.0
+    reported = []
+    guard = KeptFraction(cfg, reported.append)
+    guard({"distill/kept": 8, "distill/samples": 64})  # 0.125 so far
+    with pytest.raises(StageFailed, match=r"majority_vote filter kept 9 of 128 teacher samples \(0.070\), below "):
+        guard({"distill/kept": 1, "distill/samples": 64})
+    assert len(reported) == 2  # the step's metrics reach the events before the stage fails
+    KeptFraction(DistillConfig.of(pb.DistillStage()), reported.append)({"distill/kept": 0, "distill/samples": 64})

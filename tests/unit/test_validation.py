@@ -46,6 +46,25 @@ def test_grpo_group_size_field_path(data_root):
         ({"sft": {"optim": {"zero_stage": 4}}}, "stages[0].sft.optim.zero_stage", "must be 0, 1, 2 or 3"),
         ({"distill": {"alpha": 2}}, "stages[0].distill.alpha", "must be <= 1"),
         (
+            {"grpo": {"importance_sampling_level": "batch"}},
+            "stages[0].grpo.importance_sampling_level",
+            "'batch' is not one of token, sequence",
+        ),
+        (
+            {"grpo": {"importance_sampling_mode": "clip"}},
+            "stages[0].grpo.importance_sampling_mode",
+            "'clip' is not one of none, token_truncate",
+        ),
+        ({"grpo": {"importance_sampling_cap": 0.5}}, "stages[0].grpo.importance_sampling_cap", "must be >= 1"),
+        ({"grpo": {"max_resample": -1}}, "stages[0].grpo.max_resample", "must be >= 1"),
+        (
+            {"sft": {"optim": {"lr_scheduler_type": "step"}}},
+            "stages[0].sft.optim.lr_scheduler_type",
+            "'step' is not one of constant, linear, cosine",
+        ),
+        ({"distill": {"min_kept_fraction": 1.5}}, "stages[0].distill.min_kept_fraction", "must be <= 1"),
+        ({"distill": {"samples_per_step": -2}}, "stages[0].distill.samples_per_step", "must be >= 1"),
+        (
             {"distill": {"kd_loss": "mse"}},
             "stages[0].distill.kd_loss",
             "'mse' is not one of forward_kl, reverse_kl, jsd",

@@ -154,7 +154,7 @@ class LoraConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OptimConfig(_message.Message):
-    __slots__ = ("learning_rate", "batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps", "zero_stage", "max_steps", "epochs", "checkpoint_every")
+    __slots__ = ("learning_rate", "batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps", "zero_stage", "max_steps", "epochs", "checkpoint_every", "lr_scheduler_type")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class OptimConfig(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULER_TYPE_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     batch_size: int
     gradient_accumulation_steps: int
@@ -173,7 +174,8 @@ class OptimConfig(_message.Message):
     max_steps: int
     epochs: int
     checkpoint_every: int
-    def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., zero_stage: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    lr_scheduler_type: str
+    def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., zero_stage: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., lr_scheduler_type: _Optional[str] = ...) -> None: ...
 
 class SftStage(_message.Message):
     __slots__ = ("adapter", "lora", "optim", "max_length", "eval_every", "merge")
@@ -211,7 +213,7 @@ class RewardFunction(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., args: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GrpoStage(_message.Message):
-    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step")
+    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step", "max_resample", "importance_sampling_level", "mask_truncated_completions", "importance_sampling_mode", "importance_sampling_cap")
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,11 @@ class GrpoStage(_message.Message):
     OPTIM_FIELD_NUMBER: _ClassVar[int]
     DYNAMIC_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESAMPLE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_SAMPLING_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MASK_TRUNCATED_COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_SAMPLING_MODE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _ClassVar[int]
     group_size: int
     loss_type: str
     beta: float
@@ -246,7 +253,12 @@ class GrpoStage(_message.Message):
     optim: OptimConfig
     dynamic_sampling: bool
     prompts_per_step: int
-    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ...) -> None: ...
+    max_resample: int
+    importance_sampling_level: str
+    mask_truncated_completions: bool
+    importance_sampling_mode: str
+    importance_sampling_cap: float
+    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ...) -> None: ...
 
 class StudentInit(_message.Message):
     __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides")
@@ -266,7 +278,7 @@ class StudentInit(_message.Message):
     def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +300,9 @@ class DistillStage(_message.Message):
     MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     MAX_AHEAD_FIELD_NUMBER: _ClassVar[int]
     SCALE_BY_T2_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESAMPLE_FIELD_NUMBER: _ClassVar[int]
+    MIN_KEPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -308,7 +323,10 @@ class DistillStage(_message.Message):
     min_agreement: float
     max_ahead: int
     scale_by_t2: bool
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., **kwargs) -> None: ...
+    samples_per_step: int
+    max_resample: int
+    min_kept_fraction: float
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
     __slots__ = ("metrics", "max_new_tokens", "limit", "gates")
