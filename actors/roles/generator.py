@@ -27,7 +27,7 @@ from stillroom.actors.models.loading import (
 from stillroom.actors.runtime.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
 from stillroom.actors.runtime.channels import Channel, pump
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.metrics import record, role_of
+from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import AutoTokenizer, DynamicCache
 
 
@@ -96,7 +96,7 @@ class Generator:
         """Generate for every prompt batch in the inbox until END; journal each result before
         handing it on. Returns the number of batches."""
         journal = Journal(journal_dir) if journal_dir else None
-        job_id, role = role_of(self.spec.name)
+        tags = tags_of(self.spec.name)
 
         def work(batch: pa.RecordBatch) -> pa.RecordBatch:
             out = self.generate(batch, params)
@@ -106,7 +106,7 @@ class Generator:
 
         def report(_, out: pa.RecordBatch, seconds: float) -> None:
             tokens = sum(len(ids) for ids in out.column("completion_ids").to_pylist())
-            record("tokens_generated_per_s", tokens / max(seconds, 1e-9), job_id, role)
+            record("tokens_generated_per_s", tokens / max(seconds, 1e-9), tags)
 
         return pump(inbox, outbox, work, report)
 

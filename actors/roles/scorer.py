@@ -22,7 +22,7 @@ from stillroom.actors.algo.rewards import BUILTINS
 from stillroom.actors.common.rewards import module_allowed
 from stillroom.actors.runtime.batches import GENERATED_COLUMNS, TOPK_COLUMNS, with_columns
 from stillroom.actors.runtime.channels import Channel, pump
-from stillroom.actors.runtime.metrics import record, role_of
+from stillroom.actors.runtime.metrics import record, tags_of
 
 # Columns a generator adds; everything else in a batch is a dataset column passed to reward functions.
 GENERATED = set(GENERATED_COLUMNS + TOPK_COLUMNS)
@@ -119,10 +119,10 @@ class RewardScorer:
 
     def serve(self, inbox: Channel, outbox: Channel) -> int:
         """Score every batch in the inbox until END. Returns the number of batches."""
-        job_id, role = role_of(self.spec.name)
+        tags = tags_of(self.spec.name)
 
         def report(_, out: pa.RecordBatch, seconds: float) -> None:
-            record("samples_scored_per_s", out.num_rows / max(seconds, 1e-9), job_id, role)
+            record("samples_scored_per_s", out.num_rows / max(seconds, 1e-9), tags)
 
         return pump(inbox, outbox, self.score, report)
 

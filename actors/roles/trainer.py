@@ -28,7 +28,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
-from stillroom.actors.runtime.metrics import record, role_of
+from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import get_scheduler
 
 COMPLETE = "COMPLETE"
@@ -180,7 +180,7 @@ class Trainer:
             tokens += int(t["attention_mask"].sum())
         self.step += 1
         seconds = time.perf_counter() - started
-        record("train_tokens_per_s", tokens / max(seconds, 1e-9), *role_of(self.spec.name))
+        record("train_tokens_per_s", tokens / max(seconds, 1e-9), tags_of(self.spec.name))
         return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
 
     def _loss(self, t: dict[str, torch.Tensor], objective: Objective, num_items: float):

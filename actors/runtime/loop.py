@@ -28,7 +28,7 @@ from stillroom.actors.runtime.batches import BATCH_ID, batch_id, concat, replay_
 from stillroom.actors.runtime.channels import END, Channel, Seen
 from stillroom.actors.runtime.cluster import RoleGroup
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.metrics import record
+from stillroom.actors.runtime.metrics import Sampler, record
 from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step, weights
 
 Prepare = Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]]
@@ -78,6 +78,7 @@ class LoopConfig:
     queue_size: int = 4
     max_trainer_restarts: int = 2
     poll_s: float = 1.0  # how often the train loop checks on cancellation and its producers while waiting
+    metrics_every_s: float = 2.0  # how often the queues' depths are sampled into their gauges
 
 
 @dataclass
@@ -130,10 +131,14 @@ class TrainLoop:
         scoring = [s.serve.remote(self.rollouts, self.scored) for s in scorers]
         self.producers = loops + scoring
         threading.Thread(target=self._feed, args=(todo,), daemon=True).start()
+        sampler = Sampler(self.cfg.metrics_every_s, self._record_queue_depths).start()
         since_checkpoint: list[Prepared] = []
-        for i, batch in enumerate(todo):
-            since_checkpoint.append(self._prepared(self._await(batch_id(batch))))
-            since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
+        try:
+            for i, batch in enumerate(todo):
+                since_checkpoint.append(self._prepared(self._await(batch_id(batch))))
+                since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
+        finally:
+            sampler.stop()
         self._close(loops, len(scorers))
         ray.get(loops + scoring)
         self.result.duplicates_dropped = self._seen.dropped
@@ -191,6 +196,10 @@ class TrainLoop:
         with self._synced:
             self._synced.wait_for(lambda: self._synced_steps >= i - lead or self.cancelled())
 
+    def _record_queue_depths(self) -> None:
+        for name in ("prompts", "rollouts", "scored"):
+            record("queue_depth", getattr(self, name).size(), {"job_id": self.roles.job_id, "queue": name})
+
     def _await(self, bid: str) -> pa.RecordBatch:
         """The scored batch `bid`; batches that arrive before it wait their turn, re-sent ones are dropped."""
         while bid not in self._pending:
@@ -215,7 +224,6 @@ class TrainLoop:
             ray.get(done)  # a generator or scorer loop that failed raises its error here
             if len(done) == len(self.producers):
                 raise RuntimeError("the generators and scorers finished, but a batch never arrived") from None
-            record("queue_depth", self.rollouts.size(), self.roles.job_id, "rollouts")
             return None
 
     def _prepared(self, batch: pa.RecordBatch) -> Prepared:
@@ -314,7 +322,7 @@ class TrainLoop:
         seconds = time.perf_counter() - started
         self._advance(len(self.result.steps))
         self.result.syncs.append(seconds)
-        record("weight_sync_s", seconds, self.roles.job_id, "trainer")
+        record("weight_sync_s", seconds, {"job_id": self.roles.job_id, "role": "trainer", "rank": "0"})
         self.on_metrics({"sync/seconds": seconds, "policy/version": version})
 
 

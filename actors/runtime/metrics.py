@@ -1,7 +1,11 @@
-"""Custom Ray metrics, tagged with job id and role: they appear in the Ray dashboard's metrics
-(Prometheus) next to Ray's own. Outside a Ray worker they are not recorded."""
+"""Custom Ray metrics, tagged with job id, role and rank (replicas of a role are separate series):
+they appear in the Ray dashboard's metrics (Prometheus) next to Ray's own. Outside a Ray worker
+they are not recorded. Queue depths are sampled on a timer (Sampler), not only when someone waits."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import ray
 from ray.util.metrics import Gauge
@@ -9,22 +13,48 @@ from ray.util.metrics import Gauge
 _GAUGES: dict[str, object] = {}
 
 
-def record(name: str, value: float, job_id: str, role: str) -> None:
-    """Set gauge `stillroom_<name>` for (job_id, role), e.g. tokens_generated_per_s."""
+def record(name: str, value: float, tags: dict[str, str]) -> None:
+    """Set gauge `stillroom_<name>` for these tags (tags_of an actor, or job_id and queue)."""
     if not ray.is_initialized():
         return
     gauge = _GAUGES.get(name)
     if gauge is None:
-        gauge = _GAUGES[name] = Gauge(
-            f"stillroom_{name}", description=name.replace("_", " "), tag_keys=("job_id", "role")
-        )
-    gauge.set(float(value), tags={"job_id": job_id, "role": role})
+        gauge = _GAUGES[name] = Gauge(f"stillroom_{name}", description=name.replace("_", " "), tag_keys=tuple(tags))
+    gauge.set(float(value), tags=tags)
 
 
-def role_of(name: str) -> tuple[str, str]:
-    """("job-x", "generator") from an actor name "job-x:generator:0"."""
+def tags_of(name: str) -> dict[str, str]:
+    """{"job_id": "job-x", "role": "trainer", "rank": "1"} from an actor name "job-x:trainer:1"."""
     job_id, _, rest = name.partition(":")
-    return job_id, rest.partition(":")[0]
+    role, _, rank = rest.partition(":")
+    return {"job_id": job_id, "role": role, "rank": rank or "0"}
+
+
+class Sampler:
+    """Calls sample() every `interval` seconds on a daemon thread until stop(): a gauge that is
+    read between events (a queue's depth) stays current while nobody waits on it."""
+
+    def __init__(self, interval: float, sample: Callable[[], None]):
+        self.interval, self.sample = interval, sample
+        self._stop = threading.Event()
+        self.samples = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="metrics-sampler")
+
+    def start(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+                self.samples += 1
+            except Exception:  # noqa: BLE001 - a queue actor gone at the end of a stage is not an error
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 1)
 
 
 def write_tensorboard(series: dict[str, dict[str, list[tuple[float, float]]]], root) -> None:

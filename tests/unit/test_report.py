@@ -87,3 +87,20 @@ def test_gates_say_by_how_much():
     assert not ok and "does not beat" in text
     ok, text = gate_verdict(pb.EvalGate(model="teacher_sft", baseline="student", metric="json_exact"), report)
     assert not ok and "teacher_sft was not evaluated" in text
+
+
+def test_metric_tags_name_the_rank_and_the_sampler_samples_on_a_timer():
+    import time
+
+    from stillroom.actors.runtime.metrics import Sampler, tags_of
+
+    assert tags_of("job-x:trainer:1") == {"job_id": "job-x", "role": "trainer", "rank": "1"}
+    assert tags_of("job-x:trainer:0") != tags_of("job-x:trainer:1")  # replicas are separate series
+    depths = []
+    sampler = Sampler(0.02, lambda: depths.append(len(depths))).start()
+    time.sleep(0.3)  # nobody waits on a queue here, and the gauge is sampled anyway
+    sampler.stop()
+    assert sampler.samples == len(depths) >= 5
+    count = len(depths)
+    time.sleep(0.1)
+    assert len(depths) == count  # stopped
