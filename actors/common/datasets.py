@@ -40,11 +40,24 @@ class Columns:
 
 @dataclass(frozen=True)
 class Example:
-    """One row as text: what the model is asked and, where labelled, the answer."""
+    """One row: what the model is asked and, where labelled, the answer. A conversational row
+    keeps its prompt's messages with their roles (system prompt, earlier turns): the chat template
+    renders those; `prompt` is their text, for rewards and the audit."""
 
     prompt: str
     completion: str | None
     references: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None  # the prompt's turns, when the row is conversational
+
+    def prompt_row(self) -> dict[str, Any]:
+        """The row to generate from: prompt (text), messages (JSON, when conversational), the answer
+        as `reference` (the generated text takes the name `completion`), and the other columns."""
+        row: dict[str, Any] = {"prompt": self.prompt, **self.references}
+        if self.messages is not None:
+            row["messages"] = json.dumps(self.messages)
+        if self.completion is not None:
+            row["reference"] = self.completion
+        return row
 
 
 @dataclass(frozen=True)
@@ -54,9 +67,14 @@ class Dataset:
     shape: str  # prompt_completion | messages | prompt_only
     columns: list[str]
     rows: list[dict[str, Any]]
+    cols: Columns = Columns()  # the columns the DatasetRef named
 
-    def examples(self, cols: Columns = Columns()) -> list[Example]:
-        return [to_example(r, self.shape, cols) for r in self.rows]
+    def examples(self) -> list[Example]:
+        return [to_example(r, self.shape, self.cols) for r in self.rows]
+
+    def prompts(self) -> list[dict[str, Any]]:
+        """Rows to generate from (Example.prompt_row), whatever the dataset's shape."""
+        return [ex.prompt_row() for ex in self.examples()]
 
 
 def detect_format(path: Path) -> str:
@@ -88,7 +106,7 @@ def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
         problem = row_problem(row, shape, cols)
         if problem:
             raise DataError(path, problem, row=i)
-    return Dataset(str(path), fmt, shape, columns, rows)
+    return Dataset(str(path), fmt, shape, columns, rows, cols)
 
 
 def detect_shape(path: Path, columns: list[str], cols: Columns) -> str:
@@ -134,18 +152,25 @@ def _messages_problem(messages: Any, name: str) -> str | None:
 
 
 def to_example(row: dict[str, Any], shape: str, cols: Columns = Columns()) -> Example:
-    """Flatten a row to prompt text, completion text and the other columns (references)."""
+    """A row as prompt, completion and the other columns (references). Chat `messages` (TRL's
+    conversational format): the last assistant turn is the completion, every turn before it (with
+    its role) the prompt; a prompt column that is a list of messages is conversational too."""
     if shape == "messages":
         msgs = row.get(cols.messages) or []
         last_is_answer = bool(msgs) and msgs[-1].get("role") == "assistant"
-        prompt_msgs = msgs[:-1] if last_is_answer else msgs
-        prompt = "\n".join(m.get("content") or "" for m in prompt_msgs)
+        turns = _turns(msgs[:-1] if last_is_answer else msgs)
         completion = (msgs[-1].get("content") or "") if last_is_answer else None
         refs = {k: v for k, v in row.items() if k != cols.messages}
-        return Example(prompt, completion, refs)
+        return Example(_text(turns), completion, refs, turns)
     completion = _text(row.get(cols.completion)) if shape == "prompt_completion" else None
     refs = {k: v for k, v in row.items() if k not in (cols.prompt, cols.completion)}
-    return Example(_text(row.get(cols.prompt)), completion, refs)
+    prompt = row.get(cols.prompt)
+    return Example(_text(prompt), completion, refs, _turns(prompt) if isinstance(prompt, list) else None)
+
+
+def _turns(messages: list) -> list[dict[str, str]]:
+    """{role, content} of each message (other keys dropped: the chat template needs only these)."""
+    return [{"role": m.get("role") or "user", "content": m.get("content") or ""} for m in messages]
 
 
 def _text(value: Any) -> str:
@@ -210,12 +235,6 @@ def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
     for name in files:
         rows.extend(_read_arrow(path / name))
     return rows
-
-
-def as_prompts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows to generate from: a `completion` column is the reference answer, and travels as
-    `reference` (the generated text takes the name `completion`)."""
-    return [{("reference" if k == "completion" else k): v for k, v in r.items()} for r in rows]
 
 
 def columns_of(ref) -> Columns:

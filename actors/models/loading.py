@@ -90,26 +90,61 @@ def _atomic_save(dest: Path, save, keep: bool = False) -> None:
     os.replace(tmp, dest)
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt: a user turn in the tokenizer's chat template when it has one (and
-    `chat_template`), else the plain text. SFT and every generator use this, so they agree."""
+def encode_prompt(tokenizer, text: str, chat_template: bool = True, messages: list[dict] | None = None) -> list[int]:
+    """Token ids of a prompt: its messages (with their roles; a plain text is one user turn) in
+    the tokenizer's chat template, ending with the assistant's generation prompt, when it has one
+    (and `chat_template`); else the plain text. SFT and every generator use this, so they agree."""
     if chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+        return _template_ids(tokenizer, messages or [{"role": "user", "content": text}], generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_completion(
+    tokenizer, prompt_ids: list[int], text: str, messages: list[dict] | None, prompt: str
+) -> list[int]:
+    """Token ids of an answer as the model must write it: under a chat template, the assistant turn
+    the template renders after the prompt (its content and its end of turn, e.g. <|im_end|>, which
+    need not be EOS); else the text and EOS."""
+    if tokenizer.chat_template:
+        turns = [*(messages or [{"role": "user", "content": prompt}]), {"role": "assistant", "content": text}]
+        full = _template_ids(tokenizer, turns, generation_prompt=False)
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            return full[len(prompt_ids) :]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+
+
+def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+
+
+def stop_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends an answer: the generation config's EOS ids (a list in many models), the
+    tokenizer's EOS, and the special tokens that close an assistant turn in its chat template."""
+    ids = set()
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        prompt = encode_prompt(tokenizer, "x")
+        turn = encode_completion(tokenizer, prompt, "y", None, "x")
+        special = set(tokenizer.all_special_ids)
+        ids.update(t for t in turn if t in special)
+    return sorted(ids)
+
+
 def encode_examples(tokenizer, examples: list, max_length: int) -> dict[str, list]:
-    """prompt_ids / completion_ids per example (a common.datasets.Example: prompt, completion). The
-    chat template (when the tokenizer has one) frames the prompt as a user turn; the completion ends
-    with EOS; long rows are cut at max_length."""
+    """prompt_ids / completion_ids per example (a common.datasets.Example). The chat template (when
+    the tokenizer has one) renders the prompt's turns and the answer as the assistant's turn, so
+    the loss covers the assistant's tokens only, its end of turn included; long rows are cut at
+    max_length (the prompt's start first)."""
     prompt_ids, completion_ids = [], []
     for ex in examples:
-        p = encode_prompt(tokenizer, ex.prompt)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        c = tokenizer(ex.completion or "", add_special_tokens=False)["input_ids"] + eos
+        messages = getattr(ex, "messages", None)
+        p = encode_prompt(tokenizer, ex.prompt, messages=messages)
+        c = encode_completion(tokenizer, p, ex.completion or "", messages, ex.prompt)
         p = p[-max(1, max_length - len(c)) :] if len(p) + len(c) > max_length else p
         prompt_ids.append(p)
         completion_ids.append(c[: max(1, max_length - len(p))])

@@ -7,6 +7,7 @@ a Ray actor.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from stillroom.actors.models.loading import (
     device,
     encode_prompt,
     load_causal_lm,
+    stop_ids,
     use_all_cores,
     with_new_adapter,
 )
@@ -85,6 +87,8 @@ class Generator:
         elif spec.lora_r:
             model = with_new_adapter(model, spec.lora_r, spec.lora_alpha, target_modules=spec.target_modules)
         self.model = (model if spec.quantize_4bit else model.to(self.device)).eval()
+        # An answer ends at any of the model's EOS ids or the chat template's end of turn.
+        self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config)
         # A weight sync waits for the batch being generated: one batch never mixes two policies.
         self._lock = threading.Lock()
         torch.manual_seed(spec.seed)
@@ -110,8 +114,14 @@ class Generator:
 
         return pump(inbox, outbox, work, report)
 
-    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        return [encode_prompt(self.tokenizer, p) for p in prompts]
+    def encode_prompts(self, batch: pa.RecordBatch) -> list[list[int]]:
+        """The prompts' token ids: a `messages` column (JSON, Dataset.prompts) keeps each turn's role."""
+        prompts = batch.column("prompt").to_pylist()
+        turns = batch.column("messages").to_pylist() if "messages" in batch.schema.names else [None] * len(prompts)
+        return [
+            encode_prompt(self.tokenizer, p, messages=json.loads(m) if m else None)
+            for p, m in zip(prompts, turns, strict=True)
+        ]
 
     def generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
         """Sample params.n completions per prompt row. Other columns are repeated per sample."""
@@ -119,8 +129,7 @@ class Generator:
             return self._generate(batch, params)
 
     def _generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
-        prompts = batch.column("prompt").to_pylist()
-        prompt_ids = self.encode_prompts(prompts)
+        prompt_ids = self.encode_prompts(batch)
         enc = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt").to(self.device)
         ids, mask, cache = enc["input_ids"], enc["attention_mask"], self._shared_prefix(enc, params.n)
         if cache is not None:  # n samples per prompt share one prefill
@@ -138,6 +147,7 @@ class Generator:
             return_dict_in_generate=True,
             output_logits=True,
             pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.stop_ids,
         )
         width = enc["input_ids"].shape[1]
         new = out.sequences[:, width:]
@@ -160,7 +170,7 @@ class Generator:
         return cache
 
     def _rows(self, batch, prompt_ids, new, logp, params: SamplingParams) -> pa.RecordBatch:
-        eos = self.tokenizer.eos_token_id
+        stops = set(self.stop_ids)
         columns: dict[str, list] = {k: [] for k in GENERATED_COLUMNS}
         extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in columns}
         for name in extra:
@@ -170,7 +180,7 @@ class Generator:
         for row in range(new.shape[0]):
             src = row // params.n
             ids = new[row].tolist()
-            length = ids.index(eos) + 1 if eos in ids else len(ids)
+            length = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))  # through the stop token
             lengths.append(length)
             chosen = logp[row, torch.arange(length), new[row, :length]]
             columns["sample_id"].append(f"{batch_id(batch)}/{src}/{row % params.n}")
@@ -180,7 +190,7 @@ class Generator:
             columns["completion_ids"].append(ids[:length])
             columns["completion_logprobs"].append(chosen.tolist())
             columns["policy_version"].append(self.version)
-            columns["truncated"].append(eos not in ids[:length])
+            columns["truncated"].append(ids[length - 1] not in stops if length else True)
             for name, values in extra.items():
                 columns[name].append(values[src])
         rb = make_batch(batch_id(batch), columns)

@@ -215,7 +215,7 @@ def run(params: pb.AuditStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     for done, (name, ref) in enumerate(splits.items()):
         ctx.check_cancelled()
         ds = datasets.load_ref(ref)
-        examples[name] = ds.examples(datasets.columns_of(ref))
+        examples[name] = ds.examples()
         report["splits"][name] = {
             "path": ref.path,
             "shape": ds.shape,

@@ -105,7 +105,7 @@ class DistillConfig:
             refill=Refill(
                 self.samples_per_step / self.prompts_per_step,
                 self.max_resample,
-                partial(refill_batch, rows=datasets.as_prompts(rows), n=self.prompts_per_step, seed=seed),
+                partial(refill_batch, rows=rows, n=self.prompts_per_step, seed=seed),
             ),
             checkpoint_every=checkpoint_every,
         )
@@ -125,7 +125,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    rows = datasets.load_ref(prompt_source(spec)).rows
+    rows = datasets.load_ref(prompt_source(spec)).prompts()
     batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
     prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign)
@@ -191,16 +191,16 @@ def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str
 
 
 def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig, seed: int = 0) -> list[pa.RecordBatch]:
-    """One batch per step. The teacher writes the first epoch's batches (with max_steps, only
+    """One batch per step of rows (Dataset.prompts). The teacher writes the first epoch's batches (with max_steps, only
     max_steps / epochs of them); later epochs replay what it wrote, in a new seeded order,
     generating nothing."""
-    rows = datasets.as_prompts(rows)
     per_epoch = -(-len(rows) // cfg.prompts_per_step)
     steps = cfg.max_steps or cfg.epochs * per_epoch
     first = []
     for lo in range(0, min(per_epoch, -(-steps // cfg.epochs)) * cfg.prompts_per_step, cfg.prompts_per_step):
         chunk = rows[lo : lo + cfg.prompts_per_step]
-        first.append(rows_batch(batch_key(teacher, cfg.sampling, [r.get("prompt") for r in chunk]), chunk))
+        prompts = [r.get("messages") or r.get("prompt") for r in chunk]  # a conversation: its turns and roles
+        first.append(rows_batch(batch_key(teacher, cfg.sampling, prompts), chunk))
     batches, rng = list(first), np.random.default_rng(seed)
     for epoch in range(1, cfg.epochs):
         for i in rng.permutation(len(first)):

@@ -42,7 +42,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     held = held_out(spec)
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
-    rows = datasets.as_prompts(datasets.load_ref(held).rows[: params.limit or None])
+    rows = datasets.load_ref(held).prompts()[: params.limit or None]
     scorer = RewardScorer(scorer_spec(params.metrics, ctx.reward_modules))
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator",))

@@ -83,7 +83,8 @@ class GrpoConfig:
         )
 
     def loop(self, rows: list[dict], seed: int) -> LoopConfig:
-        """The train loop's settings; a dynamic-sampling refill draws further prompts from `rows`."""
+        """The train loop's settings; a dynamic-sampling refill draws further prompts from `rows`
+        (Dataset.prompts)."""
         return LoopConfig(
             prepare=partial(prepare, cfg=self),
             sampling=self.sampling,
@@ -93,7 +94,7 @@ class GrpoConfig:
             refill=Refill(
                 self.group_size,
                 self.max_resample,
-                partial(refill_batch, rows=datasets.as_prompts(rows), n=self.prompts_per_step, seed=seed),
+                partial(refill_batch, rows=rows, n=self.prompts_per_step, seed=seed),
             )
             if self.dynamic_sampling
             else None,
@@ -118,7 +119,7 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     roles = ctx.roles(spec.resources)
     roles.start("generator", sampler_of(policy, spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    rows = datasets.load_ref(spec.data.train).rows
+    rows = datasets.load_ref(spec.data.train).prompts()
     loop = TrainLoop(
         roles,
         policy,
@@ -165,16 +166,15 @@ def sampler_of(policy: TrainerSpec, seed: int) -> GeneratorSpec:
 
 
 def prompt_batches(rows: list[dict], cfg: GrpoConfig, seed: int) -> list[pa.RecordBatch]:
-    """cfg.steps batches of prompts_per_step rows, cycling through seeded shuffles of the data.
-    A `completion` column is the reference answer: it travels as `reference`."""
+    """cfg.steps batches of prompts_per_step rows (Dataset.prompts: the answer, if any, travels as
+    `reference`), cycling through seeded shuffles of the data."""
     rng = np.random.default_rng(seed)
     order: list[int] = []
     while len(order) < cfg.steps * cfg.prompts_per_step:
         order += rng.permutation(len(rows)).tolist()
     per = cfg.prompts_per_step
-    prompts = datasets.as_prompts(rows)
     return [
-        rows_batch(f"grpo/{step:06d}", [prompts[i] for i in order[step * per : (step + 1) * per]])
+        rows_batch(f"grpo/{step:06d}", [rows[i] for i in order[step * per : (step + 1) * per]])
         for step in range(cfg.steps)
     ]
 

@@ -317,6 +317,32 @@ def test_distill_refusals(start_server, sft_data, tiny_model, tmp_path):
     assert len(metric_series(c, done.id, "loss/ce")) == 3
 
 
+def test_distill_with_two_zero3_trainer_ranks(start_server, sft_data, tiny_model):
+    """ZeRO-3 partitions the student over two ranks: the held-out KL, the weights and the saved
+    student are collectives every rank joins (asking rank 0 alone would hang), and the exported
+    student reloads with every parameter whole."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    spec = distill_spec(tiny_model, alpha=0.0, optim={"learning_rate": 0.005, "zero_stage": 3, "max_steps": 3})
+    spec.resources.trainer.replicas = 2
+    spec.resources.trainer.num_cpus = 0.25
+    spec.stages.add(name="export").export.dtype = "float32"
+    done = c.wait(c.submit(spec).job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    before, after = metric_series(c, done.id, "eval/kl_before"), metric_series(c, done.id, "eval/kl_after")
+    assert before[0] > 0 and after[0] < before[0], (before, after)
+    assert len(metric_series(c, done.id, "loss")) == 3
+    assert metric_series(c, done.id, "export/model/greedy_match") == [1.0]
+    arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
+    saved = arts["distill/student/model.safetensors"].parent
+    student = AutoModelForCausalLM.from_pretrained(saved)
+    assert all(p.numel() > 0 for p in student.parameters())  # gathered, not a rank's empty partition
+    init = AutoModelForCausalLM.from_pretrained(saved.parent / "student-init")
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), init.parameters(), strict=True))  # trained
+
+
 def test_on_policy_distillation_lowers_held_out_kl(start_server, sft_data, tiny_model):
     """GKD with lambda 0.5: half the steps on the student's own samples graded by the teacher
     (reverse KL), half on filtered teacher samples."""
@@ -352,6 +378,9 @@ def test_export_of_a_lora_policy_as_adapter_and_merged(start_server, sft_data, t
     spec.stages.add(name="export").export.merge_adapter = True
     done = c.wait(c.submit(spec).job.id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    # both artifacts were reloaded from disk (the adapter onto a fresh base) and decode like the policy
+    assert metric_series(c, done.id, "export/adapter/greedy_match") == [1.0]
+    assert metric_series(c, done.id, "export/merged/greedy_match") == [1.0]
     arts = {a.name: a for a in c.artifacts(done.id)}
     adapter_dir = Path(urlparse(arts["export/adapter/adapter_config.json"].uri).path).parent
     merged_dir = Path(urlparse(arts["export/merged/model.safetensors"].uri).path).parent
