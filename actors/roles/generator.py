@@ -103,6 +103,8 @@ class Generator:
         tags = tags_of(self.spec.name)
 
         def work(batch: pa.RecordBatch) -> pa.RecordBatch:
+            if journal is not None and journal.has(batch_id(batch)):  # re-sent after a death: never regenerate
+                return journal.read(batch_id(batch))
             out = self.generate(batch, params)
             if journal is not None:
                 journal.write(out)

@@ -2,15 +2,20 @@
 
 A function is a built-in (algo/rewards.py), an import path `pkg.module:fn` with TRL's signature,
 or a reward model `model:/path` (a sequence-classification checkpoint). Each has a weight and a
-per-call timeout. A function that raises or times out scores None for that call's samples and
-counts an error: it never kills the job. Import paths load only from operator-allowed modules.
-A plain class; runtime/cluster.py makes it a Ray actor.
+per-call timeout. Built-ins and reward models run in the scorer's process; user functions (import
+paths, from operator-allowed modules only) run in a pebble process pool, so a call past its
+timeout is killed with its worker (and the worker replaced), and one that crashes the process
+(segfault, os._exit, out of memory) costs that call's scores, not the scorer. Each failed call
+scores None for its samples and is written per sample in `failures/<fn>` (error, timeout,
+crashed): the stages count them into job events (failure_metrics). A plain class;
+runtime/cluster.py makes it a Ray actor.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import multiprocessing
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +23,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import pyarrow as pa
+from pebble import ProcessExpired, ProcessPool
 from stillroom.actors.algo.rewards import BUILTINS
-from stillroom.actors.common.rewards import module_allowed
+from stillroom.actors.common.rewards import call_imported, load_imported, module_allowed
 from stillroom.actors.runtime.batches import GENERATED_COLUMNS, TOPK_COLUMNS, with_columns
 from stillroom.actors.runtime.channels import Channel, pump
 from stillroom.actors.runtime.metrics import record, tags_of
@@ -39,6 +45,11 @@ class RewardSpec:
     def label(self) -> str:
         """The metric name: rewards/<label>/mean."""
         return self.name.split(":")[-1].rsplit("/", 1)[-1]
+
+    @property
+    def imported(self) -> bool:
+        """A user's function (pkg.module:fn): it runs in a worker process."""
+        return ":" in self.name and not self.name.startswith("model:")
 
 
 def scorer_spec(functions, allowed_modules: tuple[str, ...] = (), name: str = "scorer") -> ScorerSpec:
@@ -107,12 +118,26 @@ def _clean(values, n: int) -> list[float | None]:
 class RewardScorer:
     def __init__(self, spec: ScorerSpec):
         self.spec = spec
-        self.fns = [(r, resolve(r.name, spec.allowed_modules)) for r in spec.rewards]
+        self.fns = [(r, None if r.imported else resolve(r.name, spec.allowed_modules)) for r in spec.rewards]
         self.errors: Counter[str] = Counter()
         self.timeouts: Counter[str] = Counter()
+        self.crashes: Counter[str] = Counter()
         self.scored = 0
-        # Timed-out calls cannot be killed; they finish in the background on spare threads.
-        self._pool = ThreadPoolExecutor(max_workers=4 * max(1, len(self.fns)), thread_name_prefix="reward")
+        self._threads = ThreadPoolExecutor(max_workers=max(1, len(self.fns)), thread_name_prefix="reward")
+        imported = tuple(r.name for r in spec.rewards if r.imported)
+        if imported:
+            load_imported(imported, spec.allowed_modules)  # refused here, at once, outside the allow-list
+        # spawn, not fork: the scorer is a threaded Ray worker, and a forked child inherits its locks
+        self._pool = (
+            ProcessPool(
+                max_workers=len(imported),
+                initializer=load_imported,
+                initargs=(imported, spec.allowed_modules),
+                context=multiprocessing.get_context("spawn"),
+            )
+            if imported
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"RewardScorer({self.spec.name}, {[r.name for r, _ in self.fns]}, scored {self.scored})"
@@ -127,31 +152,73 @@ class RewardScorer:
         return pump(inbox, outbox, self.score, report)
 
     def score(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """Add `reward` (weighted sum, None when no function scored) and `rewards/<fn>` columns."""
+        """Add `reward` (weighted sum, None when no function scored), `rewards/<fn>` and
+        `failures/<fn>` (None, or why that call scored nothing) columns."""
         prompts = batch.column("prompt").to_pylist()
         completions = batch.column("completion").to_pylist()
         columns = {n: batch.column(n).to_pylist() for n in batch.schema.names if n not in GENERATED}
         n = len(completions)
-        futures = [(r, self._pool.submit(fn, prompts, completions, **dict(r.args), **columns)) for r, fn in self.fns]
+        calls = [(r, self._call(r, fn, prompts, completions, {**dict(r.args), **columns})) for r, fn in self.fns]
         per_fn: dict[str, list[float | None]] = {}
-        for r, future in futures:
-            try:
-                per_fn[r.label] = _clean(future.result(timeout=r.timeout_s), n)
-            except FutureTimeout:
-                self.timeouts[r.label] += 1
-                per_fn[r.label] = [None] * n
-            except Exception:  # noqa: BLE001 - a broken reward costs its scores, not the job
-                self.errors[r.label] += 1
-                per_fn[r.label] = [None] * n
+        failures: dict[str, list[str | None]] = {}
+        for r, future in calls:
+            per_fn[r.label], failure = self._result(r, future, n)
+            failures[r.label] = [failure] * n
         total = []
         for i in range(n):
             parts = [r.weight * per_fn[r.label][i] for r, _ in self.fns if per_fn[r.label][i] is not None]
             total.append(sum(parts) if parts else None)
         self.scored += n
-        return with_columns(batch, {"reward": total, **{f"rewards/{k}": v for k, v in per_fn.items()}})
+        return with_columns(
+            batch,
+            {
+                "reward": total,
+                **{f"rewards/{k}": v for k, v in per_fn.items()},
+                **{f"failures/{k}": pa.array(v, pa.string()) for k, v in failures.items()},
+            },
+        )
+
+    def _call(self, r: RewardSpec, fn, prompts: list, completions: list, kwargs: dict):
+        if r.imported:
+            return self._pool.schedule(call_imported, args=(r.name, prompts, completions, kwargs), timeout=r.timeout_s)
+        return self._threads.submit(fn, prompts, completions, **kwargs)
+
+    def _result(self, r: RewardSpec, future, n: int) -> tuple[list[float | None], str | None]:
+        """(scores, None) or ([None] * n, why): a broken reward costs its scores, not the job."""
+        try:
+            # a worker's own timeout kills the call; the extra second is for the pool to say so
+            return _clean(future.result(timeout=r.timeout_s + (5.0 if r.imported else 0.0)), n), None
+        except FutureTimeout:
+            self.timeouts[r.label] += 1
+            return [None] * n, "timeout"
+        except ProcessExpired:
+            self.crashes[r.label] += 1
+            return [None] * n, "crashed"
+        except Exception:  # noqa: BLE001 - a reward that raises (or returns the wrong shape)
+            self.errors[r.label] += 1
+            return [None] * n, "error"
 
     def stats(self) -> dict[str, float]:
         out = {"scored": float(self.scored)}
         out.update({f"rewards/{k}/errors": float(v) for k, v in self.errors.items()})
         out.update({f"rewards/{k}/timeouts": float(v) for k, v in self.timeouts.items()})
+        out.update({f"rewards/{k}/crashes": float(v) for k, v in self.crashes.items()})
         return out
+
+
+def failure_metrics(batch: pa.RecordBatch) -> dict[str, float]:
+    """From a scored batch's failures/<fn> columns: rewards/<fn>/errors, /timeouts, /crashed (the
+    samples each cost) and rewards/failed_fraction (samples at least one function failed on)."""
+    names = [n for n in batch.schema.names if n.startswith("failures/")]
+    metrics: dict[str, float] = {}
+    failed = [False] * batch.num_rows
+    for name in names:
+        values = batch.column(name).to_pylist()
+        label = name.removeprefix("failures/")
+        for kind, key in (("error", "errors"), ("timeout", "timeouts"), ("crashed", "crashed")):
+            metrics[f"rewards/{label}/{key}"] = float(sum(v == kind for v in values))
+        failed = [f or v is not None for f, v in zip(failed, values, strict=True)]
+    if names:
+        metrics["rewards/failed_fraction"] = sum(failed) / max(batch.num_rows, 1)
+        metrics["rewards/failed"], metrics["rewards/samples"] = float(sum(failed)), float(batch.num_rows)
+    return metrics

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.queue import Empty, Queue
 from stillroom.actors.algo.objectives import NllObjective, Objective
 from stillroom.actors.roles.generator import SamplingParams
@@ -77,6 +77,8 @@ class LoopConfig:
     checkpoint_every: int = 1
     queue_size: int = 4
     max_trainer_restarts: int = 2
+    max_role_restarts: int = 2  # per role (generators, scorers): Ray's own max_restarts for them
+    restart_timeout_s: float = 300.0  # how long a restarted generator or scorer may take to come back
     poll_s: float = 1.0  # how often the train loop checks on cancellation and its producers while waiting
     metrics_every_s: float = 2.0  # how often the queues' depths are sampled into their gauges
 
@@ -87,6 +89,7 @@ class LoopResult:
     steps: list[dict] = field(default_factory=list)
     syncs: list[float] = field(default_factory=list)  # seconds per weight sync
     trainer_restarts: int = 0
+    role_restarts: dict[str, int] = field(default_factory=dict)  # generator / scorer deaths recovered
     replayed: int = 0  # batches taken from the journal instead of generated
     duplicates_dropped: int = 0
 
@@ -108,7 +111,8 @@ class TrainLoop:
         self.rollouts = Channel(Queue(maxsize=cfg.queue_size))
         self.scored = Channel(Queue(maxsize=cfg.queue_size))
         self.result = LoopResult()
-        self.producers: list = []
+        self._serving: dict = {}  # ObjectRef of a serve loop -> (role, index)
+        self._outstanding: dict[str, pa.RecordBatch] = {}  # sent, not yet back scored: re-sent if a role dies
         self._synced = threading.Condition()
         self._synced_steps = 0  # training steps whose weights the generators have (without syncs: done)
         self._cursor = 0
@@ -122,14 +126,11 @@ class TrainLoop:
         self._owner = threading.current_thread()
         start = self.start_trainers()
         todo = prompt_batches[start:]
-        generators, scorers = self.roles.actors["generator"], self.roles.actors["scorer"]
         if self.cfg.sync_every:
             self._sync_weights()
-        loops = [
-            g.serve.remote(self.prompts, self.rollouts, self.cfg.sampling, str(self.journal.root)) for g in generators
-        ]
-        scoring = [s.serve.remote(self.rollouts, self.scored) for s in scorers]
-        self.producers = loops + scoring
+        for role in ("generator", "scorer"):
+            for index in range(len(self.roles.actors[role])):
+                self._serve(role, index)
         threading.Thread(target=self._feed, args=(todo,), daemon=True).start()
         sampler = Sampler(self.cfg.metrics_every_s, self._record_queue_depths).start()
         since_checkpoint: list[Prepared] = []
@@ -139,8 +140,7 @@ class TrainLoop:
                 since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
         finally:
             sampler.stop()
-        self._close(loops, len(scorers))
-        ray.get(loops + scoring)
+        self._close()
         self.result.duplicates_dropped = self._seen.dropped
         return self.result
 
@@ -161,6 +161,7 @@ class TrainLoop:
         as a replay (another epoch over the teacher's output) waits for its source to be journaled
         and is never generated; a refill's replay, sent once its source's step is trained, does
         not wait: a source not journaled by then was never needed, and the prompts are generated."""
+        self._outstanding[batch_id(batch)] = batch
         source = replay_of(batch)
         while wait_for_source and source and not self.journal.has(source) and not self.cancelled():
             time.sleep(self.cfg.poll_s / 10)
@@ -179,13 +180,65 @@ class TrainLoop:
         while not channel.put(batch, timeout=self.cfg.poll_s / 10 if on_loop else None):
             self._stash(timeout=0)
 
-    def _close(self, loops: list, scorers: int) -> None:
-        """END to every generator, then (once they have drained) to every scorer."""
+    def _close(self) -> None:
+        """END to every generator, then (once they have drained) to every scorer. Every batch is
+        trained by now, so a loop whose actor died since has nothing left to lose."""
+        loops = [ref for ref, (role, _) in self._serving.items() if role == "generator"]
         for _ in loops:
             self.prompts.put(END)
         ray.wait(loops, num_returns=len(loops), timeout=None)
-        for _ in range(scorers):
+        for _ in range(len(self._serving) - len(loops)):
             self.rollouts.put(END)
+        for ref in self._serving:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                pass
+
+    # -- the generators' and scorers' serve loops, and their deaths -----------------------------
+
+    def _serve(self, role: str, index: int) -> None:
+        actor = self.roles.actors[role][index]
+        if role == "generator":
+            ref = actor.serve.remote(self.prompts, self.rollouts, self.cfg.sampling, str(self.journal.root))
+        else:
+            ref = actor.serve.remote(self.rollouts, self.scored)
+        self._serving[ref] = (role, index)
+
+    def _check_producers(self) -> None:
+        """A serve loop that ended: its actor died (recover it), failed (raise its error), or, with
+        every loop ended and a batch still awaited, the batch is lost for good (raise)."""
+        refs = list(self._serving)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)  # a loop that raised raises its error here
+            except RayActorError as error:
+                self._recover(ref, error)
+        if len(done) == len(refs) and all(ref in self._serving for ref in done):
+            raise RuntimeError("the generators and scorers finished, but a batch never arrived")
+
+    def _recover(self, ref, error: Exception) -> None:
+        """A generator or scorer died: Ray restarts it (its restart budget); it gets the current
+        weights and a new serve loop, and every batch sent but not yet back is sent again (from
+        the journal where the teacher already wrote it). Ids seen twice are dropped downstream."""
+        role, index = self._serving.pop(ref)
+        died = self.result.role_restarts[role] = self.result.role_restarts.get(role, 0) + 1
+        step = len(self.result.trained)
+        if died > self.cfg.max_role_restarts:
+            raise RuntimeError(f"{role} {index} died {died} times (at step {step}); giving up: {error}") from error
+        actor = self.roles.actors[role][index]
+        _when_back(actor, timeout=self.cfg.restart_timeout_s, what=f"{role} {index}")
+        if role == "generator" and self.cfg.sync_every:
+            ray.get(actor.load_weights.remote(weights(self.roles.actors["trainer"]), len(self.result.steps)))
+        self._serve(role, index)
+        lost = [b for bid, b in list(self._outstanding.items()) if bid not in self._pending]
+        for batch in lost:
+            self._submit(batch, wait_for_source=False)
+        self.on_warning(
+            f"{role} {index} died at step {step} ({type(error).__name__}); Ray restarted it and "
+            f"{len(lost)} batches not yet scored were sent again: {', '.join(batch_id(b) for b in lost)}"
+        )
 
     def _wait_for_policy(self, i: int) -> None:
         """Hold batch i back until the generators have the weights of step i - max_staleness
@@ -209,8 +262,10 @@ class TrainLoop:
     def _stash(self, timeout: float) -> None:
         """Take one scored batch (if one comes within the timeout) into pending."""
         batch = self._next_scored(timeout)
-        if batch is not None and self._seen.fresh(batch_id(batch)):
-            self._pending[batch_id(batch)] = batch
+        if batch is not None:
+            self._outstanding.pop(batch_id(batch), None)
+            if self._seen.fresh(batch_id(batch)):
+                self._pending[batch_id(batch)] = batch
 
     def _next_scored(self, timeout: float) -> pa.RecordBatch | None:
         if self.cancelled():
@@ -220,10 +275,7 @@ class TrainLoop:
         try:
             return self.scored.get(timeout=timeout)
         except Empty:
-            done, _ = ray.wait(self.producers, num_returns=len(self.producers), timeout=0)
-            ray.get(done)  # a generator or scorer loop that failed raises its error here
-            if len(done) == len(self.producers):
-                raise RuntimeError("the generators and scorers finished, but a batch never arrived") from None
+            self._check_producers()
             return None
 
     def _prepared(self, batch: pa.RecordBatch) -> Prepared:
@@ -318,7 +370,11 @@ class TrainLoop:
         trainers = self.roles.actors["trainer"]
         ref = ray.put(weights(trainers))
         version = len(self.result.steps)
-        ray.get([g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]])
+        for loaded in [g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]]:
+            try:
+                ray.get(loaded)
+            except RayActorError:
+                pass  # a generator that died: its serve loop's end says so, and recovery syncs it
         seconds = time.perf_counter() - started
         self._advance(len(self.result.steps))
         self.result.syncs.append(seconds)
@@ -328,3 +384,17 @@ class TrainLoop:
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
     return len(arrays["input_ids"]) if arrays else 0
+
+
+def _when_back(actor, timeout: float, what: str) -> None:
+    """Wait until a restarting actor answers again (its constructor ran); ActorDiedError if it
+    will not come back (restarts exhausted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not come back within {timeout:.0f} s of a restart") from None
+            time.sleep(0.5)

@@ -283,3 +283,40 @@ def test_a_short_step_is_refilled_from_further_generations(ray_client, tiny_mode
         "b002: 0 of 4 rows to train on after 3 generation rounds (the filters left the rest out); "
         "training on what there is"
     ]
+
+
+@pytest.mark.parametrize("role", ["generator", "scorer"])
+def test_a_generator_or_scorer_killed_mid_stage_loses_nothing(ray_client, tiny_model, tmp_path, role):
+    """SIGKILL-like death of a generator (or scorer) after step 2: Ray restarts it, the loop
+    re-syncs it and sends again every batch not yet back; nothing is trained twice, nothing lost,
+    and what the teacher had written is replayed from the journal, not generated again."""
+    group = roles(f"job-kill-{role}", tiny_model, trainers=1)
+    journal, killed, warnings = Journal(tmp_path / "journal"), [], []
+
+    def kill_after_second_step(metrics: dict) -> None:
+        if "loss" in metrics and len(loop.result.steps) == 2 and not killed:
+            killed.append(group.actors[role][0])
+            ray_client.kill(killed[0], no_restart=False)
+
+    loop = TrainLoop(
+        group,
+        trainer_spec(tiny_model, tmp_path, zero=0),
+        journal,
+        # synchronous: batch 3 is sent only after the death, so it is lost unless re-sent
+        LoopConfig(
+            prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=6), max_staleness=0, poll_s=0.2
+        ),
+        on_metrics=kill_after_second_step,
+        on_warning=warnings.append,
+    )
+    try:
+        result = loop.run(prompts())
+    finally:
+        group.close()
+    assert killed and result.role_restarts == {role: 1}
+    assert result.trained == [f"b{i:03d}" for i in range(N_BATCHES)]  # in order, none twice, none lost
+    assert len(result.steps) == N_BATCHES
+    assert journal.ids() == result.trained
+    rows = [r["sample_id"] for b in map(journal.read, journal.ids()) for r in b.to_pylist()]
+    assert len(rows) == len(set(rows)) == N_BATCHES * 4
+    assert len(warnings) == 1 and warnings[0].startswith(f"{role} 0 died at step 2 (")

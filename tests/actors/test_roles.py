@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,22 +17,15 @@ from stillroom.actors.algo.rewards import (
     regex_format,
 )
 from stillroom.actors.roles.generator import Generator, GeneratorSpec, SamplingParams
-from stillroom.actors.roles.scorer import RewardScorer, RewardSpec, ScorerSpec, resolve
+from stillroom.actors.roles.scorer import RewardScorer, RewardSpec, ScorerSpec, failure_metrics, resolve
 from stillroom.actors.roles.trainer import Trainer, TrainerSpec, latest_complete
 from stillroom.actors.runtime.batches import batch_id, make_batch, training_arrays
 from stillroom.actors.runtime.channels import END, Channel, Seen, pump
 from stillroom.actors.runtime.journal import Journal
 
+from tests.unsafe_rewards import boom
+
 PROMPTS = make_batch("b000", {"prompt": ["ticket about billing", "order shipping refund"], "answer": ["1", "2"]})
-
-
-def boom(prompts, completions, **_):
-    raise RuntimeError("reward bug")
-
-
-def sleepy(prompts, completions, **_):
-    time.sleep(3)
-    return [1.0] * len(completions)
 
 
 def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
@@ -149,29 +141,43 @@ def test_builtin_rewards_by_hand():
     ]
 
 
-def test_scorer_survives_raising_and_slow_functions():
+def test_scorer_survives_raising_hanging_and_crashing_functions():
+    """User functions run in worker processes: a hung call is killed at its timeout, a segfault
+    or os._exit costs that call's scores, and the scorer goes on scoring, the next batch too."""
     spec = ScorerSpec(
         (
             RewardSpec("exact_match", weight=2.0, args=(("column", "answer"),)),
-            RewardSpec("tests.actors.test_roles:boom"),
-            RewardSpec("tests.actors.test_roles:sleepy", timeout_s=0.5),
+            RewardSpec("tests.unsafe_rewards:boom"),
+            RewardSpec("tests.unsafe_rewards:sleepy", timeout_s=0.5),
+            RewardSpec("tests.unsafe_rewards:hangs", timeout_s=0.5),
+            RewardSpec("tests.unsafe_rewards:segfaults"),
+            RewardSpec("tests.unsafe_rewards:exits"),
+            RewardSpec("tests.unsafe_rewards:length", weight=0.5),
         ),
-        allowed_modules=("tests.actors",),
+        allowed_modules=("tests",),
     )
     scorer = RewardScorer(spec)
-    batch = make_batch("b1", {"prompt": ["a", "b"], "completion": ["1", "x"], "answer": ["1", "2"]})
-    out = scorer.score(batch)
-    assert out.column("reward").to_pylist() == [2.0, 0.0]
-    assert out.column("rewards/boom").to_pylist() == [None, None]
-    assert out.column("rewards/sleepy").to_pylist() == [None, None]
-    assert scorer.stats() == {"scored": 2.0, "rewards/boom/errors": 1.0, "rewards/sleepy/timeouts": 1.0}
-    assert batch_id(out) == "b1"
+    batch = make_batch("b1", {"prompt": ["a", "b"], "completion": ["1", "xy"], "answer": ["1", "2"]})
+    for _ in range(2):  # the pool replaced the killed and crashed workers: a second batch scores alike
+        out = scorer.score(batch)
+        assert out.column("reward").to_pylist() == [2.0 + 0.5, 0.0 + 1.0]
+        for name, why in (("boom", "error"), ("sleepy", "timeout"), ("hangs", "timeout")):
+            assert out.column(f"rewards/{name}").to_pylist() == [None, None]
+            assert out.column(f"failures/{name}").to_pylist() == [why, why]
+        assert out.column("failures/segfaults").to_pylist() == ["crashed"] * 2
+        assert out.column("failures/exits").to_pylist() == ["crashed"] * 2
+        assert out.column("failures/length").to_pylist() == [None, None]
+        assert batch_id(out) == "b1"
+    m = failure_metrics(out)
+    assert m["rewards/hangs/timeouts"] == 2 and m["rewards/exits/crashed"] == 2 and m["rewards/boom/errors"] == 2
+    assert m["rewards/failed_fraction"] == 1.0 and m["rewards/length/errors"] == 0
+    assert scorer.stats()["rewards/hangs/timeouts"] == 2.0 and scorer.stats()["rewards/segfaults/crashes"] == 2.0
 
 
 def test_reward_import_paths_obey_the_allow_list():
     with pytest.raises(PermissionError, match="'os' is not in the operator's allow-list"):
         resolve("os:system", ("tests",))
-    assert resolve("tests.actors.test_roles:boom", ("tests",)) is boom
+    assert resolve("tests.unsafe_rewards:boom", ("tests",)) is boom
     with pytest.raises(ValueError, match="unknown reward"):
         resolve("nonsense", ())
 
