@@ -26,7 +26,7 @@ from stillroom.actors.common import datasets
 from stillroom.actors.models.loading import encode_examples, inference_dtype, model_dir
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
-from stillroom.actors.roles.scorer import scorer_spec
+from stillroom.actors.roles.scorer import failure_metrics, scorer_spec
 from stillroom.actors.runtime.batches import (
     batch_id,
     make_batch,
@@ -35,12 +35,20 @@ from stillroom.actors.runtime.batches import (
     rows_batch,
     training_arrays,
 )
-from stillroom.actors.runtime.context import StageContext, StageFailed
+from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.sft import step_order, train_rows
-from stillroom.actors.stages.wiring import held_out, save_model, step_reporter, trainer_spec, tuned_policy
+from stillroom.actors.stages.wiring import (
+    FractionGuard,
+    held_out,
+    reward_failures,
+    save_model,
+    step_reporter,
+    trainer_spec,
+    tuned_policy,
+)
 from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
 
@@ -63,6 +71,7 @@ class DistillConfig:
     samples_per_step: int  # a step is refilled from further teacher generations until it has these
     max_resample: int
     min_kept_fraction: float
+    max_reward_failures: float  # the fraction of samples reward functions may fail on
 
     @classmethod
     def of(cls, p: pb.DistillStage) -> DistillConfig:
@@ -91,6 +100,7 @@ class DistillConfig:
             p.samples_per_step or p.prompts_per_step or 8,
             p.max_resample or 3,
             p.min_kept_fraction,
+            p.max_reward_failure_fraction or 0.5,
         )
 
     def loop(self, prepare_batch, checkpoint_every: int, rows: list[dict], seed: int) -> LoopConfig:
@@ -134,7 +144,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         trainer,
         Journal(journal_root(params, ctx)),
         cfg.loop(prepare_batch, params.optim.checkpoint_every or 10, rows, spec.seed),
-        on_metrics=KeptFraction(cfg, step_reporter(ctx, len(batches))),
+        on_metrics=kept_fraction(cfg, reward_failures(step_reporter(ctx, len(batches)), cfg.max_reward_failures)),
         cancelled=ctx.is_cancelled,
         on_warning=ctx.warn,
     )
@@ -209,27 +219,21 @@ def prompt_batches(rows: list[dict], teacher: str, cfg: DistillConfig, seed: int
     return batches[:steps]
 
 
-class KeptFraction:
+def kept_fraction(cfg: DistillConfig, report) -> FractionGuard:
     """Step metrics -> the job's events, counting what the filter kept: the stage fails, saying
     why, once less than min_kept_fraction of the teacher's samples has been kept so far."""
-
-    def __init__(self, cfg: DistillConfig, report):
-        self.cfg, self.report = cfg, report
-        self.kept = self.seen = 0
-
-    def __call__(self, metrics: dict[str, float]) -> None:
-        self.report(metrics)
-        if "distill/kept" not in metrics:
-            return
-        self.kept += metrics["distill/kept"]
-        self.seen += metrics["distill/samples"]
-        if self.seen and self.kept / self.seen < self.cfg.min_kept_fraction:
-            raise StageFailed(
-                f"the {self.cfg.filter} filter kept {self.kept:.0f} of {self.seen:.0f} teacher samples "
-                f"({self.kept / self.seen:.3f}), below min_kept_fraction {self.cfg.min_kept_fraction}: the "
-                "teacher is unsure on these prompts (lower min_agreement / min_reward, raise num_samples, "
-                "or tune the teacher further)"
-            )
+    return FractionGuard(
+        report,
+        "distill/kept",
+        "distill/samples",
+        at_least=cfg.min_kept_fraction or None,
+        why=lambda g: (
+            f"the {cfg.filter} filter kept {g.top:.0f} of {g.bottom:.0f} teacher samples "
+            f"({g.top / g.bottom:.3f}), below min_kept_fraction {cfg.min_kept_fraction}: the "
+            "teacher is unsure on these prompts (lower min_agreement / min_reward, raise num_samples, "
+            "or tune the teacher further)"
+        ),
+    )
 
 
 def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str, float]]:
@@ -246,6 +250,7 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
         if agree is not None:
             agreement.append(agree)
     metrics = {"distill/kept_fraction": len(kept) / max(rows, 1), "distill/kept": len(kept), "distill/samples": rows}
+    metrics.update(failure_metrics(batch))
     if agreement:
         metrics["distill/agreement"] = float(np.mean(agreement))
     return kept, metrics

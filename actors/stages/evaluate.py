@@ -15,7 +15,7 @@ from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
 from stillroom.actors.models.loading import inference_dtype, model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
-from stillroom.actors.roles.scorer import RewardScorer, scorer_spec
+from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.runtime.batches import rows_batch
 from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.actors.stages.wiring import held_out
@@ -43,9 +43,10 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
     rows = datasets.load_ref(held).prompts()[: params.limit or None]
-    scorer = RewardScorer(scorer_spec(params.metrics, ctx.reward_modules))
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
-    roles = ctx.roles(spec.resources, ("generator",))
+    roles = ctx.roles(spec.resources, ("generator", "scorer"))
+    # user metric code runs in the scorer role (its worker processes), never in the supervisor
+    (scorer,) = roles.start("scorer", scorer_spec(params.metrics, ctx.reward_modules))
     results: dict[str, dict] = {}
     models = candidates(spec, ctx)
     for done, (name, gen_spec) in enumerate(models.items()):
@@ -88,8 +89,10 @@ def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str
 
 
 def evaluate_model(
-    generator, scorer: RewardScorer, rows: list[dict], greedy: SamplingParams, batch_size: int = 16
+    generator, scorer, rows: list[dict], greedy: SamplingParams, batch_size: int = 16
 ) -> dict[str, float]:
+    """Greedy answers from a Generator actor, scored by a RewardScorer actor: each metric's mean,
+    tokens/s, seconds per prompt, parameters."""
     scores: dict[str, list[float]] = {}
     tokens, seconds = 0, 0.0
     for lo in range(0, len(rows), batch_size):
@@ -99,7 +102,7 @@ def evaluate_model(
         samples = ray.get(generator.generate.remote(batch, greedy))
         seconds += time.perf_counter() - started
         tokens += sum(len(ids) for ids in samples.column("completion_ids").to_pylist())
-        scored = scorer.score(samples)
+        scored = ray.get(scorer.score.remote(samples))
         for name in (n for n in scored.schema.names if n.startswith("rewards/")):
             scores.setdefault(name.removeprefix("rewards/"), []).extend(
                 v for v in scored.column(name).to_pylist() if v is not None

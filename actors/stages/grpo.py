@@ -20,13 +20,20 @@ from stillroom.actors.algo.advantages import group_advantages
 from stillroom.actors.algo.objectives import GrpoObjective
 from stillroom.actors.common import datasets
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
-from stillroom.actors.roles.scorer import scorer_spec
+from stillroom.actors.roles.scorer import failure_metrics, scorer_spec
 from stillroom.actors.roles.trainer import TrainerSpec
 from stillroom.actors.runtime.batches import refill_batch, rows_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
-from stillroom.actors.stages.wiring import adapter_name, save_policy, step_reporter, trainer_spec, tuned_policy
+from stillroom.actors.stages.wiring import (
+    adapter_name,
+    reward_failures,
+    save_policy,
+    step_reporter,
+    trainer_spec,
+    tuned_policy,
+)
 from stillroom.v1 import job_pb2 as pb
 
 
@@ -47,6 +54,7 @@ class GrpoConfig:
     sampling: SamplingParams
     adapter: str
     checkpoint_every: int
+    max_reward_failures: float  # the fraction of samples reward functions may fail on
 
     @classmethod
     def of(cls, p: pb.GrpoStage) -> GrpoConfig:
@@ -80,6 +88,7 @@ class GrpoConfig:
             ),
             adapter_name(p.adapter),
             p.optim.checkpoint_every or 10,
+            p.max_reward_failure_fraction or 0.5,
         )
 
     def loop(self, rows: list[dict], seed: int) -> LoopConfig:
@@ -125,7 +134,7 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         policy,
         Journal(out / "journal"),
         cfg.loop(rows, spec.seed),
-        on_metrics=step_reporter(ctx, cfg.steps * cfg.num_iterations),
+        on_metrics=reward_failures(step_reporter(ctx, cfg.steps * cfg.num_iterations), cfg.max_reward_failures),
         cancelled=ctx.is_cancelled,
         on_warning=ctx.warn,
     )
@@ -190,7 +199,7 @@ def prepare(batch: pa.RecordBatch, cfg: GrpoConfig) -> tuple[dict[str, np.ndarra
     arrays["loss_mask"] = arrays["loss_mask"] * scored[:, None]
     if cfg.mask_truncated:  # DAPO: a completion cut off at max_new_tokens says nothing about its end
         arrays["loss_mask"] = arrays["loss_mask"] * ~np.asarray(batch.column("truncated").to_pylist())[:, None]
-    metrics = rollout_metrics(batch, rewards, cfg.group_size)
+    metrics = rollout_metrics(batch, rewards, cfg.group_size) | failure_metrics(batch)
     metrics["frac_reward_zero_std"] = float(zero_std.float().mean())  # before any group is dropped
     if cfg.dynamic_sampling:
         arrays, metrics["sampling/groups_with_signal"] = with_signal(arrays, ~zero_std.numpy(), cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stillroom.actors.models.loading import model_dir
 from stillroom.actors.roles.trainer import TrainerSpec
-from stillroom.actors.runtime.context import StageContext
+from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.actors.runtime.trainers import save_pretrained
 from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
@@ -99,3 +99,41 @@ def step_reporter(ctx: StageContext, total: int, unit: str = "steps"):
 def held_out(spec: pb.JobSpec) -> pb.DatasetRef:
     """The held-out split: data.test, else data.eval (an empty ref when neither is set)."""
     return spec.data.test if spec.data.test.path else spec.data.eval
+
+
+class FractionGuard:
+    """Step metrics -> `report`, keeping a running fraction numerator / denominator (metric names)
+    over the stage; the stage fails, with `why(so_far)` as its reason, once it leaves its bound
+    (`at_least` or `at_most`; None: never)."""
+
+    def __init__(self, report, numerator: str, denominator: str, at_least=None, at_most=None, why=str):
+        self.report, self.keys = report, (numerator, denominator)
+        self.at_least, self.at_most, self.why = at_least, at_most, why
+        self.top = self.bottom = 0.0
+
+    def __call__(self, metrics: dict[str, float]) -> None:
+        self.report(metrics)
+        if self.keys[0] not in metrics:
+            return
+        self.top += metrics[self.keys[0]]
+        self.bottom += metrics[self.keys[1]]
+        fraction = self.top / self.bottom if self.bottom else 0.0
+        low = self.at_least is not None and self.bottom and fraction < self.at_least
+        high = self.at_most is not None and fraction > self.at_most
+        if low or high:
+            raise StageFailed(self.why(self))
+
+
+def reward_failures(report, max_fraction: float):
+    """A FractionGuard on the samples reward functions failed on (rewards/failed of rewards/samples)."""
+    return FractionGuard(
+        report,
+        "rewards/failed",
+        "rewards/samples",
+        at_most=max_fraction,
+        why=lambda g: (
+            f"reward functions failed (error, timeout or crash) on {g.top:.0f} of {g.bottom:.0f} samples so far "
+            f"({g.top / g.bottom:.2f}), above max_reward_failure_fraction {max_fraction}: see rewards/<fn>/errors, "
+            "/timeouts and /crashed in the events"
+        ),
+    )

@@ -320,3 +320,22 @@ def test_a_generator_or_scorer_killed_mid_stage_loses_nothing(ray_client, tiny_m
     rows = [r["sample_id"] for b in map(journal.read, journal.ids()) for r in b.to_pylist()]
     assert len(rows) == len(set(rows)) == N_BATCHES * 4
     assert len(warnings) == 1 and warnings[0].startswith(f"{role} 0 died at step 2 (")
+
+
+def test_a_feeder_that_raises_fails_the_loop_with_the_reason(ray_client, tiny_model, tmp_path):
+    """The prompt feeder runs on its own thread; when it raises (here: a corrupt journal file for
+    batch b001), the train loop raises its error instead of waiting for b001 forever."""
+    group = roles("job-feed", tiny_model, trainers=1)
+    journal = Journal(tmp_path / "journal")
+    (journal.root / "b001.parquet").write_bytes(b"not parquet")
+    loop = TrainLoop(
+        group,
+        trainer_spec(tiny_model, tmp_path, zero=0),
+        journal,
+        LoopConfig(prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=4), poll_s=0.2),
+    )
+    try:
+        with pytest.raises(RuntimeError, match="feeding prompts to the generators failed: .*Parquet"):
+            loop.run(prompts(3))
+    finally:
+        group.close()

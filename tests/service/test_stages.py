@@ -181,6 +181,49 @@ def test_grpo_job_raises_the_reward(start_server, sft_data, tiny_model):
     assert grpo.progress.done == grpo.progress.total == 16
 
 
+def _unsafe_grpo(tiny_model, **grpo) -> pb.JobSpec:
+    rewards = [{"name": "exact_match", "args": {"column": "reference"}}] + [
+        {"name": f"tests.unsafe_rewards:{fn}", "timeout_s": 2} for fn in ("hangs", "segfaults", "exits")
+    ]
+    return parse(
+        {
+            "teacher": {"path": str(tiny_model)},
+            "data": {"train": {"path": "sft_train.jsonl"}},
+            "stages": [
+                {
+                    "grpo": {
+                        "adapter": "ADAPTER_TYPE_NONE",
+                        "group_size": 4,
+                        "prompts_per_step": 2,
+                        "max_new_tokens": 3,
+                        "optim": {"max_steps": 2},
+                        "rewards": rewards,
+                        **grpo,
+                    }
+                }
+            ],
+            "resources": {"generator": {"num_cpus": 0.5}, "scorer": {"num_cpus": 0.25}, "trainer": {"num_cpus": 0.5}},
+        }
+    )
+
+
+def test_grpo_survives_rewards_that_hang_segfault_and_exit(start_server, sft_data, tiny_model, monkeypatch):
+    """User rewards run in killable worker processes: a hung call is killed at its timeout, a
+    segfault or os._exit costs only that call's scores; the stage finishes on the reward that
+    works, and the events count every failure. Past max_reward_failure_fraction it fails, saying so."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # where tests.unsafe_rewards is
+    c = start_server(sft_data, "--model-root", str(tiny_model), "--reward-module", "tests").client()
+    done = c.wait(c.submit(_unsafe_grpo(tiny_model, max_reward_failure_fraction=1.0)).job.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    for metric in ("rewards/hangs/timeouts", "rewards/segfaults/crashed", "rewards/exits/crashed"):
+        assert metric_series(c, done.id, metric) == [8.0, 8.0], metric  # every sample of both steps
+    assert metric_series(c, done.id, "rewards/failed_fraction") == [1.0, 1.0]
+    assert len(metric_series(c, done.id, "rewards/exact_match/mean")) == 2  # scored all along
+    failed = c.wait(c.submit(_unsafe_grpo(tiny_model)).job.id)  # the default bound: 0.5
+    assert failed.state == pb.JOB_STATE_FAILED
+    assert "reward functions failed (error, timeout or crash) on 8 of 8 samples" in failed.error.reason
+
+
 def test_lora_sft_then_async_grpo_with_kl(start_server, sft_data, tiny_model):
     """The LoRA path: grpo continues the sft adapter, the reference is the base with the adapter
     disabled (beta > 0 gives a KL metric), and generation runs one policy version ahead."""

@@ -93,7 +93,7 @@ def test_distill_epochs_replay_the_teachers_batches_and_agreement_filters():
 
 def test_distill_refills_short_steps_and_fails_below_min_kept_fraction():
     from stillroom.actors.runtime.context import StageFailed
-    from stillroom.actors.stages.distill import DistillConfig, KeptFraction
+    from stillroom.actors.stages.distill import DistillConfig, kept_fraction
     from stillroom.v1 import job_pb2 as pb
 
     cfg = DistillConfig.of(pb.DistillStage(prompts_per_step=8, samples_per_step=12, min_kept_fraction=0.1))
@@ -101,9 +101,23 @@ def test_distill_refills_short_steps_and_fails_below_min_kept_fraction():
     assert refill.per_prompt == 1.5 and refill.rounds == 3  # 12 kept samples per 8 prompts; 3x at most
     assert DistillConfig.of(pb.DistillStage()).loop(None, 1, [{"prompt": "q"}], 0).refill.per_prompt == 1.0
     reported = []
-    guard = KeptFraction(cfg, reported.append)
+    guard = kept_fraction(cfg, reported.append)
     guard({"distill/kept": 8, "distill/samples": 64})  # 0.125 so far
     with pytest.raises(StageFailed, match=r"majority_vote filter kept 9 of 128 teacher samples \(0.070\), below "):
         guard({"distill/kept": 1, "distill/samples": 64})
     assert len(reported) == 2  # the step's metrics reach the events before the stage fails
-    KeptFraction(DistillConfig.of(pb.DistillStage()), reported.append)({"distill/kept": 0, "distill/samples": 64})
+    kept_fraction(DistillConfig.of(pb.DistillStage()), reported.append)({"distill/kept": 0, "distill/samples": 64})
+
+
+def test_the_stage_fails_once_rewards_fail_on_more_than_the_allowed_fraction():
+    from stillroom.actors.runtime.context import StageFailed
+    from stillroom.actors.stages.wiring import reward_failures
+
+    reported = []
+    guard = reward_failures(reported.append, 0.5)
+    guard({"loss": 1.0})  # a step without scoring: nothing to count
+    guard({"rewards/failed": 4, "rewards/samples": 16})
+    guard({"rewards/failed": 9, "rewards/samples": 16})  # 13 of 32 so far: within the bound
+    with pytest.raises(StageFailed, match=r"failed \(error, timeout or crash\) on 21 of 40 samples so far \(0.53\)"):
+        guard({"rewards/failed": 8, "rewards/samples": 8})
+    assert len(reported) == 4  # every step's metrics reach the events, the failing one too

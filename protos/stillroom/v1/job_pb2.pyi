@@ -213,7 +213,7 @@ class RewardFunction(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., args: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GrpoStage(_message.Message):
-    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step", "max_resample", "importance_sampling_level", "mask_truncated_completions", "importance_sampling_mode", "importance_sampling_cap")
+    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step", "max_resample", "importance_sampling_level", "mask_truncated_completions", "importance_sampling_mode", "importance_sampling_cap", "max_reward_failure_fraction")
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class GrpoStage(_message.Message):
     MASK_TRUNCATED_COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLING_MODE_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_REWARD_FAILURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     group_size: int
     loss_type: str
     beta: float
@@ -258,7 +259,8 @@ class GrpoStage(_message.Message):
     mask_truncated_completions: bool
     importance_sampling_mode: str
     importance_sampling_cap: float
-    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ...) -> None: ...
+    max_reward_failure_fraction: float
+    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ...) -> None: ...
 
 class StudentInit(_message.Message):
     __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides")
@@ -278,7 +280,7 @@ class StudentInit(_message.Message):
     def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction", "max_reward_failure_fraction")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +305,7 @@ class DistillStage(_message.Message):
     SAMPLES_PER_STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_RESAMPLE_FIELD_NUMBER: _ClassVar[int]
     MIN_KEPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_REWARD_FAILURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -326,7 +329,8 @@ class DistillStage(_message.Message):
     samples_per_step: int
     max_resample: int
     min_kept_fraction: float
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., **kwargs) -> None: ...
+    max_reward_failure_fraction: float
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
     __slots__ = ("metrics", "max_new_tokens", "limit", "gates")
