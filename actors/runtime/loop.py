@@ -29,7 +29,8 @@ from stillroom.actors.runtime.channels import END, Channel, Seen
 from stillroom.actors.runtime.cluster import RoleGroup
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.metrics import Sampler, record
-from stillroom.actors.runtime.trainers import resume, save_checkpoint, train_step, weights
+from stillroom.actors.runtime.restarts import TrainerGroup
+from stillroom.actors.runtime.trainers import save_checkpoint, train_step, weights
 
 Prepare = Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]]
 
@@ -115,7 +116,7 @@ class TrainLoop:
         self._outstanding: dict[str, pa.RecordBatch] = {}  # sent, not yet back scored: re-sent if a role dies
         self._synced = threading.Condition()
         self._synced_steps = 0  # training steps whose weights the generators have (without syncs: done)
-        self._cursor = 0
+        self.trainers = TrainerGroup(roles, trainer_spec, cfg.max_trainer_restarts, on_warning)
         self._pending: dict[str, pa.RecordBatch] = {}  # scored batches that arrived before their turn
         self._seen = Seen()
         self._owner: threading.Thread | None = None  # the thread run() trains on
@@ -319,11 +320,9 @@ class TrainLoop:
                     save_checkpoint(self.roles.actors["trainer"], cursor)
                     return []
                 return batches
-            except RayActorError:
-                if self.result.trainer_restarts >= self.cfg.max_trainer_restarts:
-                    raise
-                self.result.trainer_restarts += 1
-                self._restart_trainers()
+            except RayActorError as error:
+                self.trainers.restart(error, f"step {cursor}")
+                self.result.trainer_restarts = self.trainers.restarts
                 replay = batches[:-1]
 
     def _step(self, step: Prepared) -> None:
@@ -350,13 +349,7 @@ class TrainLoop:
     def start_trainers(self) -> int:
         """Create the trainer group once; every rank resumes from the newest complete checkpoint.
         Returns the data cursor to continue from."""
-        if "trainer" not in self.roles.actors:
-            self._cursor = resume(self.roles.start("trainer", self.trainer_spec))
-        return self._cursor
-
-    def _restart_trainers(self) -> int:
-        self.roles.stop("trainer")
-        return self.start_trainers()
+        return self.trainers.start()
 
     def _advance(self, steps: int) -> None:
         """The generators may now run max_staleness batches past `steps`."""

@@ -38,6 +38,7 @@ from stillroom.actors.runtime.batches import (
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
+from stillroom.actors.runtime.restarts import TrainerGroup, run_steps
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import (
@@ -154,7 +155,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
     if cfg.on_policy_fraction:
         roles.start("student", GeneratorSpec(student, seed=spec.seed))
-        on_policy_loop(loop, batches, cfg, ctx, spec.seed)
+        on_policy_loop(loop, batches, cfg, ctx, spec.seed, params.optim.checkpoint_every or 10)
     else:
         ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
     if eval_prompts:
@@ -163,9 +164,11 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     ctx.offer_model("student", ctx.outputs["student_model"])
     if params.baseline:
         roles.stop("trainer")
-        trainers = roles.start("trainer", replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")))
-        train_baseline(trainers, student, spec, cfg, steps=len(batches), ctx=ctx)
-        ctx.offer_model("student_baseline", save_model(ctx, trainers, student, out / "student-baseline", "model"))
+        group = TrainerGroup(
+            roles, replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")), on_restart=ctx.warn
+        )
+        train_baseline(group, student, spec, cfg, len(batches), ctx, params.optim.checkpoint_every or 10)
+        ctx.offer_model("student_baseline", save_model(ctx, group.actors, student, out / "student-baseline", "model"))
 
 
 def prompt_source(spec: pb.JobSpec) -> pb.DatasetRef:
@@ -311,21 +314,25 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
 
 
 def on_policy_loop(
-    loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int
+    loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int, every: int
 ) -> None:
     """GKD: each step trains either on the student's own samples, graded token by token by the
-    teacher (probability lambda), or on filtered teacher samples; the student's new weights then go
-    to the generators that sample from it. Synchronous by nature: the next samples need them."""
+    teacher (probability lambda: the coins are drawn up front, so a restart draws the same), or on
+    filtered teacher samples; the student's new weights then go to the generator that samples
+    from it. Synchronous by nature: the next samples need them. Checkpoints every `every` steps."""
     roles = loop.roles.actors
-    student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
     own = SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.sampling.max_new_tokens, temperature=1.0)
-    rng = np.random.default_rng(seed)
-    ray.get(student.load_weights.remote(weights(roles["trainer"]), 0))
-    for step, batch in enumerate(batches):
+    coins = np.random.default_rng(seed).random(len(batches)) < cfg.on_policy_fraction
+
+    def sync(cursor: int) -> None:
+        ray.get(roles["student"][0].load_weights.remote(weights(loop.trainers.actors), cursor))
+
+    def step(i: int) -> None:
         ctx.check_cancelled()
-        if rng.random() < cfg.on_policy_fraction:
+        student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
+        if coins[i]:
             samples = ray.get(
-                teacher.score_topk.remote(student.generate.remote(batch, own), cfg.sampling.topk_logprobs)
+                teacher.score_topk.remote(student.generate.remote(batches[i], own), cfg.sampling.topk_logprobs)
             )
             arrays, metrics, objective = (
                 training_arrays(samples, pad_id=0),
@@ -333,29 +340,36 @@ def on_policy_loop(
                 cfg.on_policy_objective,
             )
         else:
-            scored = ray.get(scorer.score.remote(teacher.generate.remote(batch, cfg.sampling)))
-            arrays, metrics = prepare(scored, cfg)
+            arrays, metrics = prepare(
+                ray.get(scorer.score.remote(teacher.generate.remote(batches[i], cfg.sampling))), cfg
+            )
             metrics["distill/on_policy"], objective = 0.0, cfg.objective
         if arrays:
-            step_metrics = train_step(roles["trainer"], arrays, objective)
-            metrics.update({k: step_metrics[k] for k in ("loss", "loss/kd", "loss/ce")})
-        ray.get(student.load_weights.remote(weights(roles["trainer"]), step + 1))
+            done = train_step(loop.trainers.actors, arrays, objective)
+            metrics.update({k: done[k] for k in ("loss", "loss/kd", "loss/ce")})
+        sync(i + 1)
         ctx.metrics(metrics)
-        ctx.progress(step + 1, len(batches), "steps")
+        ctx.progress(i + 1, len(batches), "steps")
+
+    sync(loop.trainers.start())
+    run_steps(loop.trainers, len(batches), step, every, on_resume=sync)
 
 
 def train_baseline(
-    trainers: list, student: str, spec: pb.JobSpec, cfg: DistillConfig, steps: int, ctx: StageContext
+    group: TrainerGroup, student: str, spec: pb.JobSpec, cfg: DistillConfig, steps: int, ctx: StageContext, every: int
 ) -> None:
     """The same student init trained on data.train's gold answers alone, for as many steps of as
-    many rows as the distillation had: what distillation must beat."""
+    many rows as the distillation had: what distillation must beat. Checkpoints every `every`."""
     tok = AutoTokenizer.from_pretrained(student)
     gold = encode_examples(tok, datasets.load_ref(spec.data.train).examples(), 4096)
     n = len(gold["prompt_ids"])
     epochs = -(-steps * cfg.prompts_per_step // n)  # ceil: enough passes over the gold rows
     order = step_order(n, cfg.prompts_per_step, spec.seed, epochs=epochs, max_steps=steps)
-    for step, rows in enumerate(order):
+
+    def step(i: int) -> None:
         ctx.check_cancelled()
-        metrics = train_rows(trainers, gold, rows, tok.pad_token_id or 0)
-        ctx.metrics({f"baseline/{k}": v for k, v in metrics.items()} | {"step": step + 1})
-        ctx.progress(step + 1, steps, "baseline steps")
+        metrics = train_rows(group.actors, gold, order[i], tok.pad_token_id or 0)
+        ctx.metrics({f"baseline/{k}": v for k, v in metrics.items()} | {"step": i + 1})
+        ctx.progress(i + 1, steps, "baseline steps")
+
+    run_steps(group, len(order), step, every)

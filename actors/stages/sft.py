@@ -1,8 +1,9 @@
 """The `sft` stage: supervised fine-tuning of the teacher on prompt/completion or chat data, with a
-LoRA adapter or full fine-tuning, on the Trainer group (DeepSpeed). The tokenizer's chat template is
-applied when it has one; the loss covers completion tokens only. Eval loss on the eval split every
-`eval_every` steps; checkpoints every `checkpoint_every`; the adapter saved in PEFT format at the
-end (and a merged model on request).
+LoRA adapter or full fine-tuning, on the Trainer group (DeepSpeed). The tokenizer's chat template
+renders each row's turns when it has one; the loss covers the answer (the assistant's turn) only.
+Eval loss on the eval split every `eval_every` steps; checkpoints every `checkpoint_every`, from
+which the group restarts if a rank dies; the adapter saved in PEFT format at the end (and a merged
+model on request).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from stillroom.actors.common import datasets
 from stillroom.actors.models.loading import encode_examples
 from stillroom.actors.runtime.batches import make_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
-from stillroom.actors.runtime.trainers import eval_sums, resume, save_checkpoint, train_step
+from stillroom.actors.runtime.restarts import TrainerGroup, run_steps
+from stillroom.actors.runtime.trainers import eval_sums, train_step
 from stillroom.actors.stages.wiring import adapter_name, save_policy, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
@@ -22,7 +24,7 @@ from transformers import AutoTokenizer
 
 def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Steps over seeded shuffles of the labelled rows, eval loss every eval_every, checkpoints
-    every checkpoint_every (a restarted stage continues at its cursor); then save the policy."""
+    every checkpoint_every (a restarted group continues at its cursor); then save the policy."""
     adapter, o = adapter_name(params.adapter), params.optim
     model, _ = tuned_policy(ctx, spec)
     tok = AutoTokenizer.from_pretrained(model)
@@ -33,21 +35,20 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     trainer = trainer_spec(
         model, o, out, spec.seed, default_lr, adapter, params.lora, dtype="float32", total_steps=len(order)
     )
-    trainers = ctx.roles(spec.resources, roles=("trainer",)).start("trainer", trainer)
-    cursor = resume(trainers)
-    if held and cursor == 0:
-        ctx.metrics({"eval/loss": eval_loss(trainers, held)})
-    for step in range(cursor, len(order)):
+    group = TrainerGroup(ctx.roles(spec.resources, roles=("trainer",)), trainer, on_restart=ctx.warn)
+    if held and group.start() == 0:
+        ctx.metrics({"eval/loss": eval_loss(group.actors, held)})
+
+    def step(i: int) -> None:
         ctx.check_cancelled()
-        metrics = train_rows(trainers, train, order[step], tok.pad_token_id or 0)
-        ctx.progress(step + 1, len(order), "steps")
+        metrics = train_rows(group.actors, train, order[i], tok.pad_token_id or 0)
+        ctx.progress(i + 1, len(order), "steps")
         ctx.metrics({f"train/{k}": v for k, v in metrics.items()})
-        last = step + 1 == len(order)
-        if held and ((step + 1) % (params.eval_every or 10) == 0 or last):
-            ctx.metrics({"eval/loss": eval_loss(trainers, held)})
-        if (step + 1) % (o.checkpoint_every or 50) == 0 or last:
-            save_checkpoint(trainers, step + 1)
-    save_policy(ctx, trainers, model, adapter != "none", out, merge=params.merge)
+        if held and ((i + 1) % (params.eval_every or 10) == 0 or i + 1 == len(order)):
+            ctx.metrics({"eval/loss": eval_loss(group.actors, held)})
+
+    run_steps(group, len(order), step, o.checkpoint_every or 50)
+    save_policy(ctx, group.actors, model, adapter != "none", out, merge=params.merge)
 
 
 def encoded(tokenizer, ref: pb.DatasetRef, max_length: int) -> dict[str, list] | None:

@@ -15,23 +15,6 @@ from tests.service.helpers import journal_bytes_per_token, metric_series
 pytestmark = pytest.mark.slow
 
 
-def task_rows(n: int, offset: int = 0) -> list[dict]:
-    """A mapping a tiny model can learn: the kind of request decides the one-word answer."""
-    kinds = {"billing": "refund", "shipping": "priority", "account": "order"}  # one token each
-    rows = []
-    for i in range(offset, offset + n):
-        kind = list(kinds)[i % 3]
-        rows.append({"prompt": f"ticket {i} about {kind} order", "completion": kinds[kind]})
-    return rows
-
-
-@pytest.fixture
-def sft_data(data_root):
-    write_jsonl(data_root / "sft_train.jsonl", task_rows(96))
-    write_jsonl(data_root / "sft_eval.jsonl", task_rows(24, offset=1000))
-    return data_root
-
-
 def sft_spec(tiny_model, **sft) -> pb.JobSpec:
     return parse(
         {
