@@ -130,6 +130,7 @@ def cmd_serve(args) -> int:
         ray_address=args.ray_address,
         runtime_env=args.runtime_env,
         max_running_jobs=args.max_running_jobs,
+        retry_backoff_s=args.retry_backoff_s,
         max_queued_per_tenant=args.max_queued_per_tenant,
     )
     Server(cfg).serve_forever()
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", help="join this Ray cluster (default $RAY_ADDRESS, else an embedded one)")
     s.add_argument("--runtime-env", type=Path, help="Ray runtime_env YAML for job actors (cluster/runtime_env.yaml)")
     s.add_argument("--max-running-jobs", type=int, default=2)
+    s.add_argument(
+        "--retry-backoff-s", type=float, default=10.0, help="first wait before a dead supervisor restarts (doubles)"
+    )
     s.add_argument("--max-queued-per-tenant", type=int, default=100)
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from stillroom.actors.runtime.cluster import NAMESPACE, release_job, supervisor_name
-from stillroom.actors.runtime.supervisor import launch_supervisor
+from stillroom.actors.runtime.supervisor import launch_supervisor, resume_state
 from stillroom.services.store import ACTIVE, TERMINAL, Store
 from stillroom.v1 import job_pb2 as pb
 
@@ -30,6 +30,10 @@ class _Running:
     cursor: int
     cancel_sent_at: float | None = None
     pending: ray.ObjectRef | None = field(default=None, repr=False)
+
+
+DEFAULT_RETRIES = 2  # JobSpec.max_retries when unset
+RESTART_NOTE = "the job's supervisor died"  # the LOG event of each restart: attempts are counted from them
 
 
 def _event(state: int, message: str) -> pb.Event:
@@ -45,11 +49,14 @@ class Dispatcher:
         reward_modules: tuple[str, ...] = (),
         poll_interval_s: float = 0.2,
         cancel_grace_s: float = 30.0,
+        retry_backoff_s: float = 10.0,
     ):
         self.reward_modules = reward_modules
         self.store, self.artifact_root = store, Path(artifact_root)
         self.max_running, self.poll_interval_s, self.cancel_grace_s = max_running, poll_interval_s, cancel_grace_s
         self._running: dict[str, _Running] = {}
+        self._retries: dict[str, float] = {}  # job id -> when its supervisor is started again
+        self.retry_backoff_s = retry_backoff_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,18 +71,7 @@ class Dispatcher:
                 log.info("re-attached to the supervisor of %s at event %d", job_id, cursor)
                 self._running[job_id] = _Running(handle, cursor)
                 continue
-            state = self.store.get_job(job_id).state
-            final = pb.JOB_STATE_CANCELLED if state == pb.JOB_STATE_CANCELLING else pb.JOB_STATE_FAILED
-            self.store.append_events(
-                job_id,
-                [
-                    _event(
-                        final,
-                        "the job's supervisor was lost while the control service was down "
-                        "(its Ray cluster stopped or the actor died)",
-                    )
-                ],
-            )
+            self._lost(job_id, "the job's supervisor was lost while the control service was down (it died)")
         self._kill_orphans()
 
     def start(self) -> None:
@@ -104,6 +100,8 @@ class Dispatcher:
     def tick(self) -> None:
         self._pull()
         self._pass_on_cancels()
+        self._enforce_deadlines()
+        self._start_retries()
         self._start_queued()
 
     # -- the three steps ----------------------------------------------------------------------
@@ -153,24 +151,70 @@ class Dispatcher:
 
     def _start_queued(self) -> None:
         for job_id, _ in self.store.jobs_in([pb.JOB_STATE_QUEUED]):
-            if len(self._running) >= self.max_running:
+            if len(self._running) + len(self._retries) >= self.max_running:
                 return
-            artifact_dir = self.artifact_root / job_id
-            artifact_dir.mkdir(parents=True, exist_ok=True)
-            spec = self.store.spec(job_id).SerializeToString()
-            handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules)
-            ray.get(handle.start.remote(), timeout=60)
-            self._running[job_id] = _Running(handle, cursor=0)
+            self._launch(job_id)
             self.store.append_events(job_id, [_event(pb.JOB_STATE_RUNNING, f"started {supervisor_name(job_id)}")])
             log.info("started %s", job_id)
+
+    def _launch(self, job_id: str, resume: str = "") -> None:
+        artifact_dir = self.artifact_root / job_id
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        spec = self.store.spec(job_id).SerializeToString()
+        handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules, resume)
+        ray.get(handle.start.remote(), timeout=60)
+        self._running[job_id] = _Running(handle, cursor=0)
+
+    def _start_retries(self) -> None:
+        """Supervisors that died, started again once their backoff is over: the new one skips
+        the stages that finished (from the stored events) and resumes the interrupted one."""
+        now = time.monotonic()
+        for job_id, due in list(self._retries.items()):
+            if now < due:
+                continue
+            del self._retries[job_id]
+            if self.store.get_job(job_id).state != pb.JOB_STATE_RUNNING:
+                continue  # cancelled meanwhile
+            self._launch(job_id, resume_state(self._all_events(job_id)))
+            log.info("restarted the supervisor of %s", job_id)
+
+    def _enforce_deadlines(self) -> None:
+        """A job past its spec's timeout_s is cancelled on the cluster and FAILED, saying so."""
+        for job_id in [*self._running, *self._retries]:
+            job = self.store.get_job(job_id)
+            ran = time.time() - job.start_time.ToSeconds() if job.start_time.seconds else 0.0
+            if job.spec.timeout_s and ran > job.spec.timeout_s and job.state == pb.JOB_STATE_RUNNING:
+                reason = f"deadline exceeded: the job ran {ran:.0f} s, past its timeout_s of {job.spec.timeout_s:g} s"
+                self.store.append_events(job_id, [_event(pb.JOB_STATE_FAILED, reason)])
+                self._retries.pop(job_id, None)
+                self._finish(job_id)
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _lost(self, job_id: str, reason: str) -> None:
-        state = self.store.get_job(job_id).state
-        final = pb.JOB_STATE_CANCELLED if state == pb.JOB_STATE_CANCELLING else pb.JOB_STATE_FAILED
-        self.store.append_events(job_id, [_event(final, reason)])
-        self._finish(job_id)
+        """The supervisor died: a cancelling job is CANCELLED; a running one is started again after
+        a backoff while its retry budget lasts (as a Kubernetes Job's backoffLimit), else FAILED."""
+        job = self.store.get_job(job_id)
+        self._finish(job_id)  # its role actors and placement group go; checkpoints and journals stay
+        if job.state == pb.JOB_STATE_CANCELLING:
+            self.store.append_events(job_id, [_event(pb.JOB_STATE_CANCELLED, reason)])
+            return
+        budget = job.spec.max_retries if job.spec.HasField("max_retries") else DEFAULT_RETRIES
+        attempt = sum(e.message.startswith(RESTART_NOTE) for e in self._all_events(job_id)) + 1
+        if attempt > budget:
+            self.store.append_events(job_id, [_event(pb.JOB_STATE_FAILED, f"retries exhausted ({budget}): {reason}")])
+            return
+        delay = self.retry_backoff_s * 2 ** (attempt - 1)
+        note = f"{RESTART_NOTE} ({reason}); starting it again in {delay:g} s, attempt {attempt} of {budget}"
+        self.store.append_events(job_id, [pb.Event(type=pb.EVENT_TYPE_LOG, message=note)])
+        self._retries[job_id] = time.monotonic() + delay
+
+    def _all_events(self, job_id: str) -> list[pb.Event]:
+        events, after = [], 0
+        while page := self.store.events(job_id, after_seq=after):
+            events += page
+            after = page[-1].seq
+        return events
 
     def _finish(self, job_id: str) -> None:
         """The job ended: nothing of it may stay on the cluster."""

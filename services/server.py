@@ -55,6 +55,7 @@ class ServerConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
     runtime_env: Path | None = None  # a Ray runtime_env YAML for every job's actors
     max_running_jobs: int = 2
+    retry_backoff_s: float = 10.0  # the first wait before a dead supervisor is started again (doubling)
     max_queued_per_tenant: int = 100
     workers: int = 128
     max_message_mb: int = 16
@@ -88,7 +89,13 @@ class Server:
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         connect_ray(cfg.ray_address, cfg.runtime_env)
         artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
-        self.dispatcher = Dispatcher(self.store, artifact_root, cfg.max_running_jobs, tuple(cfg.reward_modules))
+        self.dispatcher = Dispatcher(
+            self.store,
+            artifact_root,
+            cfg.max_running_jobs,
+            tuple(cfg.reward_modules),
+            retry_backoff_s=cfg.retry_backoff_s,
+        )
         self.service = JobService(
             self.store,
             self.dispatcher,

@@ -47,6 +47,8 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     v.check(len(spec.display_name) <= 200, "display_name", "must be at most 200 characters")
     v.check(len(spec.stages) > 0, "stages", "a job needs at least one stage")
     v.check(len(spec.stages) <= MAX_STAGES, "stages", f"at most {MAX_STAGES} stages")
+    v.check(0 <= spec.max_retries <= 20, "max_retries", "must be between 0 and 20")
+    v.number(spec.timeout_s, "timeout_s", lo=0, lo_open=True)
     _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)

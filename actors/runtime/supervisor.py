@@ -7,6 +7,7 @@ background thread so both calls answer while a stage works.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import traceback
@@ -24,7 +25,11 @@ log = logging.getLogger("stillroom.supervisor")
 
 
 class Supervisor:
-    def __init__(self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
+    def __init__(
+        self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = (), resume: str = ""
+    ):
+        """resume: JSON {"finished": [stage names], "outputs": {...}} of an earlier supervisor of
+        this job (or of the job it resumes): those stages are skipped, their outputs handed on."""
         self.job_id = job_id
         self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
         self.spec = pb.JobSpec.FromString(spec)
@@ -32,7 +37,10 @@ class Supervisor:
         self.log = EventLog()
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
-        self.outputs: dict = {}  # passed from stage to stage (the tuned policy, the models to evaluate)
+        earlier = json.loads(resume) if resume else {}
+        self.finished: set[str] = set(earlier.get("finished", ()))
+        # passed from stage to stage (the tuned policy, the models to evaluate)
+        self.outputs: dict = earlier.get("outputs", {})
 
     def __repr__(self) -> str:
         return f"Supervisor({self.job_id}, stages={[s.name for s in self.spec.stages]})"
@@ -62,6 +70,9 @@ class Supervisor:
     def _run_stages(self) -> tuple[int, str, str]:
         for stage in self.spec.stages:
             kind = stage.WhichOneof("kind")
+            if stage.name in self.finished:
+                self._context(stage.name).log("finished before the supervisor restarted: skipped, its outputs kept")
+                continue
             ctx = self._context(stage.name, kind)
             try:
                 ctx.check_cancelled()
@@ -78,7 +89,7 @@ class Supervisor:
                 log.error("job %s stage %s failed:\n%s", self.job_id, stage.name, traceback.format_exc())
                 self._stage_state(stage.name, pb.STAGE_STATE_FAILED, reason)
                 return pb.JOB_STATE_FAILED, stage.name, reason
-            self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED)
+            self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED, outputs=json.dumps(self.outputs))
         return pb.JOB_STATE_SUCCEEDED, "", "all stages succeeded"
 
     def _context(self, stage: str, kind: str = "") -> StageContext:
@@ -107,8 +118,10 @@ class Supervisor:
         except Exception:  # noqa: BLE001
             log.exception("job %s: the report could not be written", self.job_id)
 
-    def _stage_state(self, stage: str, state: int, message: str = "") -> None:
-        self.log.append(pb.Event(type=pb.EVENT_TYPE_STAGE_STATE, stage=stage, stage_state=state, message=message))
+    def _stage_state(self, stage: str, state: int, message: str = "", outputs: str = "") -> None:
+        self.log.append(
+            pb.Event(type=pb.EVENT_TYPE_STAGE_STATE, stage=stage, stage_state=state, message=message, outputs=outputs)
+        )
 
     def _job_state(self, state: int, stage: str = "", message: str = "") -> None:
         self.log.append(pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=state, stage=stage, message=message))
@@ -117,8 +130,18 @@ class Supervisor:
 SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
 
 
-def launch_supervisor(job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = ()):
+def launch_supervisor(
+    job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = (), resume: str = ""
+):
     """Create (or find, after a crash between create and record) the job's detached supervisor."""
     return SupervisorActor.options(
         name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(job_id, spec, artifact_dir, reward_modules)
+    ).remote(job_id, spec, artifact_dir, reward_modules, resume)
+
+
+def resume_state(events: list[pb.Event]) -> str:
+    """What a new supervisor continues from, out of a job's stored events: the stages that
+    succeeded and the outputs the last of them handed on (JSON for Supervisor's `resume`)."""
+    finished = [e for e in events if e.type == pb.EVENT_TYPE_STAGE_STATE and e.stage_state == pb.STAGE_STATE_SUCCEEDED]
+    outputs = json.loads(finished[-1].outputs) if finished and finished[-1].outputs else {}
+    return json.dumps({"finished": [e.stage for e in finished], "outputs": outputs})

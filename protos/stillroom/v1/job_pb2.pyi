@@ -414,7 +414,7 @@ class Resources(_message.Message):
     def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed")
+    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s")
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +422,8 @@ class JobSpec(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     teacher: ModelRef
     student: ModelRef
@@ -429,7 +431,9 @@ class JobSpec(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[Stage]
     resources: Resources
     seed: int
-    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    max_retries: int
+    timeout_s: float
+    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total", "unit")
@@ -510,7 +514,7 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., request_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_event_seq: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("job_id", "seq", "time", "type", "stage", "message", "job_state", "stage_state", "progress", "metrics", "artifact")
+    __slots__ = ("job_id", "seq", "time", "type", "stage", "message", "job_state", "stage_state", "progress", "metrics", "artifact", "outputs")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -529,6 +533,7 @@ class Event(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -540,7 +545,8 @@ class Event(_message.Message):
     progress: Progress
     metrics: _containers.ScalarMap[str, float]
     artifact: Artifact
-    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[_Union[EventType, str]] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., job_state: _Optional[_Union[JobState, str]] = ..., stage_state: _Optional[_Union[StageState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
+    outputs: str
+    def __init__(self, job_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., type: _Optional[_Union[EventType, str]] = ..., stage: _Optional[str] = ..., message: _Optional[str] = ..., job_state: _Optional[_Union[JobState, str]] = ..., stage_state: _Optional[_Union[StageState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., outputs: _Optional[str] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("name", "kind", "uri", "size_bytes", "sha256", "stage")
