@@ -204,19 +204,7 @@ def cmd_report(args, client: Client) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stillroom", description="Fine-tune a teacher, distill a student: one job.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def client_cmd(name: str, fn, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--address", help="host:port (default $STILLROOM_ADDRESS or 127.0.0.1:50051)")
-        sp.add_argument("--token", help="API token (default $STILLROOM_TOKEN)")
-        sp.add_argument("--tls-ca", help="CA certificate for a TLS server (default $STILLROOM_TLS_CA)")
-        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-        sp.set_defaults(fn=fn)
-        return sp
-
+def _serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="run the control service")
     s.add_argument("--address", help="listen address (default 127.0.0.1:50051; port 0 picks one)")
     s.add_argument("--home", type=Path, help="state directory (default $STILLROOM_HOME or ~/.local/share/stillroom)")
@@ -238,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-per-tenant", type=int, default=100)
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stillroom", description="Fine-tune a teacher, distill a student: one job.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client_cmd(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--address", help="host:port (default $STILLROOM_ADDRESS or 127.0.0.1:50051)")
+        sp.add_argument("--token", help="API token (default $STILLROOM_TOKEN)")
+        sp.add_argument("--tls-ca", help="CA certificate for a TLS server (default $STILLROOM_TLS_CA)")
+        sp.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    _serve_parser(sub)
 
     for name, fn, help_ in (("submit", cmd_submit, "submit a recipe"), ("validate", cmd_validate, "validate a recipe")):
         sp = client_cmd(name, fn, help_)
