@@ -148,6 +148,23 @@ def cmd_submit(args, client: Client) -> int:
     return _watch(client, resp.job.id, args.output) if args.wait else 0
 
 
+def cmd_resume(args, client: Client) -> int:
+    """A new job from an ended one: its spec (or a recipe's) with resume_from set, so the stages
+    that finished are reused and the interrupted one goes on from its checkpoints and journal."""
+    old = client.get(args.job)
+    if args.recipe:
+        spec, labels = load(args.recipe, args.set)
+    else:
+        spec, labels = old.spec, dict(old.labels)
+    spec.resume_from = old.id
+    resp = client.submit(spec, request_id=args.request_id, labels=labels)
+    if args.output in ("json", "yaml"):
+        _emit(resp.job, args.output, None)
+    else:
+        print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id} (resuming {old.id})")
+    return _watch(client, resp.job.id, args.output) if args.wait else 0
+
+
 def cmd_validate(args, client: Client) -> int:
     spec, _ = load(args.recipe, args.set)
     resp = client.validate(spec)
@@ -251,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
             sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
             sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
+    sp = client_cmd("resume", cmd_resume, "a new job that reuses an ended job's finished stages and checkpoints")
+    sp.add_argument("job")
+    sp.add_argument("recipe", type=Path, nargs="?", help="a changed recipe (default: the job's own spec)")
+    sp.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a recipe field")
+    sp.add_argument("--request-id", default="")
+    sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
     sp = client_cmd("list", cmd_list, "list jobs, newest first")
     sp.add_argument("--state", action="append", default=[], choices=STATES)
     sp.add_argument("-l", "--selector", action="append", default=[], metavar="KEY=VALUE")

@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from stillroom.actors.runtime.cluster import NAMESPACE, release_job, supervisor_name
 from stillroom.actors.runtime.supervisor import launch_supervisor, resume_state
+from stillroom.services.resumption import warm_start
 from stillroom.services.store import ACTIVE, TERMINAL, Store
 from stillroom.v1 import job_pb2 as pb
 
@@ -153,7 +154,7 @@ class Dispatcher:
         for job_id, _ in self.store.jobs_in([pb.JOB_STATE_QUEUED]):
             if len(self._running) + len(self._retries) >= self.max_running:
                 return
-            self._launch(job_id)
+            self._launch(job_id, self._warm_start(job_id))
             self.store.append_events(job_id, [_event(pb.JOB_STATE_RUNNING, f"started {supervisor_name(job_id)}")])
             log.info("started %s", job_id)
 
@@ -164,6 +165,16 @@ class Dispatcher:
         handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules, resume)
         ray.get(handle.start.remote(), timeout=60)
         self._running[job_id] = _Running(handle, cursor=0)
+
+    def _warm_start(self, job_id: str) -> str:
+        """With resume_from, what the job reuses of the earlier job (services/resumption.py)."""
+        spec = self.store.spec(job_id)
+        old = spec.resume_from
+        if not old:
+            return ""
+        return warm_start(
+            self.store.spec(old), self._all_events(old), spec, self.artifact_root / old, self.artifact_root / job_id
+        )
 
     def _start_retries(self) -> None:
         """Supervisors that died, started again once their backoff is over: the new one skips

@@ -52,6 +52,7 @@ class JobService(api_grpc.JobServiceServicer):
         validate_request(request.request_id, labels)
         spec, _ = validate(request.spec, self.policy)
         self._check_reused_journals(spec, principal.tenant)
+        self._check_resume_from(spec, principal.tenant)
         job, created = self.store.create_job(
             job_id=new_job_id(),
             tenant=principal.tenant,
@@ -83,9 +84,23 @@ class JobService(api_grpc.JobServiceServicer):
                     f"{pb.JobState.Name(job.state)}; only a succeeded job's journal can be reused"
                 )
 
+    def _check_resume_from(self, spec: pb.JobSpec, tenant: str) -> None:
+        """resume_from names an earlier job of the same tenant that has ended."""
+        if not spec.resume_from:
+            return
+        try:
+            job = self.store.get_job(spec.resume_from, tenant)
+        except NotFound:
+            raise NotFound(f"resume_from: job {spec.resume_from!r} not found") from None
+        if job.state not in TERMINAL:
+            raise FailedPrecondition(
+                f"resume_from: job {job.id} is {pb.JobState.Name(job.state)}; only a job that has ended can be resumed"
+            )
+
     def ValidateJob(self, request: api.ValidateJobRequest, context) -> api.ValidateJobResponse:
         _, warnings = validate(request.spec, self.policy)
         self._check_reused_journals(request.spec, context.principal.tenant)
+        self._check_resume_from(request.spec, context.principal.tenant)
         return api.ValidateJobResponse(warnings=warnings)
 
     def GetJob(self, request: api.GetJobRequest, context) -> api.GetJobResponse:

@@ -139,9 +139,11 @@ def launch_supervisor(
     ).remote(job_id, spec, artifact_dir, reward_modules, resume)
 
 
-def resume_state(events: list[pb.Event]) -> str:
+def resume_state(events: list[pb.Event], keep: int | None = None) -> str:
     """What a new supervisor continues from, out of a job's stored events: the stages that
-    succeeded and the outputs the last of them handed on (JSON for Supervisor's `resume`)."""
+    succeeded (the first `keep` of them, if given) and the outputs the last of those handed on
+    (JSON for Supervisor's `resume`)."""
     finished = [e for e in events if e.type == pb.EVENT_TYPE_STAGE_STATE and e.stage_state == pb.STAGE_STATE_SUCCEEDED]
+    finished = finished[:keep] if keep is not None else finished
     outputs = json.loads(finished[-1].outputs) if finished and finished[-1].outputs else {}
     return json.dumps({"finished": [e.stage for e in finished], "outputs": outputs})

@@ -57,8 +57,15 @@ def test_on_policy_distillation_survives_a_trainer_killed_mid_stage(start_server
     assert after[0] < before[0]
 
 
-def _audit_then_sft(tiny_model, **job) -> pb.JobSpec:
-    spec = sft_spec(tiny_model, optim={"learning_rate": 0.003, "batch_size": 4, "max_steps": 16, "checkpoint_every": 4})
+def _audit_then_sft(tiny_model, steps: int = 16, **job) -> pb.JobSpec:
+    optim = {
+        "learning_rate": 0.003,
+        "batch_size": 4,
+        "max_steps": steps,
+        "epochs": -(-steps // 24),
+        "checkpoint_every": 4,
+    }
+    spec = sft_spec(tiny_model, optim=optim)
     audit = pb.Stage(name="audit")
     audit.audit.warn_only = True
     spec.stages.insert(0, audit)
@@ -105,3 +112,27 @@ def test_a_dead_supervisor_past_the_retry_budget_fails_the_job(start_server, sft
     done = c.wait(job.id)
     assert done.state == pb.JOB_STATE_FAILED
     assert done.error.reason.startswith("retries exhausted (0): the job's supervisor actor died")
+
+
+def test_resume_from_a_cancelled_job_reuses_its_finished_stages_and_checkpoints(start_server, sft_data, tiny_model):
+    import grpc
+
+    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    first = c.submit(_audit_then_sft(tiny_model, steps=72)).job
+    wait_for(lambda: c.get(first.id).stages[1].progress.done >= 9, 300)  # a checkpoint at 8
+    with pytest.raises(grpc.RpcError) as e:
+        c.validate(_audit_then_sft(tiny_model, steps=72, resume_from=first.id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # still running
+    c.cancel(first.id)
+    assert c.wait(first.id).state == pb.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.RpcError) as e:
+        c.validate(_audit_then_sft(tiny_model, resume_from="job-nothere"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    second = c.submit(_audit_then_sft(tiny_model, steps=72, resume_from=first.id)).job
+    done = c.wait(second.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
+    events = list(c.events(second.id))
+    assert not [e for e in events if e.stage == "audit" and e.type == pb.EVENT_TYPE_STAGE_STATE]  # not run again
+    progress = [e.progress.done for e in events if e.stage == "sft" and e.type == pb.EVENT_TYPE_PROGRESS]
+    assert progress[0] >= 9 and progress[-1] == done.stages[1].progress.total == 72  # from the checkpoint on
