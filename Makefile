@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint proto clean
+.PHONY: install demo test test-long lint proto clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: $(STAMP)
 	QUICK=$(QUICK) examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not long"
+
+# the survival cases that repeat one `make test` already covers (on-policy trainer death, resume_from)
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m long
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

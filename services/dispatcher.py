@@ -186,7 +186,11 @@ class Dispatcher:
             del self._retries[job_id]
             if self.store.get_job(job_id).state != pb.JOB_STATE_RUNNING:
                 continue  # cancelled meanwhile
-            self._launch(job_id, resume_state(self._all_events(job_id)))
+            try:
+                self._launch(job_id, resume_state(self._all_events(job_id)))
+            except Exception as e:  # noqa: BLE001 - the cluster may still be down: another attempt, or the end
+                self._lost(job_id, f"a new supervisor could not start: {type(e).__name__}: {e}")
+                continue
             log.info("restarted the supervisor of %s", job_id)
 
     def _enforce_deadlines(self) -> None:

@@ -5,9 +5,12 @@
 
 The train loop runs here (in the supervisor): it takes scored batches in batch-id order (so the
 data cursor means the same thing after a restart), shards each across the trainer ranks, syncs
-weights to the generators and checkpoints every few steps. A trainer that dies is replaced, with
-its whole group, from the newest complete checkpoint; batches trained since then are trained again
-from memory, and what the teacher generated is replayed from the journal, never regenerated.
+weights to the generators and checkpoints every few steps. A step that filters leave short is
+refilled with further prompts (Refill). Every batch sent stays outstanding until it comes back
+scored: a generator or scorer that dies is restarted by Ray, synced, served again, and the
+outstanding batches re-sent (from the journal where the teacher wrote them); a trainer that dies is
+replaced, with its whole group, from the newest complete checkpoint (runtime/restarts.py), and the
+batches trained since then are trained again from memory.
 """
 
 from __future__ import annotations
