@@ -140,11 +140,16 @@ def cmd_serve(args) -> int:
 def cmd_submit(args, client: Client) -> int:
     spec, labels = load(args.recipe, args.set)
     labels.update(dict(kv.split("=", 1) for kv in args.label))
+    return _submit_and_report(client, spec, labels, args)
+
+
+def _submit_and_report(client: Client, spec: pb.JobSpec, labels: dict, args, note: str = "") -> int:
+    """Submit, print the job (or its JSON/YAML), and with --wait watch it to its end."""
     resp = client.submit(spec, request_id=args.request_id, labels=labels)
     if args.output in ("json", "yaml"):
         _emit(resp.job, args.output, None)
     else:
-        print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id}")
+        print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id}{note}")
     return _watch(client, resp.job.id, args.output) if args.wait else 0
 
 
@@ -157,12 +162,7 @@ def cmd_resume(args, client: Client) -> int:
     else:
         spec, labels = old.spec, dict(old.labels)
     spec.resume_from = old.id
-    resp = client.submit(spec, request_id=args.request_id, labels=labels)
-    if args.output in ("json", "yaml"):
-        _emit(resp.job, args.output, None)
-    else:
-        print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id} (resuming {old.id})")
-    return _watch(client, resp.job.id, args.output) if args.wait else 0
+    return _submit_and_report(client, spec, labels, args, f" (resuming {old.id})")
 
 
 def cmd_validate(args, client: Client) -> int:

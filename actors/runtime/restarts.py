@@ -55,6 +55,18 @@ class TrainerGroup:
         return cursor
 
 
+def with_restarts(group: TrainerGroup, call: Callable[[list], object], where: str):
+    """call(group.actors) (saving the model, a held-out measure); a rank that dies meanwhile
+    restarts the group from its newest checkpoint, and the call is made again."""
+    while True:
+        try:
+            return call(group.actors)
+        except RayActorError as error:
+            if group.alive():
+                raise
+            group.restart(error, where)
+
+
 def run_steps(
     group: TrainerGroup,
     total: int,

@@ -22,6 +22,8 @@ from stillroom.actors.runtime.metrics import write_tensorboard
 from stillroom.v1 import job_pb2 as pb
 
 log = logging.getLogger("stillroom.supervisor")
+# a stage an earlier supervisor of this job (or the job it resumes) finished
+SKIPPED = "finished in an earlier run (a restarted supervisor, or the job this one resumes): skipped, its outputs kept"
 
 
 class Supervisor:
@@ -71,7 +73,7 @@ class Supervisor:
         for stage in self.spec.stages:
             kind = stage.WhichOneof("kind")
             if stage.name in self.finished:
-                self._context(stage.name).log("finished before the supervisor restarted: skipped, its outputs kept")
+                self._context(stage.name).log(SKIPPED)
                 continue
             ctx = self._context(stage.name, kind)
             try:

@@ -38,7 +38,7 @@ from stillroom.actors.runtime.batches import (
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
-from stillroom.actors.runtime.restarts import TrainerGroup, run_steps
+from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import (
@@ -160,7 +160,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
     if eval_prompts:
         ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
-    ctx.outputs["student_model"] = save_model(ctx, roles.actors["trainer"], student, out / "student", "model")
+    save = partial(save_model, ctx, tokenizer_of=student, path=out / "student", kind="model")
+    ctx.outputs["student_model"] = with_restarts(loop.trainers, save, "saving the student")
     ctx.offer_model("student", ctx.outputs["student_model"])
     if params.baseline:
         roles.stop("trainer")

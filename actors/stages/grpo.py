@@ -26,6 +26,7 @@ from stillroom.actors.runtime.batches import refill_batch, rows_batch, training_
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
+from stillroom.actors.runtime.restarts import with_restarts
 from stillroom.actors.stages.wiring import (
     adapter_name,
     reward_failures,
@@ -139,7 +140,8 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         on_warning=ctx.warn,
     )
     loop.run(prompt_batches(rows, cfg, spec.seed))
-    save_policy(ctx, roles.actors["trainer"], policy.model_path, cfg.adapter != "none", out)
+    save = partial(save_policy, ctx, base=policy.model_path, uses_adapter=cfg.adapter != "none", out=out)
+    with_restarts(loop.trainers, save, "saving the policy")
 
 
 def policy_trainer(params: pb.GrpoStage, cfg: GrpoConfig, spec: pb.JobSpec, ctx: StageContext) -> TrainerSpec:

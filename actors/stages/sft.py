@@ -9,13 +9,14 @@ model on request).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from stillroom.actors.common import datasets
 from stillroom.actors.models.loading import encode_examples
 from stillroom.actors.runtime.batches import make_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
-from stillroom.actors.runtime.restarts import TrainerGroup, run_steps
+from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums, train_step
 from stillroom.actors.stages.wiring import adapter_name, save_policy, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
@@ -48,7 +49,8 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             ctx.metrics({"eval/loss": eval_loss(group.actors, held)})
 
     run_steps(group, len(order), step, o.checkpoint_every or 50)
-    save_policy(ctx, group.actors, model, adapter != "none", out, merge=params.merge)
+    save = partial(save_policy, ctx, base=model, uses_adapter=adapter != "none", out=out, merge=params.merge)
+    with_restarts(group, save, "saving the policy")
 
 
 def encoded(tokenizer, ref: pb.DatasetRef, max_length: int) -> dict[str, list] | None:

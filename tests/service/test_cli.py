@@ -146,3 +146,21 @@ def test_tls(start_server, data_root, tmp_path):
     assert list(secure.list()) == []
     plain = Client(server.address, token=TOKENS["alice"], timeout_s=5)
     assert code(lambda: list(plain.list())).name == "UNAVAILABLE"
+
+
+def test_resume_makes_a_job_that_reuses_the_finished_stages(start_server, data_root, recipe):
+    """`stillroom resume JOB` submits JOB's own spec with resume_from: the audit that finished is
+    not run again, and the new job succeeds."""
+    server = start_server(data_root)
+    first = cli(server, "submit", str(recipe), "--wait").stdout.split()[1]
+    r = cli(server, "resume", first, "--wait")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("submitted job-") and f"(resuming {first})" in r.stdout
+    second = r.stdout.split()[1]
+    job = json.loads(cli(server, "get", second, "-o", "json").stdout)
+    assert job["spec"]["resume_from"] == first and job["state"] == "JOB_STATE_SUCCEEDED"
+    events = json.loads(cli(server, "events", second, "-o", "json").stdout)
+    assert any("skipped" in e.get("message", "") for e in events)
+    assert not [e for e in events if e.get("type") == "EVENT_TYPE_STAGE_STATE" and e.get("stage") == "audit"]
+    gone = cli(server, "resume", "job-nothere")
+    assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr
