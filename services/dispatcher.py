@@ -2,6 +2,8 @@
 pulls each running job's events from its supervisor actor into the store.
 
 One background thread; every tick: pull events -> pass on cancels -> start queued jobs.
+A supervisor appends every event to its attempt's event file before anyone can pull it, so when
+it dies the events it wrote since the last pull are read from that file (salvaged), not lost.
 At start-up, reconcile() re-attaches to supervisors that outlived a server restart (or fails their
 jobs with a reason) before anything new is dispatched.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from stillroom.actors.runtime.cluster import NAMESPACE, release_job, supervisor_name
+from stillroom.actors.runtime.eventlog import attempt_files, next_attempt_file, read_events
 from stillroom.actors.runtime.supervisor import launch_supervisor, resume_state
 from stillroom.services.resumption import warm_start
 from stillroom.services.store import ACTIVE, TERMINAL, Store
@@ -28,13 +31,24 @@ log = logging.getLogger("stillroom.dispatcher")
 @dataclass
 class _Running:
     handle: ray.actor.ActorHandle
-    cursor: int
+    cursor: int  # how many of this supervisor's events are in the store
     cancel_sent_at: float | None = None
     pending: ray.ObjectRef | None = field(default=None, repr=False)
 
 
 DEFAULT_RETRIES = 2  # JobSpec.max_retries when unset
 RESTART_NOTE = "the job's supervisor died"  # the LOG event of each restart: attempts are counted from them
+
+
+def salvage(store: Store, job_dir: Path, job_id: str, cursor: int) -> int:
+    """Into the store: what the job's newest supervisor wrote to its event file after `cursor` (the
+    events the store already holds of it). Returns how many were added."""
+    files = attempt_files(job_dir)
+    records = read_events(files[-1])[cursor:] if files else []
+    if records:
+        store.append_events(job_id, [pb.Event.FromString(b) for b in records], cursor + len(records))
+        log.info("salvaged %d events of %s from %s", len(records), job_id, files[-1])
+    return len(records)
 
 
 def _event(state: int, message: str) -> pb.Event:
@@ -72,7 +86,7 @@ class Dispatcher:
                 log.info("re-attached to the supervisor of %s at event %d", job_id, cursor)
                 self._running[job_id] = _Running(handle, cursor)
                 continue
-            self._lost(job_id, "the job's supervisor was lost while the control service was down (it died)")
+            self._lost(job_id, "the job's supervisor was lost while the control service was down (it died)", cursor)
         self._kill_orphans()
 
     def start(self) -> None:
@@ -120,7 +134,8 @@ class Dispatcher:
             try:
                 events, cursor = ray.get(ref)
             except RayActorError as e:
-                self._lost(job_id, f"the job's supervisor actor died: {e.error_msg if hasattr(e, 'error_msg') else e}")
+                reason = f"the job's supervisor actor died: {e.error_msg if hasattr(e, 'error_msg') else e}"
+                self._lost(job_id, reason, run.cursor)
                 continue
             if not events:
                 continue
@@ -162,7 +177,9 @@ class Dispatcher:
         artifact_dir = self.artifact_root / job_id
         artifact_dir.mkdir(parents=True, exist_ok=True)
         spec = self.store.spec(job_id).SerializeToString()
-        handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules, resume)
+        events = next_attempt_file(artifact_dir)
+        self.store.append_events(job_id, [], cursor=0)  # a new supervisor's log starts empty
+        handle = launch_supervisor(job_id, spec, str(artifact_dir), self.reward_modules, resume, str(events))
         ray.get(handle.start.remote(), timeout=60)
         self._running[job_id] = _Running(handle, cursor=0)
 
@@ -206,11 +223,16 @@ class Dispatcher:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _lost(self, job_id: str, reason: str) -> None:
-        """The supervisor died: a cancelling job is CANCELLED; a running one is started again after
-        a backoff while its retry budget lasts (as a Kubernetes Job's backoffLimit), else FAILED."""
+    def _lost(self, job_id: str, reason: str, cursor: int = 0) -> None:
+        """The supervisor died: its unpulled events (after `cursor`) are salvaged from its event
+        file; then a job that had ended stays ended, a cancelling one is CANCELLED, and a running
+        one is started again after a backoff while its retry budget lasts (as a Kubernetes Job's
+        backoffLimit), else FAILED."""
+        salvage(self.store, self.artifact_root / job_id, job_id, cursor)
         job = self.store.get_job(job_id)
         self._finish(job_id)  # its role actors and placement group go; checkpoints and journals stay
+        if job.state in TERMINAL:
+            return
         if job.state == pb.JOB_STATE_CANCELLING:
             self.store.append_events(job_id, [_event(pb.JOB_STATE_CANCELLED, reason)])
             return

@@ -33,3 +33,10 @@ def exits(prompts, completions, **_):
 def length(prompts, completions, **_):
     """A well-behaved one: the completion's length."""
     return [float(len(c)) for c in completions]
+
+
+def marks_then_sleeps(prompts, completions, marker: str = "", **_):
+    """Touches `marker` (the test's cue that a score call is in flight), then takes 2 s."""
+    open(marker, "a").close()
+    time.sleep(2)
+    return [float(len(c)) for c in completions]

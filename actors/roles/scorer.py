@@ -140,7 +140,9 @@ class RewardScorer:
         )
 
     def __repr__(self) -> str:
-        return f"RewardScorer({self.spec.name}, {[r.name for r, _ in self.fns]}, scored {self.scored})"
+        # from the spec: Ray calls repr to report a constructor that raised, before fns exists
+        names = [r.name for r in self.spec.rewards]
+        return f"RewardScorer({self.spec.name}, {names}, scored {getattr(self, 'scored', 0)})"
 
     def serve(self, inbox: Channel, outbox: Channel) -> int:
         """Score every batch in the inbox until END. Returns the number of batches."""

@@ -1,5 +1,5 @@
 """What a stage may do to the outside world (StageContext): report progress and metrics, write
-artifacts, start role actors, notice cancellation; and the job's append-only event log."""
+artifacts, start role actors, notice cancellation."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stillroom.actors.common.stages import produced_models
 from stillroom.actors.runtime.cluster import Placement, RoleGroup
+from stillroom.actors.runtime.eventlog import EventLog
 from stillroom.v1 import job_pb2 as pb
 
 
@@ -18,23 +19,6 @@ class Cancelled(Exception):
 
 class StageFailed(Exception):
     """A stage's own, user-facing reason to fail the job (e.g. an audit threshold crossed)."""
-
-
-class EventLog:
-    """Append-only, thread-safe list of serialized Events."""
-
-    def __init__(self) -> None:
-        self._events: list[bytes] = []
-        self._lock = threading.Lock()
-
-    def append(self, event: pb.Event) -> None:
-        event.time.GetCurrentTime()
-        with self._lock:
-            self._events.append(event.SerializeToString())
-
-    def since(self, cursor: int) -> tuple[list[bytes], int]:
-        with self._lock:
-            return self._events[cursor:], len(self._events)
 
 
 class StageContext:

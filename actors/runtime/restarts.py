@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from stillroom.actors.runtime.trainers import resume, save_checkpoint
 
 
@@ -65,6 +66,24 @@ def with_restarts(group: TrainerGroup, call: Callable[[list], object], where: st
             if group.alive():
                 raise
             group.restart(error, where)
+
+
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], where: str, on_retry: Callable[[str], None], attempts: int = 5) -> T:
+    """call() again when an actor it used died: Ray restarts generators and scorers (their
+    max_restarts), and a call that needs no synced weights (evaluation's frozen models) can simply
+    be made again. Each retry is reported; past `attempts` the error is raised, saying where."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except (RayActorError, ActorUnavailableError) as error:
+            if attempt == attempts:
+                raise RuntimeError(f"{where}: a role actor died {attempts} times; giving up: {error}") from error
+            on_retry(f"{where}: a role actor died ({type(error).__name__}); Ray restarts it and the call is made again")
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def run_steps(

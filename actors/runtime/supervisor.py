@@ -2,7 +2,8 @@
 
 A plain class, made a named, detached Ray actor here (launch_supervisor). The control service pulls
 events with events_since(cursor) and asks for cancellation with cancel(); the stages run in a
-background thread so both calls answer while a stage works.
+background thread so both calls answer while a stage works. Every event is also appended to the
+attempt's event file (runtime/eventlog.py), which outlives the supervisor.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import ray
 from stillroom.actors.common import job_report
 from stillroom.actors.common.stages import runner
 from stillroom.actors.runtime.cluster import NAMESPACE, RESTARTS, supervisor_name
-from stillroom.actors.runtime.context import Cancelled, EventLog, StageContext, StageFailed
+from stillroom.actors.runtime.context import Cancelled, StageContext, StageFailed
+from stillroom.actors.runtime.eventlog import EventLog, attempt_files, read_events
 from stillroom.actors.runtime.metrics import write_tensorboard
 from stillroom.v1 import job_pb2 as pb
 
@@ -28,15 +30,23 @@ SKIPPED = "finished in an earlier run (a restarted supervisor, or the job this o
 
 class Supervisor:
     def __init__(
-        self, job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = (), resume: str = ""
+        self,
+        job_id: str,
+        spec: bytes,
+        artifact_dir: str,
+        reward_modules: tuple[str, ...] = (),
+        resume: str = "",
+        event_file: str = "",
     ):
         """resume: JSON {"finished": [stage names], "outputs": {...}} of an earlier supervisor of
-        this job (or of the job it resumes): those stages are skipped, their outputs handed on."""
+        this job (or of the job it resumes): those stages are skipped, their outputs handed on.
+        event_file: where this attempt's events are appended as they happen (none: memory only)."""
         self.job_id = job_id
         self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
         self.spec = pb.JobSpec.FromString(spec)
         self.artifact_dir = Path(artifact_dir)
-        self.log = EventLog()
+        self.log = EventLog(event_file or None)
+        self.event_file = event_file
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
         earlier = json.loads(resume) if resume else {}
@@ -108,9 +118,12 @@ class Supervisor:
         )
 
     def _write_report(self) -> None:
-        """report/report.md with plots, and tensorboard/<stage>/ event files, from the event log.
+        """report/report.md with plots, and tensorboard/<stage>/ event files, from the events of
+        every supervisor the job had (their event files), so a restarted job's report is whole.
         A report that cannot be written costs a log line, never the job's outcome."""
-        events = [pb.Event.FromString(b) for b in self.log.since(0)[0]]
+        files = attempt_files(self.artifact_dir) if self.event_file else []
+        records = [r for f in files for r in read_events(f)] if files else self.log.since(0)[0]
+        events = [pb.Event.FromString(b) for b in records]
         ctx = self._context("")
         try:
             path = job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
@@ -133,12 +146,17 @@ SupervisorActor = ray.remote(num_cpus=0, **RESTARTS["supervisor"])(Supervisor)
 
 
 def launch_supervisor(
-    job_id: str, spec: bytes, artifact_dir: str, reward_modules: tuple[str, ...] = (), resume: str = ""
+    job_id: str,
+    spec: bytes,
+    artifact_dir: str,
+    reward_modules: tuple[str, ...] = (),
+    resume: str = "",
+    event_file: str = "",
 ):
     """Create (or find, after a crash between create and record) the job's detached supervisor."""
     return SupervisorActor.options(
         name=supervisor_name(job_id), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(job_id, spec, artifact_dir, reward_modules, resume)
+    ).remote(job_id, spec, artifact_dir, reward_modules, resume, event_file)
 
 
 def resume_state(events: list[pb.Event], keep: int | None = None) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.runtime.batches import rows_batch
 from stillroom.actors.runtime.context import StageContext, StageFailed
+from stillroom.actors.runtime.restarts import retrying
 from stillroom.actors.stages.wiring import held_out
 from stillroom.v1 import job_pb2 as pb
 
@@ -52,7 +55,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
-        results[name] = evaluate_model(generator, scorer, rows, greedy)
+        results[name] = evaluate_model(generator, scorer, rows, greedy, on_retry=ctx.warn)
         results[name]["size_bytes"] = size_bytes(gen_spec)
         roles.stop("generator")
         ctx.metrics({f"eval/{name}/{k}": v for k, v in results[name].items()})
@@ -89,20 +92,23 @@ def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str
 
 
 def evaluate_model(
-    generator, scorer, rows: list[dict], greedy: SamplingParams, batch_size: int = 16
+    generator,
+    scorer,
+    rows: list[dict],
+    greedy: SamplingParams,
+    batch_size: int = 16,
+    on_retry: Callable[[str], None] = lambda message: None,
 ) -> dict[str, float]:
     """Greedy answers from a Generator actor, scored by a RewardScorer actor: each metric's mean,
-    tokens/s, seconds per prompt, parameters."""
+    tokens/s, seconds per prompt, parameters. A generator or scorer that dies meanwhile is
+    restarted by Ray and the chunk answered again (greedy: the same answers)."""
     scores: dict[str, list[float]] = {}
     tokens, seconds = 0, 0.0
     for lo in range(0, len(rows), batch_size):
-        chunk = rows[lo : lo + batch_size]
-        batch = rows_batch(f"eval/{lo}", chunk)
-        started = time.perf_counter()
-        samples = ray.get(generator.generate.remote(batch, greedy))
-        seconds += time.perf_counter() - started
+        batch = rows_batch(f"eval/{lo}", rows[lo : lo + batch_size])
+        samples, scored, took = retrying(partial(_answer, generator, scorer, batch, greedy), f"rows {lo}+", on_retry)
+        seconds += took
         tokens += sum(len(ids) for ids in samples.column("completion_ids").to_pylist())
-        scored = ray.get(scorer.score.remote(samples))
         for name in (n for n in scored.schema.names if n.startswith("rewards/")):
             scores.setdefault(name.removeprefix("rewards/"), []).extend(
                 v for v in scored.column(name).to_pylist() if v is not None
@@ -112,3 +118,11 @@ def evaluate_model(
     metrics["seconds_per_prompt"] = seconds / max(len(rows), 1)
     metrics["parameters"] = float(ray.get(generator.num_parameters.remote()))
     return metrics
+
+
+def _answer(generator, scorer, batch, greedy: SamplingParams):
+    """(samples, scored samples, seconds the generation took) for one chunk."""
+    started = time.perf_counter()
+    samples = ray.get(generator.generate.remote(batch, greedy))
+    took = time.perf_counter() - started
+    return samples, ray.get(scorer.score.remote(samples)), took

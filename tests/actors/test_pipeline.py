@@ -3,6 +3,7 @@ DeepSpeed ranks in sync, a trainer killed mid-stage, weight sync, and nothing le
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from functools import partial
 
@@ -339,3 +340,33 @@ def test_a_feeder_that_raises_fails_the_loop_with_the_reason(ray_client, tiny_mo
             loop.run(prompts(3))
     finally:
         group.close()
+
+
+def test_evaluation_answers_again_when_its_scorer_dies_mid_call(ray_client, tiny_model, tmp_path):
+    """The scorer is SIGKILLed while it scores (its reward cued the kill): Ray restarts it, the
+    chunk is answered and scored again, and the metrics are those of a run nobody killed."""
+    from stillroom.actors.stages.evaluate import evaluate_model
+
+    marker = tmp_path / "scoring"
+    group = RoleGroup("job-eval-kill", {"generator": Placement(1, 0.5), "scorer": Placement(1, 0.25)})
+    (generator,) = group.start("generator", GeneratorSpec(str(tiny_model)))
+    reward = RewardSpec("tests.unsafe_rewards:marks_then_sleeps", args=(("marker", str(marker)),))
+    (scorer,) = group.start("scorer", ScorerSpec((reward,), allowed_modules=("tests.unsafe_rewards",)))
+    rows = [{"prompt": f"ticket {i} billing"} for i in range(4)]
+    greedy = SamplingParams(n=1, max_new_tokens=6, temperature=0.0)
+    retries: list[str] = []
+
+    def kill_when_scoring():
+        wait_for(marker.exists, 60, 0.05)
+        ray_client.kill(scorer, no_restart=False)
+
+    killer = threading.Thread(target=kill_when_scoring)
+    killer.start()
+    try:
+        killed = evaluate_model(generator, scorer, rows, greedy, on_retry=retries.append)
+        calm = evaluate_model(generator, scorer, rows, greedy)
+    finally:
+        killer.join()
+        group.close()
+    assert len(retries) == 1 and "a role actor died" in retries[0]
+    assert killed["marks_then_sleeps"] == calm["marks_then_sleeps"] > 0
