@@ -9,7 +9,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from stillroom.actors.common import datasets
+from stillroom.actors.common import datasets, retrieval
 from stillroom.actors.common.rewards import reference_column
 from stillroom.services.errors import PermissionDenied
 from stillroom.services.violations import Policy, Violations
@@ -144,3 +144,29 @@ def check_target_modules(spec: pb.JobSpec, v: Violations) -> None:
                     f"stages[{i}].{kind}.lora.target_modules[{j}]",
                     f"the teacher has no module {name!r} (it has e.g. {', '.join(sorted(modules)[:8])})",
                 )
+
+
+def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations) -> None:
+    """data.corpus row by row (ids, texts, duplicates: the file and row), and what `retrieval` and
+    the index stage need: a corpus, templates with their placeholders, a sane top_k."""
+    corpus = spec.data.corpus
+    if corpus.path:
+        corpus.path = str(_resolve(corpus.path, "data.corpus.path", policy.data_roots))
+        try:
+            retrieval.load_corpus(corpus.path, datasets.ref_format(corpus))
+        except datasets.DataError as e:
+            v.check(False, "data.corpus.path", str(e))
+    wanted = [
+        what for what, yes in (("retrieval", spec.HasField("retrieval")), ("the index stage", "index" in kinds)) if yes
+    ]
+    if wanted:
+        v.check(bool(corpus.path), "data.corpus.path", f"required by {' and '.join(wanted)}: the documents to retrieve")
+    if not spec.HasField("retrieval"):
+        return
+    r = spec.retrieval
+    v.check(0 <= r.top_k <= 50, "retrieval.top_k", "must be between 1 and 50 (0: the default, 3)")
+    if r.template:
+        v.check("{passages}" in r.template, "retrieval.template", "must contain {passages} (where the passages go)")
+        v.check("{prompt}" in r.template, "retrieval.template", "must contain {prompt} (where the question goes)")
+    if r.passage_template:
+        v.check("{text}" in r.passage_template, "retrieval.passage_template", "must contain {text}")

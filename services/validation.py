@@ -14,6 +14,7 @@ from stillroom.actors.common.rewards import BUILTIN_NAMES, module_allowed
 from stillroom.actors.common.stages import AVAILABLE, MEASURED, job_models
 from stillroom.services.data_checks import (
     check_dataset,
+    check_retrieval,
     check_reward_columns,
     check_target_modules,
     check_tokenizers,
@@ -115,6 +116,7 @@ def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations
                 "sft needs answers: a completion column or chat messages ending with the assistant's turn",
             )
     check_reward_columns(out, loaded.get("train"), v)
+    check_retrieval(out, kinds, policy, v)
 
 
 def validate_request(request_id: str, labels: dict[str, str]) -> None:
@@ -316,6 +318,11 @@ def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
     _rewards(s.metrics, f"{p}.metrics", v)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
+    v.check(0 <= s.few_shot <= 16, f"{p}.few_shot", "must be between 0 and 16 examples")
+    metrics = {m.name for m in s.metrics} | set(MEASURED)
+    if s.target.metric or s.target.min:
+        v.check(s.target.metric in metrics, f"{p}.target.metric", f"must be one of {', '.join(sorted(metrics))}")
+        v.number(s.target.min, f"{p}.target.min")
 
 
 def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
@@ -327,7 +334,7 @@ def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
             v.check(bool(spec.data.train.path), f"stages[{i}].distill.baseline", "needs data.train (gold labels)")
         if kind != "evaluate":
             continue
-        models = job_models(pb.JobSpec(stages=spec.stages[:i]))
+        models = job_models(spec, upto=i)
         metrics = {m.name for m in stage.evaluate.metrics} | set(MEASURED)
         for j, gate in enumerate(stage.evaluate.gates):
             p = f"stages[{i}].evaluate.gates[{j}]"
@@ -364,11 +371,19 @@ def _export(s: pb.ExportStage, p: str, v: Violations) -> None:
     v.choice(s.dtype, f"{p}.dtype", DTYPES)
 
 
-CHECKS = {"audit": _audit, "sft": _sft, "grpo": _grpo, "distill": _distill, "evaluate": _evaluate, "export": _export}
+CHECKS = {
+    "audit": _audit,
+    "sft": _sft,
+    "grpo": _grpo,
+    "distill": _distill,
+    "evaluate": _evaluate,
+    "export": _export,
+    "index": lambda s, p, v: None,  # nothing to set: data.corpus and retrieval say what to index
+}
 
 
 def _check_resources(r: pb.Resources, v: Violations) -> None:
-    for role in ("generator", "scorer", "trainer", "student"):
+    for role in ("generator", "scorer", "trainer", "student", "retriever"):
         rr = getattr(r, role)
         v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
         v.number(rr.num_cpus, f"resources.{role}.num_cpus", lo=0)

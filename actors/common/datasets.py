@@ -93,13 +93,7 @@ def detect_format(path: Path) -> str:
 def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
     """Read a dataset and check its shape row by row. Raises DataError naming file and row."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "no such file or directory")
-    fmt = fmt or detect_format(path)
-    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow, "hf_disk": _read_hf_disk}
-    if fmt not in readers:
-        raise DataError(path, f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    rows = readers[fmt](path)
+    fmt, rows = read_rows(path, fmt)
     columns = sorted({k for r in rows for k in r})
     shape = detect_shape(path, columns, cols)
     for i, row in enumerate(rows, start=1):
@@ -107,6 +101,24 @@ def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
         if problem:
             raise DataError(path, problem, row=i)
     return Dataset(str(path), fmt, shape, columns, rows, cols)
+
+
+def read_rows(path: str | Path, fmt: str = "") -> tuple[str, list[dict[str, Any]]]:
+    """(format, rows) of a file or `datasets` directory, whatever its columns."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file or directory")
+    fmt = fmt or detect_format(path)
+    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow, "hf_disk": _read_hf_disk}
+    if fmt not in readers:
+        raise DataError(path, f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    return fmt, readers[fmt](path)
+
+
+def ref_format(ref) -> str:
+    """The format a stillroom.v1.DatasetRef names ("" when it leaves it to the file name)."""
+    fmt = pb.DatasetFormat.Name(ref.format).removeprefix("DATASET_FORMAT_").lower()
+    return "" if fmt == "unspecified" else fmt
 
 
 def detect_shape(path: Path, columns: list[str], cols: Columns) -> str:
@@ -246,5 +258,4 @@ def columns_of(ref) -> Columns:
 
 def load_ref(ref) -> Dataset:
     """Load what a stillroom.v1.DatasetRef names."""
-    fmt = pb.DatasetFormat.Name(ref.format).removeprefix("DATASET_FORMAT_").lower()
-    return load(ref.path, "" if fmt == "unspecified" else fmt, columns_of(ref))
+    return load(ref.path, ref_format(ref), columns_of(ref))

@@ -17,6 +17,7 @@ _RUNNERS = {
     "distill": "stillroom.actors.stages.distill:run",
     "evaluate": "stillroom.actors.stages.evaluate:run",
     "export": "stillroom.actors.stages.export:run",
+    "index": "stillroom.actors.stages.index:run",
 }
 AVAILABLE = tuple(_RUNNERS)
 
@@ -36,14 +37,20 @@ def produced_models(kind: str, stage_name: str, params=None) -> list[str]:
     return []
 
 
-def job_models(spec) -> list[str]:
-    """Every model name a job's stages will produce, base_teacher first."""
+def job_models(spec, upto: int | None = None) -> list[str]:
+    """Every rung the evaluate stage at index `upto` (else one after the last stage) scores:
+    base_teacher first, then the model each stage produces, each also with retrieved passages
+    ("+rag") when the job has `retrieval`; "base_teacher+fewshot" when that stage asks for it."""
     names = ["base_teacher"]
-    for stage in spec.stages:
+    for stage in spec.stages[:upto]:
         kind = stage.WhichOneof("kind")
         names += produced_models(kind, stage.name, getattr(stage, kind))
+    names += [f"{n}+rag" for n in names] if spec.HasField("retrieval") else []
+    evaluate = spec.stages[upto] if upto is not None and upto < len(spec.stages) else None
+    if evaluate is not None and evaluate.WhichOneof("kind") == "evaluate" and evaluate.evaluate.few_shot:
+        names.append("base_teacher+fewshot")
     return names
 
 
 # What the evaluate stage measures of every model besides its metrics (the reward functions).
-MEASURED = ("tokens_per_s", "seconds_per_prompt", "parameters", "size_bytes")
+MEASURED = ("tokens_per_s", "seconds_per_prompt", "parameters", "size_bytes", "build_s")

@@ -30,9 +30,11 @@ RESTARTS = {
     "student": {"max_restarts": 2, "max_task_retries": 0},  # a generator sampling from the student
     "scorer": {"max_restarts": 2, "max_task_retries": 0},
     "trainer": {"max_restarts": 0, "max_task_retries": 0},
+    "retriever": {"max_restarts": 2, "max_task_retries": 2},  # retrieval is read-only: a call may run again
 }
 # Generators and scorers take weight syncs and stats calls while their serve loop runs.
-CONCURRENCY = {"generator": 4, "student": 4, "scorer": 4, "trainer": 1}
+CONCURRENCY = {"generator": 4, "student": 4, "scorer": 4, "trainer": 1, "retriever": 1}
+DEFAULT_CPUS = {"retriever": 0.25}  # per replica, where the job's resources leave it unset (else 1)
 
 
 def actor_name(job_id: str, role: str, rank: int) -> str:
@@ -73,6 +75,7 @@ ROLE_CLASSES = {
     "student": "stillroom.actors.roles.generator:Generator",  # a generator sampling from the student
     "scorer": "stillroom.actors.roles.scorer:RewardScorer",
     "trainer": "stillroom.actors.roles.trainer:Trainer",
+    "retriever": "stillroom.actors.roles.retriever:Retriever",
 }
 
 

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from stillroom.actors.common.stages import produced_models
-from stillroom.actors.runtime.cluster import Placement, RoleGroup
+from stillroom.actors.runtime.cluster import DEFAULT_CPUS, Placement, RoleGroup
 from stillroom.actors.runtime.eventlog import EventLog
 from stillroom.v1 import job_pb2 as pb
 
@@ -47,7 +47,8 @@ class StageContext:
     def roles(self, resources: pb.Resources, roles: tuple[str, ...] = ("generator", "scorer", "trainer")):
         """The stage's role actors' placement group, sized from the job's resources. This
         supervisor owns it; it is closed when the stage ends, however it ends."""
-        group = RoleGroup(self.job_id, {r: Placement.of(getattr(resources, r)) for r in roles})
+        placements = {r: Placement.of(getattr(resources, r), DEFAULT_CPUS.get(r, 1.0)) for r in roles}
+        group = RoleGroup(self.job_id, placements)
         self._groups.append(group)
         return group
 
@@ -99,11 +100,15 @@ class StageContext:
         self.outputs.pop("policy_adapter", None)
         if adapter:
             self.outputs["policy_adapter"] = adapter
-        self.offer_model(produced_models(self._kind, self.stage)[0], model, adapter)
+        name = produced_models(self._kind, self.stage)[0]
+        self.offer_model(name, model, adapter)
+        self.outputs["policy_lineage"] = self.outputs["lineage"][name]
 
     def offer_model(self, name: str, model: str, adapter: str = "") -> None:
-        """Name a model for the evaluate stage (names from stage_registry.produced_models)."""
+        """Name a model for the evaluate stage (names from stage_registry.produced_models), and
+        the stages that made it: those that made the policy it came from, and this one."""
         self.outputs.setdefault("models", {})[name] = (model, adapter)
+        self.outputs.setdefault("lineage", {})[name] = [*self.outputs.get("policy_lineage", []), self.stage]
 
     def check_cancelled(self) -> None:
         if self._cancelled.is_set():

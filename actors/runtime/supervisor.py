@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -89,10 +90,13 @@ class Supervisor:
             try:
                 ctx.check_cancelled()
                 self._stage_state(stage.name, pb.STAGE_STATE_RUNNING)
+                started = time.monotonic()
                 try:
                     runner(kind)(getattr(stage, kind), self.spec, ctx)
                 finally:
                     ctx.close()
+                # what the stage cost (the evaluate stage prices each rung with it); kept with its outputs
+                self.outputs.setdefault("stage_seconds", {})[stage.name] = round(time.monotonic() - started, 3)
             except Cancelled:
                 self._stage_state(stage.name, pb.STAGE_STATE_CANCELLED)
                 return pb.JOB_STATE_CANCELLED, "", "cancelled"

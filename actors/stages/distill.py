@@ -40,6 +40,7 @@ from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
+from stillroom.actors.stages.index import prompt_rows
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import (
     FractionGuard,
@@ -131,12 +132,12 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     out = ctx.artifact_dir / ctx.stage
     student = student_dir(spec, params, teacher, adapter, out)
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
+    rows = prompt_rows(ctx, spec, prompt_source(spec))  # with passages (and their ids), under `retrieval`
     roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
     roles.start(
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    rows = datasets.load_ref(prompt_source(spec)).prompts()
     batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
     prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign)

@@ -1,6 +1,8 @@
-"""The `evaluate` stage: base teacher, tuned teacher and student side by side on held-out data
-(data.test, else data.eval): each metric (any reward function) as a mean, decoding tokens/s, and size.
-Writes eval/report.json and eval/report.md.
+"""The `evaluate` stage: the ladder side by side on held-out data (data.test, else data.eval):
+the base teacher (alone, few-shot, with retrieval), each tuned teacher and the student (alone and
+with retrieval); per rung each metric (any reward function) as a mean, decoding tokens/s, size and
+the seconds its stages took to make it. With a target, the cheapest rung that meets it is
+recommended. Writes eval/report.json and eval/report.md.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import numpy as np
 import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
+from stillroom.actors.common.ladder import FEW_SHOT, RAG, build_seconds, recommend, with_shots
 from stillroom.actors.models.loading import inference_dtype, model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.runtime.batches import rows_batch
 from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.actors.runtime.restarts import retrying
+from stillroom.actors.stages.index import retrieved
 from stillroom.actors.stages.wiring import held_out
 from stillroom.v1 import job_pb2 as pb
 
@@ -41,11 +45,13 @@ def size_bytes(spec: GeneratorSpec) -> int:
 
 
 def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
-    """Stage entry point."""
+    """Every rung on the held-out rows: each model alone, with retrieved passages (+rag) and the
+    base with examples in its prompt (+fewshot); then the report, the recommendation, the gates."""
     held = held_out(spec)
     if not held.path:
         raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
-    rows = datasets.load_ref(held).prompts()[: params.limit or None]
+    plain = datasets.load_ref(held).examples()[: params.limit or None]
+    variants = prompt_variants(params, spec, ctx, plain)  # before the roles: retrieval holds a role of its own
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator", "scorer"))
     # user metric code runs in the scorer role (its worker processes), never in the supervisor
@@ -55,27 +61,70 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
-        results[name] = evaluate_model(generator, scorer, rows, greedy, on_retry=ctx.warn)
-        results[name]["size_bytes"] = size_bytes(gen_spec)
+        for suffix, rows in variants.items():
+            if suffix == FEW_SHOT and name != "base_teacher":
+                continue
+            rung = name + suffix
+            results[rung] = evaluate_model(generator, scorer, rows, greedy, on_retry=ctx.warn)
+            results[rung]["size_bytes"] = size_bytes(gen_spec)
+            results[rung]["build_s"] = build_seconds(rung, ctx.outputs.get("lineage", {}), *stage_costs(spec, ctx))
+            ctx.metrics({f"eval/{rung}/{k}": v for k, v in results[rung].items()})
         roles.stop("generator")
-        ctx.metrics({f"eval/{name}/{k}": v for k, v in results[name].items()})
         ctx.progress(done + 1, len(models), "models")
+    write_report(params, ctx, results, len(plain))
+
+
+def prompt_variants(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext, plain: list) -> dict[str, list]:
+    """The held-out prompts as each kind of rung sees them: "" (alone), +rag, +fewshot."""
+    variants = {"": [ex.prompt_row() for ex in plain]}
+    if spec.HasField("retrieval"):
+        variants[RAG] = [ex.prompt_row() for ex in retrieved(ctx, spec, plain)]
+    if params.few_shot:
+        shots = [ex for ex in datasets.load_ref(spec.data.train).examples() if ex.completion][: params.few_shot]
+        variants[FEW_SHOT] = [with_shots(shots, ex).prompt_row() for ex in plain]
+    return variants
+
+
+def stage_costs(spec: pb.JobSpec, ctx: StageContext) -> tuple[dict[str, float], list[str]]:
+    """(wall seconds of each finished stage, the job's index stages)."""
+    return ctx.outputs.get("stage_seconds", {}), [s.name for s in spec.stages if s.WhichOneof("kind") == "index"]
+
+
+def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], rows: int) -> None:
+    """eval/report.json and report.md (the table, the recommended rung, the gates); the stage
+    fails if a gate does not hold."""
     out = ctx.artifact_dir / ctx.stage
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(results, indent=2))  # in the order the job made them
     verdicts = [gate_verdict(g, results) for g in params.gates]
+    advice = recommendation(params.target, results) if params.target.metric else ""
+    (out / "report.json").write_text(json.dumps(results, indent=2))  # rungs in the order the job made them
     (out / "report.md").write_text(
-        f"# Evaluation on {len(rows)} held-out rows\n\n"
+        f"# Evaluation on {rows} held-out rows\n\n"
         + eval_table(results)
+        + (f"\n{advice}\n" if advice else "")
         + "".join(f"\n- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in verdicts)
     )
     ctx.artifact(out / "report.json", "report")
     ctx.artifact(out / "report.md", "report")
+    if advice:
+        ctx.log(advice.splitlines()[0])
     for ok, text in verdicts:
         ctx.log(("gate passed: " if ok else "gate failed: ") + text)
     failed = [text for ok, text in verdicts if not ok]
     if failed:
         raise StageFailed("; ".join(failed))
+
+
+def recommendation(target: pb.EvalTarget, results: dict[str, dict]) -> str:
+    """What the report says about the ladder: the rung to stop at for the target, and the rest
+    (the "recommended" log event's text)."""
+    best, lines = recommend(results, target.metric, target.min)
+    head = (
+        f"recommended: {best}, the cheapest rung with {target.metric} >= {target.min:g}"
+        if best
+        else f"no rung reaches {target.metric} >= {target.min:g}"
+    )
+    return head + "".join(f"\n- {line}" for line in lines)
 
 
 def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str]:

@@ -18,7 +18,6 @@ import pyarrow as pa
 import torch
 from stillroom.actors.algo.advantages import group_advantages
 from stillroom.actors.algo.objectives import GrpoObjective
-from stillroom.actors.common import datasets
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import failure_metrics, scorer_spec
 from stillroom.actors.roles.trainer import TrainerSpec
@@ -27,6 +26,7 @@ from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
 from stillroom.actors.runtime.restarts import with_restarts
+from stillroom.actors.stages.index import prompt_rows
 from stillroom.actors.stages.wiring import (
     adapter_name,
     reward_failures,
@@ -126,10 +126,10 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     cfg = GrpoConfig.of(params)
     out = ctx.artifact_dir / ctx.stage
     policy = policy_trainer(params, cfg, spec, ctx)
+    rows = prompt_rows(ctx, spec, spec.data.train)  # with passages, under `retrieval`
     roles = ctx.roles(spec.resources)
     roles.start("generator", sampler_of(policy, spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    rows = datasets.load_ref(spec.data.train).prompts()
     loop = TrainLoop(
         roles,
         policy,

@@ -12,12 +12,12 @@ import math
 from functools import partial
 
 import numpy as np
-from stillroom.actors.common import datasets
 from stillroom.actors.models.loading import encode_examples
 from stillroom.actors.runtime.batches import make_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums, train_step
+from stillroom.actors.stages.index import examples
 from stillroom.actors.stages.wiring import adapter_name, save_policy, trainer_spec, tuned_policy
 from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
@@ -29,7 +29,7 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     adapter, o = adapter_name(params.adapter), params.optim
     model, _ = tuned_policy(ctx, spec)
     tok = AutoTokenizer.from_pretrained(model)
-    train, held = (encoded(tok, ref, params.max_length or 512) for ref in (spec.data.train, spec.data.eval))
+    train, held = (encoded(ctx, spec, tok, ref, params.max_length or 512) for ref in (spec.data.train, spec.data.eval))
     out = ctx.artifact_dir / ctx.stage
     default_lr = 2e-4 if adapter != "none" else 2e-5
     order = step_order(len(train["prompt_ids"]), o.batch_size or 8, spec.seed, o.epochs or 1, o.max_steps)
@@ -53,11 +53,12 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     with_restarts(group, save, "saving the policy")
 
 
-def encoded(tokenizer, ref: pb.DatasetRef, max_length: int) -> dict[str, list] | None:
-    """prompt_ids / completion_ids of a labelled split, or None when the split is not set."""
+def encoded(ctx: StageContext, spec: pb.JobSpec, tokenizer, ref: pb.DatasetRef, max_length: int) -> dict | None:
+    """prompt_ids / completion_ids of a labelled split (with its passages, under `retrieval`), or
+    None when the split is not set."""
     if not ref.path:
         return None
-    return encode_examples(tokenizer, datasets.load_ref(ref).examples(), max_length)
+    return encode_examples(tokenizer, examples(ctx, spec, ref), max_length)
 
 
 def step_order(n: int, batch_size: int, seed: int, epochs: int = 1, max_steps: int = 0) -> list[list[int]]:

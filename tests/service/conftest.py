@@ -6,14 +6,15 @@ import pytest
 
 from tests.conftest import write_jsonl
 
+KINDS = {"billing": "refund", "shipping": "priority", "account": "order"}  # one token each
+
 
 def task_rows(n: int, offset: int = 0) -> list[dict]:
     """A mapping a tiny model can learn: the kind of request decides the one-word answer."""
-    kinds = {"billing": "refund", "shipping": "priority", "account": "order"}  # one token each
     rows = []
     for i in range(offset, offset + n):
-        kind = list(kinds)[i % 3]
-        rows.append({"prompt": f"ticket {i} about {kind} order", "completion": kinds[kind]})
+        kind = list(KINDS)[i % 3]
+        rows.append({"prompt": f"ticket {i} about {kind} order", "completion": KINDS[kind]})
     return rows
 
 

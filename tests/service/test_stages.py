@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from stillroom.services.recipes import parse
 from stillroom.v1 import job_pb2 as pb
@@ -427,16 +429,28 @@ def test_export_of_a_lora_policy_as_adapter_and_merged(start_server, sft_data, t
         )
 
 
-def test_evaluate_compares_every_model_and_gates_fail_the_job(start_server, sft_data, tiny_model):
+def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_server, sft_data, tiny_model):
+    """index -> sft -> distill (with a baseline) -> evaluate, with retrieval: every rung (alone,
+    +rag, the base +fewshot), each priced with the seconds its stages took; the teacher's journal
+    records the passages behind every sample; a gate that does not hold fails the job."""
     import json
 
-    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    from tests.service.conftest import KINDS, task_rows
+
+    corpus = [{"id": kind, "text": f"{kind} tickets are {answer}"} for kind, answer in KINDS.items()]
+    write_jsonl(sft_data / "handbook.jsonl", corpus)
+    write_jsonl(sft_data / "test.jsonl", [r | {"doc": r["prompt"].split()[3]} for r in task_rows(12, offset=2000)])
+    server = start_server(sft_data, "--model-root", str(tiny_model))
+    c = server.client()
     spec = distill_spec(tiny_model, sft_first=True, alpha=0.5, **{"optim": {"learning_rate": 0.005, "max_steps": 4}})
     spec.stages[-1].distill.baseline = True
-    spec.data.test.path = "sft_eval.jsonl"
+    spec.data.test.path, spec.data.corpus.path = "test.jsonl", "handbook.jsonl"
+    spec.retrieval.top_k, spec.retrieval.gold_column = 2, "doc"
+    spec.stages.insert(0, pb.Stage(name="index", index=pb.IndexStage()))
     evaluate = spec.stages.add(name="evaluate").evaluate
-    evaluate.max_new_tokens = 4
+    evaluate.max_new_tokens, evaluate.few_shot = 4, 2
     evaluate.metrics.add(name="exact_match").args["column"] = "reference"
+    evaluate.target.metric, evaluate.target.min = "exact_match", 0.5
     evaluate.gates.add(model="teacher_sft", baseline="base_teacher", metric="exact_match", min_margin=0.2)
     evaluate.gates.add(model="student", baseline="teacher_sft", metric="size_bytes")  # smaller is not "beats"
     done = c.wait(c.submit(spec).job.id)
@@ -444,11 +458,28 @@ def test_evaluate_compares_every_model_and_gates_fail_the_job(start_server, sft_
     assert done.error.reason.startswith("student size_bytes ") and "does not beat it" in done.error.reason
     arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
     report = json.loads(arts["evaluate/report.json"].read_text())
-    assert list(report) == ["base_teacher", "teacher_sft", "student", "student_baseline"]
+    models = ["base_teacher", "teacher_sft", "student", "student_baseline"]
+    assert set(report) == {*models, *(f"{m}+rag" for m in models), "base_teacher+fewshot"}
     assert report["teacher_sft"]["exact_match"] > report["base_teacher"]["exact_match"] + 0.2
     assert report["student"]["size_bytes"] < report["teacher_sft"]["size_bytes"]
     assert report["student"]["parameters"] == report["student_baseline"]["parameters"]
     assert all(r["tokens_per_s"] > 0 for r in report.values())
+    # the price of a rung: the wall seconds of the stages that made it, as the job measured them
+    took = {st.name: st.end_time.ToNanoseconds() / 1e9 - st.start_time.ToNanoseconds() / 1e9 for st in done.stages}
+    assert report["base_teacher"]["build_s"] == 0.0
+    assert report["base_teacher+rag"]["build_s"] == pytest.approx(took["index"], abs=0.5)
+    assert report["teacher_sft"]["build_s"] == pytest.approx(took["sft"], abs=0.5)
+    assert report["student+rag"]["build_s"] == pytest.approx(took["index"] + took["sft"] + took["distill"], abs=1.5)
+    # provenance: every sample the teacher wrote names its passages and the index they came from
+    index = json.loads(arts["index/info.json"].read_text())
+    files = sorted(Path(server.home, "artifacts", done.id, "distill", "journal").glob("*.parquet"))
+    journal = pa.concat_tables([pq.read_table(f) for f in files])
+    assert set(journal.column("index").to_pylist()) == {index["key"]} and index["documents"] == 3
+    assert all(len(ids) == 2 for ids in journal.column("passage_ids").to_pylist())
+    assert metric_series(c, done.id, "retrieval/recall@2") == [1.0]  # the test split names its gold passage
     text = arts["evaluate/report.md"].read_text()
-    assert "| teacher_sft |" in text and "PASS: teacher_sft exact_match" in text and "FAIL: student size_bytes" in text
+    assert (
+        "| teacher_sft+rag |" in text and "PASS: teacher_sft exact_match" in text and "FAIL: student size_bytes" in text
+    )
+    assert "recommended: " in text or "no rung reaches exact_match >= 0.5" in text
     assert "report/report.md" in arts and "report/plots/sft.png" in arts  # a failed job has its report too

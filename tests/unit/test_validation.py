@@ -276,7 +276,7 @@ def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data
         "stages[2].evaluate.gates[2].model": "'teacher_grpo' is not a model of this job "
         "(base_teacher, teacher_sft, student)",
         "stages[2].evaluate.gates[2].baseline": "must differ from model",  # (the last of its two violations)
-        "stages[2].evaluate.gates[2].metric": "must be one of json_valid, parameters, seconds_per_prompt, "
+        "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, parameters, seconds_per_prompt, "
         "size_bytes, tokens_per_s",
     }
 
@@ -304,3 +304,49 @@ def test_a_stage_that_would_drop_an_earlier_lora_adapter_is_refused(data_root):
         ({"sft": {"adapter": "ADAPTER_TYPE_NONE"}}, {"grpo": {"adapter": "ADAPTER_TYPE_NONE", "rewards": rewards}}),
     ):
         validate(parse(doc(*stages)), Policy((data_root,)))
+
+
+def test_retrieval_needs_a_sound_corpus_and_templates_with_their_placeholders(data_root):
+    write_jsonl(data_root / "corpus.jsonl", [{"id": "a", "text": "refunds"}, {"id": "a", "text": "again"}])
+    doc = {
+        "teacher": {"path": str(data_root)},
+        "data": {"train": {"path": "train.jsonl"}, "corpus": {"path": "corpus.jsonl"}},
+        "retrieval": {"top_k": 80, "template": "Context: {passages}", "passage_template": "{title}"},
+        "stages": [{"index": {}}, {"sft": {}}],
+    }
+    v = violations(doc, data_root)
+    assert v["data.corpus.path"] == f"{data_root / 'corpus.jsonl'}, row 2: duplicate document id 'a' (first at row 1)"
+    assert v["retrieval.top_k"] == "must be between 1 and 50 (0: the default, 3)"
+    assert v["retrieval.template"] == "must contain {prompt} (where the question goes)"
+    assert v["retrieval.passage_template"] == "must contain {text}"
+    doc["data"].pop("corpus")
+    assert violations(doc, data_root)["data.corpus.path"] == (
+        "required by retrieval and the index stage: the documents to retrieve"
+    )
+
+
+def test_gates_and_targets_may_name_every_rung_of_the_ladder(data_root, tiny_tokenizer):
+    write_jsonl(data_root / "corpus.jsonl", [{"id": "a", "text": "refunds"}])
+    evaluate = {
+        "metrics": [{"name": "json_valid"}],
+        "few_shot": 2,
+        "target": {"metric": "json_valid", "min": 0.9},
+        "gates": [
+            {"model": "teacher_sft+rag", "baseline": "base_teacher+rag", "metric": "json_valid"},
+            {"model": "teacher_sft", "baseline": "base_teacher+fewshot", "metric": "json_valid"},
+        ],
+    }
+    doc = {
+        "teacher": {"path": str(tiny_tokenizer)},
+        "data": {"train": {"path": "train.jsonl"}, "test": {"path": "train.jsonl"}, "corpus": {"path": "corpus.jsonl"}},
+        "retrieval": {},
+        "stages": [{"sft": {}}, {"evaluate": evaluate}],
+    }
+    validate(parse(doc), Policy((data_root,), (tiny_tokenizer,)))  # every rung named exists
+    doc.pop("retrieval")
+    evaluate["target"]["metric"] = "bleu"
+    with pytest.raises(InvalidArgument) as e:
+        validate(parse(doc), Policy((data_root,), (tiny_tokenizer,)))
+    v = dict(e.value.violations)
+    assert v["stages[1].evaluate.gates[0].model"].startswith("'teacher_sft+rag' is not a model of this job")
+    assert v["stages[1].evaluate.target.metric"].startswith("must be one of build_s, json_valid")

@@ -18,6 +18,11 @@ class DatasetFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATASET_FORMAT_ARROW: _ClassVar[DatasetFormat]
     DATASET_FORMAT_HF_DISK: _ClassVar[DatasetFormat]
 
+class RetrieverKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVER_KIND_UNSPECIFIED: _ClassVar[RetrieverKind]
+    RETRIEVER_KIND_BM25: _ClassVar[RetrieverKind]
+
 class AdapterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ADAPTER_TYPE_UNSPECIFIED: _ClassVar[AdapterType]
@@ -59,6 +64,8 @@ DATASET_FORMAT_JSONL: DatasetFormat
 DATASET_FORMAT_PARQUET: DatasetFormat
 DATASET_FORMAT_ARROW: DatasetFormat
 DATASET_FORMAT_HF_DISK: DatasetFormat
+RETRIEVER_KIND_UNSPECIFIED: RetrieverKind
+RETRIEVER_KIND_BM25: RetrieverKind
 ADAPTER_TYPE_UNSPECIFIED: AdapterType
 ADAPTER_TYPE_LORA: AdapterType
 ADAPTER_TYPE_QLORA: AdapterType
@@ -108,16 +115,36 @@ class DatasetRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., prompt_column: _Optional[str] = ..., completion_column: _Optional[str] = ..., messages_column: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("train", "eval", "unlabeled", "test")
+    __slots__ = ("train", "eval", "unlabeled", "test", "corpus")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     UNLABELED_FIELD_NUMBER: _ClassVar[int]
     TEST_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
     train: DatasetRef
     eval: DatasetRef
     unlabeled: DatasetRef
     test: DatasetRef
-    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
+    corpus: DatasetRef
+    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
+
+class RetrievalSpec(_message.Message):
+    __slots__ = ("top_k", "retriever", "template", "passage_template", "gold_column")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    PASSAGE_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    GOLD_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    retriever: RetrieverKind
+    template: str
+    passage_template: str
+    gold_column: str
+    def __init__(self, top_k: _Optional[int] = ..., retriever: _Optional[_Union[RetrieverKind, str]] = ..., template: _Optional[str] = ..., passage_template: _Optional[str] = ..., gold_column: _Optional[str] = ...) -> None: ...
+
+class IndexStage(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AuditStage(_message.Message):
     __slots__ = ("min_rows", "max_empty_fraction", "max_duplicate_fraction", "max_near_duplicate_fraction", "max_leakage_fraction", "near_duplicate_threshold", "max_tokens", "label_fields", "warn_only")
@@ -333,16 +360,28 @@ class DistillStage(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
-    __slots__ = ("metrics", "max_new_tokens", "limit", "gates")
+    __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target")
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
+    FEW_SHOT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[RewardFunction]
     max_new_tokens: int
     limit: int
     gates: _containers.RepeatedCompositeFieldContainer[EvalGate]
-    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ...) -> None: ...
+    few_shot: int
+    target: EvalTarget
+    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ..., few_shot: _Optional[int] = ..., target: _Optional[_Union[EvalTarget, _Mapping]] = ...) -> None: ...
+
+class EvalTarget(_message.Message):
+    __slots__ = ("metric", "min")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    min: float
+    def __init__(self, metric: _Optional[str] = ..., min: _Optional[float] = ...) -> None: ...
 
 class EvalGate(_message.Message):
     __slots__ = ("model", "baseline", "metric", "min_margin")
@@ -365,7 +404,7 @@ class ExportStage(_message.Message):
     def __init__(self, merge_adapter: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Stage(_message.Message):
-    __slots__ = ("name", "audit", "sft", "grpo", "distill", "evaluate", "export")
+    __slots__ = ("name", "audit", "sft", "grpo", "distill", "evaluate", "export", "index")
     NAME_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
     SFT_FIELD_NUMBER: _ClassVar[int]
@@ -373,6 +412,7 @@ class Stage(_message.Message):
     DISTILL_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     name: str
     audit: AuditStage
     sft: SftStage
@@ -380,7 +420,8 @@ class Stage(_message.Message):
     distill: DistillStage
     evaluate: EvaluateStage
     export: ExportStage
-    def __init__(self, name: _Optional[str] = ..., audit: _Optional[_Union[AuditStage, _Mapping]] = ..., sft: _Optional[_Union[SftStage, _Mapping]] = ..., grpo: _Optional[_Union[GrpoStage, _Mapping]] = ..., distill: _Optional[_Union[DistillStage, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateStage, _Mapping]] = ..., export: _Optional[_Union[ExportStage, _Mapping]] = ...) -> None: ...
+    index: IndexStage
+    def __init__(self, name: _Optional[str] = ..., audit: _Optional[_Union[AuditStage, _Mapping]] = ..., sft: _Optional[_Union[SftStage, _Mapping]] = ..., grpo: _Optional[_Union[GrpoStage, _Mapping]] = ..., distill: _Optional[_Union[DistillStage, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateStage, _Mapping]] = ..., export: _Optional[_Union[ExportStage, _Mapping]] = ..., index: _Optional[_Union[IndexStage, _Mapping]] = ...) -> None: ...
 
 class RoleResources(_message.Message):
     __slots__ = ("replicas", "num_cpus", "num_gpus", "custom")
@@ -402,19 +443,21 @@ class RoleResources(_message.Message):
     def __init__(self, replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., custom: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Resources(_message.Message):
-    __slots__ = ("generator", "scorer", "trainer", "student")
+    __slots__ = ("generator", "scorer", "trainer", "student", "retriever")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     generator: RoleResources
     scorer: RoleResources
     trainer: RoleResources
     student: RoleResources
-    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
+    retriever: RoleResources
+    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ..., retriever: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s", "resume_from")
+    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s", "resume_from", "retrieval")
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
@@ -425,6 +468,7 @@ class JobSpec(_message.Message):
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     teacher: ModelRef
     student: ModelRef
@@ -435,7 +479,8 @@ class JobSpec(_message.Message):
     max_retries: int
     timeout_s: float
     resume_from: str
-    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., resume_from: _Optional[str] = ...) -> None: ...
+    retrieval: RetrievalSpec
+    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., resume_from: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalSpec, _Mapping]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total", "unit")

@@ -1,0 +1,56 @@
+"""The ladder's bookkeeping, pure: few-shot prompts, what each rung cost to make, and which rung to
+stop at. A rung is a model (base_teacher, teacher_<stage>, student, ...) alone, with retrieved
+passages ("+rag"), or, for the base model, with examples in its prompt ("+fewshot").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from stillroom.actors.common.datasets import Example
+
+RAG, FEW_SHOT = "+rag", "+fewshot"
+
+
+def with_shots(shots: list[Example], ex: Example) -> Example:
+    """The example with labelled examples before it: as earlier user/assistant turns of the
+    conversation (what a chat template renders), and as text for a model without one."""
+    turns = [
+        t
+        for s in shots
+        for t in ({"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion or ""})
+    ]
+    turns += ex.messages or [{"role": "user", "content": ex.prompt}]
+    text = "".join(f"{s.prompt}\n{s.completion or ''}\n\n" for s in shots) + ex.prompt
+    return replace(ex, prompt=text, messages=turns)
+
+
+def build_seconds(
+    rung: str, lineage: dict[str, list[str]], seconds: dict[str, float], index_stages: list[str]
+) -> float:
+    """Wall seconds of the stages that made a rung: those that trained its model (a student's
+    include its teacher's), and the index stages for a +rag rung. The base model costs nothing."""
+    model = rung.removesuffix(RAG).removesuffix(FEW_SHOT)
+    stages = list(lineage.get(model, []))
+    if rung.endswith(RAG):
+        stages += index_stages
+    return float(sum(seconds.get(s, 0.0) for s in stages))
+
+
+def recommend(results: dict[str, dict[str, float]], metric: str, minimum: float) -> tuple[str | None, list[str]]:
+    """The cheapest rung (seconds to make, then parameters) whose `metric` is at least `minimum`,
+    and a line for each costlier rung saying how much it adds on that metric. (None, lines) when
+    no rung meets it: each line says by how much the rung falls short."""
+    order = sorted(results, key=lambda r: (results[r].get("build_s", 0.0), results[r].get("parameters", 0.0)))
+    value = {r: results[r].get(metric, math.nan) for r in order}
+    meets = [r for r in order if value[r] >= minimum]
+    if not meets:
+        return None, [f"{r}: {metric} {value[r]:.3f}, {minimum - value[r]:.3f} short of {minimum:g}" for r in order]
+    best = meets[0]
+    costlier = order[order.index(best) + 1 :]
+    return best, [
+        f"{r}: {metric} {value[r]:.3f} ({value[r] - value[best]:+.3f} over {best}), "
+        f"{results[r].get('build_s', 0.0) - results[best].get('build_s', 0.0):+.0f} s more to make"
+        for r in costlier
+    ]
