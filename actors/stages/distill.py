@@ -37,7 +37,8 @@ from stillroom.actors.runtime.batches import (
 )
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
+from stillroom.actors.runtime.loop import TrainLoop
+from stillroom.actors.runtime.loop_config import LoopConfig, Refill
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
 from stillroom.actors.stages.index import prompt_rows

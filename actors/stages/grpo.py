@@ -24,7 +24,8 @@ from stillroom.actors.roles.trainer import TrainerSpec
 from stillroom.actors.runtime.batches import refill_batch, rows_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
+from stillroom.actors.runtime.loop import TrainLoop
+from stillroom.actors.runtime.loop_config import LoopConfig, Refill
 from stillroom.actors.runtime.restarts import with_restarts
 from stillroom.actors.stages.index import prompt_rows
 from stillroom.actors.stages.wiring import (

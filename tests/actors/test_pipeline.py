@@ -15,7 +15,8 @@ from stillroom.actors.roles.trainer import TrainerSpec
 from stillroom.actors.runtime.batches import batch_id, make_batch, refill_batch, training_arrays
 from stillroom.actors.runtime.cluster import Placement, RoleGroup, release_job
 from stillroom.actors.runtime.journal import Journal
-from stillroom.actors.runtime.loop import LoopConfig, Refill, TrainLoop
+from stillroom.actors.runtime.loop import TrainLoop
+from stillroom.actors.runtime.loop_config import LoopConfig, Refill
 
 from tests.service.helpers import wait_for
 
