@@ -61,6 +61,8 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
+        # one untimed answer first: the first call pays for loading and warming the model
+        ray.get(generator.generate.remote(rows_batch("warmup", variants[""][:1]), greedy))
         for suffix, rows in variants.items():
             if suffix == FEW_SHOT and name != "base_teacher":
                 continue

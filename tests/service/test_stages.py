@@ -451,7 +451,8 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     evaluate.max_new_tokens, evaluate.few_shot = 4, 2
     evaluate.metrics.add(name="exact_match").args["column"] = "reference"
     evaluate.target.metric, evaluate.target.min = "exact_match", 0.5
-    evaluate.gates.add(model="teacher_sft", baseline="base_teacher", metric="exact_match", min_margin=0.2)
+    # the teacher learned with passages in its prompts: it is judged with them
+    evaluate.gates.add(model="teacher_sft+rag", baseline="base_teacher+rag", metric="exact_match", min_margin=0.2)
     evaluate.gates.add(model="student", baseline="teacher_sft", metric="size_bytes")  # smaller is not "beats"
     done = c.wait(c.submit(spec).job.id)
     assert done.state == pb.JOB_STATE_FAILED and done.error.stage == "evaluate"
@@ -460,7 +461,7 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     report = json.loads(arts["evaluate/report.json"].read_text())
     models = ["base_teacher", "teacher_sft", "student", "student_baseline"]
     assert set(report) == {*models, *(f"{m}+rag" for m in models), "base_teacher+fewshot"}
-    assert report["teacher_sft"]["exact_match"] > report["base_teacher"]["exact_match"] + 0.2
+    assert report["teacher_sft+rag"]["exact_match"] > report["base_teacher+rag"]["exact_match"] + 0.2
     assert report["student"]["size_bytes"] < report["teacher_sft"]["size_bytes"]
     assert report["student"]["parameters"] == report["student_baseline"]["parameters"]
     assert all(r["tokens_per_s"] > 0 for r in report.values())
@@ -475,11 +476,13 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     files = sorted(Path(server.home, "artifacts", done.id, "distill", "journal").glob("*.parquet"))
     journal = pa.concat_tables([pq.read_table(f) for f in files])
     assert set(journal.column("index").to_pylist()) == {index["key"]} and index["documents"] == 3
-    assert all(len(ids) == 2 for ids in journal.column("passage_ids").to_pylist())
+    assert all(1 <= len(ids) <= 2 for ids in journal.column("passage_ids").to_pylist())  # top_k, of those that match
     assert metric_series(c, done.id, "retrieval/recall@2") == [1.0]  # the test split names its gold passage
     text = arts["evaluate/report.md"].read_text()
     assert (
-        "| teacher_sft+rag |" in text and "PASS: teacher_sft exact_match" in text and "FAIL: student size_bytes" in text
+        "| teacher_sft+rag |" in text
+        and "PASS: teacher_sft+rag exact_match" in text
+        and "FAIL: student size_bytes" in text
     )
     assert "recommended: " in text or "no rung reaches exact_match >= 0.5" in text
     assert "report/report.md" in arts and "report/plots/sft.png" in arts  # a failed job has its report too
