@@ -36,6 +36,8 @@ def _no_reference(temperature: float = 1.0) -> torch.Tensor:
 class NllObjective:
     """SFT (and sequence-level KD): token NLL of the completions, each sequence scaled by t["weights"]."""
 
+    needs_proximal = False  # the trainer's own log-probs before the step: only off-policy GRPO uses them
+
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         return weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t.get("weights")), {}
 
@@ -60,6 +62,11 @@ class GrpoObjective:
     level: str = "token"  # importance_sampling_level: token, or sequence (GSPO)
     is_mode: str = ""  # "": no correction; token_truncate | token_mask | sequence_truncate | sequence_mask
     is_cap: float = 3.0
+
+    @property
+    def needs_proximal(self) -> bool:
+        """An importance sampling mode corrects against the trainer's log-probs before the step."""
+        return bool(self.is_mode)
 
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         logits = tempered(logits, self.temperature)
@@ -97,6 +104,7 @@ class KdObjective:
     (B, T-1, k)) at a temperature. Without top-k (a student with another tokenizer), CE on the
     teacher's text alone: sequence-level KD."""
 
+    needs_proximal = False
     alpha: float = 0.5
     kd_loss: str = "forward_kl"
     jsd_beta: float = 0.5

@@ -180,6 +180,11 @@ def to_example(row: dict[str, Any], shape: str, cols: Columns = Columns()) -> Ex
     return Example(_text(prompt), completion, refs, _turns(prompt) if isinstance(prompt, list) else None)
 
 
+def decode_turns(messages: str | None) -> list[dict[str, str]] | None:
+    """The turns a prompt row's `messages` column holds (JSON, as Example.prompt_row writes it)."""
+    return json.loads(messages) if messages else None
+
+
 def _turns(messages: list) -> list[dict[str, str]]:
     """{role, content} of each message (other keys dropped: the chat template needs only these)."""
     return [{"role": m.get("role") or "user", "content": m.get("content") or ""} for m in messages]

@@ -7,7 +7,6 @@ a Ray actor.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import pyarrow as pa
 import torch
 from peft import PeftModel, set_peft_model_state_dict
 from stillroom.actors.algo.losses import tempered
+from stillroom.actors.common.datasets import decode_turns
 from stillroom.actors.models.loading import (
     DTYPES,
     device,
@@ -120,10 +120,7 @@ class Generator:
         """The prompts' token ids: a `messages` column (JSON, Dataset.prompts) keeps each turn's role."""
         prompts = batch.column("prompt").to_pylist()
         turns = batch.column("messages").to_pylist() if "messages" in batch.schema.names else [None] * len(prompts)
-        return [
-            encode_prompt(self.tokenizer, p, messages=json.loads(m) if m else None)
-            for p, m in zip(prompts, turns, strict=True)
-        ]
+        return [encode_prompt(self.tokenizer, p, messages=decode_turns(m)) for p, m in zip(prompts, turns, strict=True)]
 
     def generate(self, batch: pa.RecordBatch, params: SamplingParams) -> pa.RecordBatch:
         """Sample params.n completions per prompt row. Other columns are repeated per sample."""

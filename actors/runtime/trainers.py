@@ -17,7 +17,7 @@ def train_step(trainers: Group, arrays: dict[str, np.ndarray], objective: Object
     """`iterations` optimizer steps of every rank on its share of `arrays`. Returns the group's
     metrics: step, tokens (summed), step_s (the slowest rank) and the mean of every other metric."""
     shards = [shard(arrays, rank, len(trainers)) for rank in range(len(trainers))]
-    if getattr(objective, "is_mode", ""):  # the proximal policy: the weights before this step's updates
+    if objective.needs_proximal:  # the proximal policy: the weights before this step's updates
         proximal = ray.get([t.logprobs.remote(s, objective.temperature) for t, s in zip(trainers, shards, strict=True)])
         shards = [{**s, "proximal_logprobs": p} for s, p in zip(shards, proximal, strict=True)]
     tokens = int(arrays["loss_mask"].sum())  # the global batch's completion tokens (DAPO normalises by them)

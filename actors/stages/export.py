@@ -13,7 +13,6 @@ change a greedy choice).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -49,12 +48,8 @@ def probe_prompts(spec: pb.JobSpec, tokenizer) -> list[list[int]]:
     """Up to PROMPTS held-out prompts as the model sees them (its chat template, their roles)."""
     ref = held_out(spec)
     rows = datasets.load_ref(ref).prompts()[:PROMPTS] if ref.path else [{"prompt": p} for p in PROBE]
-    ids = [encode_prompt(tokenizer, r["prompt"], messages=_turns(r)) for r in rows]
+    ids = [encode_prompt(tokenizer, r["prompt"], messages=datasets.decode_turns(r.get("messages"))) for r in rows]
     return [i or [tokenizer.eos_token_id or 0] for i in ids]
-
-
-def _turns(row: dict) -> list[dict] | None:
-    return json.loads(row["messages"]) if row.get("messages") else None
 
 
 def save_hf(model, tokenizer, target: Path, dtype: torch.dtype) -> None:
