@@ -6,7 +6,8 @@
     stillroom events JOB | cancel JOB | artifacts JOB        (-o json|yaml for machines)
 
 Address and token: --address/--token, or STILLROOM_ADDRESS/STILLROOM_TOKEN.
-Exit codes: 0 ok; 1 the job failed or a call was refused; 3 the job was cancelled.
+Exit codes: 0 ok; 1 the job failed or a call was refused; 3 the job was cancelled; 4 the server stayed
+unreachable past --reconnect-timeout while watching (the message says where to resume).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import sys
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -23,7 +25,7 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from stillroom.services.client import Client
+from stillroom.services.client import Client, WatchLost, submit_request
 from stillroom.services.recipes import RecipeError, load
 from stillroom.v1 import job_pb2 as pb
 
@@ -96,8 +98,10 @@ def _exit_code(job: pb.Job) -> int:
     return {pb.JOB_STATE_SUCCEEDED: 0, pb.JOB_STATE_CANCELLED: 3}.get(job.state, 1)
 
 
-def _watch(client: Client, job_id: str, fmt: str) -> int:
-    for event in client.watch(job_id):
+def _watch(client: Client, job_id: str, args, after: int = 0) -> int:
+    fmt = args.output
+    say = partial(print, file=sys.stderr, flush=True)
+    for event in client.watch(job_id, after, args.reconnect_timeout, lambda m: say(f"stillroom: {m}")):
         if fmt in ("json", "yaml"):
             _emit(event, fmt, None)
         else:
@@ -145,12 +149,15 @@ def cmd_submit(args, client: Client) -> int:
 
 def _submit_and_report(client: Client, spec: pb.JobSpec, labels: dict, args, note: str = "") -> int:
     """Submit, print the job (or its JSON/YAML), and with --wait watch it to its end."""
+    if getattr(args, "dry_run", False):  # the exact request, for any gRPC client (grpcurl -d @)
+        _emit(submit_request(spec, args.request_id, labels), args.output if args.output != "table" else "json", None)
+        return 0
     resp = client.submit(spec, request_id=args.request_id, labels=labels)
     if args.output in ("json", "yaml"):
         _emit(resp.job, args.output, None)
     else:
         print(f"{'submitted' if resp.created else 'already submitted'} {resp.job.id}{note}")
-    return _watch(client, resp.job.id, args.output) if args.wait else 0
+    return _watch(client, resp.job.id, args) if args.wait else 0
 
 
 def cmd_resume(args, client: Client) -> int:
@@ -193,7 +200,7 @@ def _shows(fetch, table):
 
 
 def cmd_watch(args, client: Client) -> int:
-    return _watch(client, args.job, args.output)
+    return _watch(client, args.job, args, args.after)
 
 
 cmd_get = _shows(lambda c, a: c.get(a.job), _job_table)
@@ -267,13 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "submit":
             sp.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
             sp.add_argument("-l", "--label", action="append", default=[], metavar="KEY=VALUE")
-            sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
+            sp.add_argument("--dry-run", action="store_true", help="print the SubmitJobRequest, send nothing")
+            _wait_args(sp)
     sp = client_cmd("resume", cmd_resume, "a new job that reuses an ended job's finished stages and checkpoints")
     sp.add_argument("job")
     sp.add_argument("recipe", type=Path, nargs="?", help="a changed recipe (default: the job's own spec)")
     sp.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a recipe field")
     sp.add_argument("--request-id", default="")
-    sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
+    _wait_args(sp)
     sp = client_cmd("list", cmd_list, "list jobs, newest first")
     sp.add_argument("--state", action="append", default=[], choices=STATES)
     sp.add_argument("-l", "--selector", action="append", default=[], metavar="KEY=VALUE")
@@ -288,11 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = client_cmd(name, fn, help_)
         sp.add_argument("job")
-        if name == "events":
+        if name in ("events", "watch"):
             sp.add_argument("--after", type=int, default=0, help="only events with seq > AFTER")
+        if name == "watch":
+            _wait_args(sp, flag=False)
         if name == "report":
             sp.add_argument("--out", type=Path, help="write report.md and plots/*.png here")
     return p
+
+
+def _wait_args(sp, flag: bool = True) -> None:
+    if flag:
+        sp.add_argument("--wait", action="store_true", help="watch until the job ends; exit with its outcome")
+    sp.add_argument(
+        "--reconnect-timeout", type=float, default=180.0, help="seconds to keep reconnecting to a lost server"
+    )
 
 
 def _describe_rpc_error(e: grpc.RpcError) -> str:
@@ -318,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         print(_describe_rpc_error(e), file=sys.stderr)
         return 1
+    except WatchLost as e:
+        print(f"stillroom: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         return 130
 

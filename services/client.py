@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,26 @@ from stillroom.v1 import job_service_pb2 as api
 from stillroom.v1 import job_service_pb2_grpc as api_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+class WatchLost(Exception):
+    """The server stayed unreachable past the reconnect timeout while a job was watched."""
+
+    def __init__(self, job_id: str, cursor: int, address: str, waited_s: float):
+        super().__init__(
+            f"gave up watching {job_id}: {address} unreachable for {waited_s:.0f} s; the last event seen "
+            f"was {cursor}: resume with `stillroom watch {job_id} --after {cursor}`"
+        )
+        self.job_id, self.cursor = job_id, cursor
+
+
+def submit_request(spec: pb.JobSpec, request_id: str = "", labels: dict[str, str] | None = None):
+    """The SubmitJobRequest a submit sends (what `stillroom submit --dry-run` prints)."""
+    return api.SubmitJobRequest(request_id=request_id, spec=spec, labels=labels)
 
 
 class Client:
@@ -56,7 +76,7 @@ class Client:
         return rpc(request, metadata=self.metadata, timeout=self.timeout_s)
 
     def submit(self, spec: pb.JobSpec, request_id: str = "", labels: dict[str, str] | None = None):
-        return self._call(self.stub.SubmitJob, api.SubmitJobRequest(request_id=request_id, spec=spec, labels=labels))
+        return self._call(self.stub.SubmitJob, submit_request(spec, request_id, labels))
 
     def validate(self, spec: pb.JobSpec) -> api.ValidateJobResponse:
         return self._call(self.stub.ValidateJob, api.ValidateJobRequest(spec=spec))
@@ -88,26 +108,37 @@ class Client:
     def artifacts(self, job_id: str) -> list[pb.Artifact]:
         return list(self._call(self.stub.ListArtifacts, api.ListArtifactsRequest(job_id=job_id)).artifacts)
 
-    def watch(self, job_id: str, after_seq: int = 0, reconnect_s: float = 120.0) -> Iterator[pb.Event]:
+    def watch(
+        self, job_id: str, after_seq: int = 0, reconnect_s: float = 120.0, on_retry: Callable[[str], None] = _quiet
+    ) -> Iterator[pb.Event]:
         """Events with seq > after_seq until the job ends. When the server goes away (a restart),
-        reconnects for up to `reconnect_s` and resumes after the last event seen: none missed, none twice."""
-        cursor, lost_since = after_seq, None
+        reconnects for up to `reconnect_s`, saying so through on_retry at every attempt, and resumes
+        after the last event seen: none missed, none twice. Past that, raises WatchLost."""
+        cursor, lost_since, attempt = after_seq, None, 0
         while True:
             try:
                 for resp in self.stub.WatchJob(
                     api.WatchJobRequest(job_id=job_id, after_seq=cursor), metadata=self.metadata
                 ):
-                    lost_since = None
+                    if lost_since is not None:
+                        on_retry(f"reconnected to {self.address}; {job_id} goes on after event {cursor}")
+                        lost_since, attempt = None, 0
                     cursor = resp.event.seq
                     yield resp.event
                 return
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > reconnect_s:
-                    raise
-                time.sleep(1.0)
+                if lost_since is None:
+                    lost_since = time.monotonic()
+                    lost = f"lost the connection to {self.address} ({e.details()})"
+                    on_retry(f"{lost}; reconnecting for up to {reconnect_s:g} s")
+                waited = time.monotonic() - lost_since
+                if waited > reconnect_s:
+                    raise WatchLost(job_id, cursor, self.address, waited) from e
+                attempt += 1
+                on_retry(f"reconnecting to {self.address} (attempt {attempt}, {waited:.0f} s of {reconnect_s:g} s)")
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
 
     def wait(self, job_id: str) -> pb.Job:
         """Block until the job ends; return it."""

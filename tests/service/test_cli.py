@@ -12,7 +12,7 @@ import yaml
 from stillroom.v1 import job_pb2 as pb
 
 from tests.conftest import BIN, TOKENS, audit_spec
-from tests.service.helpers import code, slow_spec
+from tests.service.helpers import code, slow_spec, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +164,52 @@ def test_resume_makes_a_job_that_reuses_the_finished_stages(start_server, data_r
     assert not [e for e in events if e.get("type") == "EVENT_TYPE_STAGE_STATE" and e.get("stage") == "audit"]
     gone = cli(server, "resume", "job-nothere")
     assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr
+
+
+def test_dry_run_prints_the_exact_submit_request(recipe, tmp_path):
+    """What `submit --dry-run -o json` prints is a SubmitJobRequest any gRPC client can send as is."""
+    from google.protobuf.json_format import Parse
+    from stillroom.services.recipes import load
+    from stillroom.v1 import job_service_pb2 as api
+
+    env = {**os.environ, "STILLROOM_ADDRESS": "127.0.0.1:9"}  # nothing listens: nothing is sent
+    args = [
+        "submit",
+        str(recipe),
+        "--dry-run",
+        "-o",
+        "json",
+        "--request-id",
+        "r-1",
+        "--set",
+        "stages[0].audit.min_rows=3",
+    ]
+    r = subprocess.run([str(BIN / "stillroom"), *args], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    request = Parse(r.stdout, api.SubmitJobRequest())
+    spec, labels = load(recipe, ["stages[0].audit.min_rows=3"])
+    assert request.spec == spec and dict(request.labels) == labels == {"team": "search"}
+    assert request.request_id == "r-1"
+
+
+def test_watch_says_it_reconnects_and_gives_up_with_where_to_resume(start_server, data_root):
+    server = start_server(data_root)
+    c = server.client()
+    job = c.submit(slow_spec(data_root, stages=6)).job
+    env = {**os.environ, "STILLROOM_ADDRESS": server.address, "STILLROOM_TOKEN": TOKENS["alice"]}
+    watch = subprocess.Popen(
+        [str(BIN / "stillroom"), "watch", job.id, "--reconnect-timeout", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    wait_for(lambda: c.get(job.id).last_event_seq >= 3, 60)
+    server.kill9()
+    out, err = watch.communicate(timeout=60)
+    assert watch.returncode == 4, err
+    assert f"stillroom: lost the connection to {server.address}" in err
+    assert "reconnecting to" in err and "(attempt 1," in err
+    assert f"gave up watching {job.id}" in err and f"stillroom watch {job.id} --after " in err
+    last = int(err.split("--after ")[1].split("`")[0])
+    assert out.strip().splitlines()[-1].startswith(f"[{last:>4}]")  # the last event it printed
