@@ -22,6 +22,12 @@ PANELS = {"loss": ("loss",), "reward": ("reward", "json_", "accuracy"), "KL": ("
 EVAL_COLUMNS = ("json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes")
 
 
+def step_of(e: pb.Event, done: dict[str, float]) -> float:
+    """The step a metrics event belongs to: its own `step` or `train/step`, else its stage's
+    progress so far (`done`, by stage; 0 before any)."""
+    return e.metrics.get("step", e.metrics.get("train/step", done.get(e.stage, 0.0)))
+
+
 def series(events: Iterable[pb.Event]) -> Series:
     """Every metric of every stage against its step: the metrics' own `step` or `train/step` when
     they carry one, else the stage's progress so far (0 before any)."""
@@ -31,7 +37,7 @@ def series(events: Iterable[pb.Event]) -> Series:
         if e.type == pb.EVENT_TYPE_PROGRESS:
             done[e.stage] = float(e.progress.done)
         elif e.type == pb.EVENT_TYPE_METRICS:
-            step = e.metrics.get("step", e.metrics.get("train/step", done.get(e.stage, 0.0)))
+            step = step_of(e, done)
             for name, value in e.metrics.items():
                 out.setdefault(e.stage, {}).setdefault(name, []).append((step, value))
     return out

@@ -9,22 +9,27 @@ event, so a process killed mid-write leaves at most one truncated record at the 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from stillroom.v1 import job_pb2 as pb
 
 _LENGTH = 4
+log = logging.getLogger("stillroom.eventlog")
 
 
 class EventLog:
     """Append-only, thread-safe list of serialized Events, mirrored to `path` when one is given."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, on_append: Callable[[pb.Event], None] | None = None) -> None:
+        """on_append(event) runs after each append (live TensorBoard); its errors are not the log's."""
         self._events: list[bytes] = []
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
+        self._on_append = on_append
 
     def append(self, event: pb.Event) -> None:
         event.time.GetCurrentTime()
@@ -33,6 +38,11 @@ class EventLog:
             if self._fd is not None:  # the kernel has it once write returns: a killed process loses none
                 os.write(self._fd, len(body).to_bytes(_LENGTH, "big") + body)
             self._events.append(body)
+        if self._on_append is not None:
+            try:
+                self._on_append(event)
+            except Exception:  # noqa: BLE001 - a sink that fails costs its own output, never the job
+                log.exception("an event sink failed")
 
     def since(self, cursor: int) -> tuple[list[bytes], int]:
         with self._lock:

@@ -21,7 +21,7 @@ from stillroom.actors.common.stages import runner
 from stillroom.actors.runtime.cluster import NAMESPACE, RESTARTS, supervisor_name
 from stillroom.actors.runtime.context import Cancelled, StageContext, StageFailed
 from stillroom.actors.runtime.eventlog import EventLog, attempt_files, read_events
-from stillroom.actors.runtime.metrics import write_tensorboard
+from stillroom.actors.runtime.metrics import LiveTensorBoard
 from stillroom.v1 import job_pb2 as pb
 
 log = logging.getLogger("stillroom.supervisor")
@@ -46,7 +46,8 @@ class Supervisor:
         self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
         self.spec = pb.JobSpec.FromString(spec)
         self.artifact_dir = Path(artifact_dir)
-        self.log = EventLog(event_file or None)
+        self.tensorboard = LiveTensorBoard(self.artifact_dir / "tensorboard")
+        self.log = EventLog(event_file or None, on_append=self.tensorboard)
         self.event_file = event_file
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,8 +123,8 @@ class Supervisor:
         )
 
     def _write_report(self) -> None:
-        """report/report.md with plots, and tensorboard/<stage>/ event files, from the events of
-        every supervisor the job had (their event files), so a restarted job's report is whole.
+        """report/report.md with plots from the events of every supervisor the job had (their
+        event files), so a restarted job's report is whole; the tensorboard/<stage>/ files closed.
         A report that cannot be written costs a log line, never the job's outcome."""
         files = attempt_files(self.artifact_dir) if self.event_file else []
         records = [r for f in files for r in read_events(f)] if files else self.log.since(0)[0]
@@ -131,7 +132,7 @@ class Supervisor:
         ctx = self._context("")
         try:
             path = job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
-            write_tensorboard(job_report.series(events), self.artifact_dir / "tensorboard")
+            self.tensorboard.close()  # written as the metrics came (LiveTensorBoard)
             ctx.artifact_tree(path.parent, "report")
             ctx.artifact_tree(self.artifact_dir / "tensorboard", "metrics")
         except Exception:  # noqa: BLE001
