@@ -57,6 +57,10 @@ def _job_table(job: pb.Job) -> None:
         print("labels   " + ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items())))
     if job.error.reason:
         print(f"error    [{job.error.stage or 'job'}] {job.error.reason}")
+    if job.dashboard_url:
+        print(f"ray      {job.dashboard_url}  (token: ray get-auth-token)")
+    for name in job.actors:
+        print(f"actor    {name}")
     for s in job.stages:
         p = s.progress
         prog = f"{p.done}/{p.total} {p.unit}" if p.total else ""

@@ -65,6 +65,7 @@ class Dispatcher:
         poll_interval_s: float = 0.2,
         cancel_grace_s: float = 30.0,
         retry_backoff_s: float = 10.0,
+        dashboard_url: str = "",
     ):
         self.reward_modules = reward_modules
         self.store, self.artifact_root = store, Path(artifact_root)
@@ -72,6 +73,7 @@ class Dispatcher:
         self._running: dict[str, _Running] = {}
         self._retries: dict[str, float] = {}  # job id -> when its supervisor is started again
         self.retry_backoff_s = retry_backoff_s
+        self.dashboard_url = dashboard_url
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,6 +259,13 @@ class Dispatcher:
         """The job ended: nothing of it may stay on the cluster."""
         self._running.pop(job_id, None)
         release_job(job_id)
+
+    def actors(self, job_id: str) -> list[str]:
+        """The job's named actors alive on the cluster now (as the Ray dashboard lists them)."""
+        names = ray.util.list_named_actors(all_namespaces=True)
+        return sorted(
+            e["name"] for e in names if e.get("namespace") == NAMESPACE and e["name"].startswith(f"{job_id}:")
+        )
 
     def _find(self, job_id: str):
         try:

@@ -62,13 +62,15 @@ class ServerConfig:
     grace_s: float = 20.0
 
 
-def connect_ray(address: str | None, runtime_env: Path | None = None) -> None:
+def connect_ray(address: str | None, runtime_env: Path | None = None) -> str:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local one. A
-    runtime_env file (YAML) applies to every actor of every job."""
+    runtime_env file (YAML) applies to every actor of every job. Returns the dashboard's URL ("" if none)."""
     env = yaml.safe_load(Path(runtime_env).read_text()) if runtime_env else None
-    ray.init(
+    context = ray.init(
         address=address or None, namespace=NAMESPACE, log_to_driver=False, configure_logging=False, runtime_env=env
     )
+    url = getattr(context, "dashboard_url", "") or ""
+    return url if not url or url.startswith("http") else f"http://{url}"
 
 
 class _AnonymousTokens(TokenTable):
@@ -87,7 +89,7 @@ class Server:
             raise SystemExit("no API tokens: pass --tokens-file or set STILLROOM_TOKENS (or --allow-anonymous)")
         self.store = Store(cfg.store_path or cfg.home / "jobs.db")
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-        connect_ray(cfg.ray_address, cfg.runtime_env)
+        self.dashboard_url = connect_ray(cfg.ray_address, cfg.runtime_env)
         artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
         self.dispatcher = Dispatcher(
             self.store,
@@ -95,6 +97,7 @@ class Server:
             cfg.max_running_jobs,
             tuple(cfg.reward_modules),
             retry_backoff_s=cfg.retry_backoff_s,
+            dashboard_url=self.dashboard_url,
         )
         self.service = JobService(
             self.store,
@@ -141,6 +144,12 @@ class Server:
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
         host = self.cfg.address.rsplit(":", 1)[0]
         print(f"stillroom: listening on {host}:{self.port}", flush=True)
+        if self.dashboard_url:
+            print(
+                f"stillroom: Ray dashboard at {self.dashboard_url} (sign in with the token `ray get-auth-token` "
+                "prints; each job's actors are named <job-id>:<role>:<rank>)",
+                flush=True,
+            )
 
     def _set_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

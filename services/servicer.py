@@ -12,7 +12,7 @@ import threading
 
 from stillroom.services.dispatcher import Dispatcher
 from stillroom.services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
-from stillroom.services.store import TERMINAL, Store, decode_token, encode_token
+from stillroom.services.store import ACTIVE, TERMINAL, Store, decode_token, encode_token
 from stillroom.services.validation import Policy, validate, validate_request
 from stillroom.v1 import job_pb2 as pb
 from stillroom.v1 import job_service_pb2 as api
@@ -104,7 +104,11 @@ class JobService(api_grpc.JobServiceServicer):
         return api.ValidateJobResponse(warnings=warnings)
 
     def GetJob(self, request: api.GetJobRequest, context) -> api.GetJobResponse:
-        return api.GetJobResponse(job=self.store.get_job(request.job_id, context.principal.tenant))
+        job = self.store.get_job(request.job_id, context.principal.tenant)
+        job.dashboard_url = self.dispatcher.dashboard_url
+        if job.state in ACTIVE:  # where to look at it in the Ray dashboard
+            job.actors.extend(self.dispatcher.actors(job.id))
+        return api.GetJobResponse(job=job)
 
     def ListJobs(self, request: api.ListJobsRequest, context) -> api.ListJobsResponse:
         for i, state in enumerate(request.states):

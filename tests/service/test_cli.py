@@ -205,6 +205,10 @@ def test_watch_says_it_reconnects_and_gives_up_with_where_to_resume(start_server
         env=env,
     )
     wait_for(lambda: c.get(job.id).last_event_seq >= 3, 60)
+    running = c.get(job.id)  # where to see it: the cluster's dashboard, and the job's actors there
+    assert running.dashboard_url.startswith("http://") and list(running.actors) == [f"{job.id}:supervisor:0"]
+    shown = cli(server, "get", job.id).stdout
+    assert f"ray      {running.dashboard_url}" in shown and f"actor    {job.id}:supervisor:0" in shown
     server.kill9()
     out, err = watch.communicate(timeout=60)
     assert watch.returncode == 4, err
