@@ -22,7 +22,7 @@ demo: $(STAMP)
 	QUICK=$(QUICK) examples/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not long"
+	$(BIN)/python -m pytest -q -ra -m "not long" --durations=25
 
 # the survival cases that repeat one `make test` already covers (on-policy trainer death, resume_from)
 test-long: $(STAMP)

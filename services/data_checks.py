@@ -150,12 +150,16 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
     """data.corpus row by row (ids, texts, duplicates: the file and row), and what `retrieval` and
     the index stage need: a corpus, templates with their placeholders, a sane top_k."""
     corpus = spec.data.corpus
-    if corpus.path:
-        corpus.path = str(_resolve(corpus.path, "data.corpus.path", policy.data_roots))
-        try:
-            retrieval.load_corpus(corpus.path, datasets.ref_format(corpus))
-        except datasets.DataError as e:
-            v.check(False, "data.corpus.path", str(e))
+    for name in ("corpus", "test_corpus"):
+        ref = getattr(spec.data, name)
+        if ref.path:
+            ref.path = str(_resolve(ref.path, f"data.{name}.path", policy.data_roots))
+            try:
+                retrieval.load_corpus(ref.path, datasets.ref_format(ref))
+            except datasets.DataError as e:
+                v.check(False, f"data.{name}.path", str(e))
+    if spec.data.test_corpus.path:
+        v.check(spec.HasField("retrieval"), "data.test_corpus.path", "only the +rag rungs use it: set retrieval")
     wanted = [
         what for what, yes in (("retrieval", spec.HasField("retrieval")), ("the index stage", "index" in kinds)) if yes
     ]

@@ -79,8 +79,9 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
 def prompt_variants(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext, plain: list) -> dict[str, list]:
     """The held-out prompts as each kind of rung sees them: "" (alone), +rag, +fewshot."""
     variants = {"": [ex.prompt_row() for ex in plain]}
-    if spec.HasField("retrieval"):
-        variants[RAG] = [ex.prompt_row() for ex in retrieved(ctx, spec, plain)]
+    if spec.HasField("retrieval"):  # from the updated documents, when the test split has them
+        fresh = spec.data.test_corpus if spec.data.test_corpus.path else None
+        variants[RAG] = [ex.prompt_row() for ex in retrieved(ctx, spec, plain, corpus=fresh)]
     if params.few_shot:
         shots = [ex for ex in datasets.load_ref(spec.data.train).examples() if ex.completion][: params.few_shot]
         variants[FEW_SHOT] = [with_shots(shots, ex).prompt_row() for ex in plain]

@@ -319,6 +319,12 @@ def test_retrieval_needs_a_sound_corpus_and_templates_with_their_placeholders(da
     assert v["retrieval.top_k"] == "must be between 1 and 50 (0: the default, 3)"
     assert v["retrieval.template"] == "must contain {prompt} (where the question goes)"
     assert v["retrieval.passage_template"] == "must contain {text}"
+    write_jsonl(data_root / "updated.jsonl", [{"id": "a"}])
+    doc["data"]["test_corpus"] = {"path": "updated.jsonl"}
+    assert (
+        violations(doc, data_root)["data.test_corpus.path"]
+        == f"{data_root / 'updated.jsonl'}, row 1: document 'a' has no 'text'"
+    )
     doc["data"].pop("corpus")
     assert violations(doc, data_root)["data.corpus.path"] == (
         "required by retrieval and the index stage: the documents to retrieve"

@@ -115,18 +115,20 @@ class DatasetRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., prompt_column: _Optional[str] = ..., completion_column: _Optional[str] = ..., messages_column: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("train", "eval", "unlabeled", "test", "corpus")
+    __slots__ = ("train", "eval", "unlabeled", "test", "corpus", "test_corpus")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     UNLABELED_FIELD_NUMBER: _ClassVar[int]
     TEST_FIELD_NUMBER: _ClassVar[int]
     CORPUS_FIELD_NUMBER: _ClassVar[int]
+    TEST_CORPUS_FIELD_NUMBER: _ClassVar[int]
     train: DatasetRef
     eval: DatasetRef
     unlabeled: DatasetRef
     test: DatasetRef
     corpus: DatasetRef
-    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
+    test_corpus: DatasetRef
+    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ..., test_corpus: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
 
 class RetrievalSpec(_message.Message):
     __slots__ = ("top_k", "retriever", "template", "passage_template", "gold_column")
