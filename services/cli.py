@@ -26,6 +26,7 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from stillroom.services.client import Client, WatchLost, submit_request
+from stillroom.services.progress import ProgressView
 from stillroom.services.recipes import RecipeError, load
 from stillroom.v1 import job_pb2 as pb
 
@@ -75,9 +76,12 @@ def _jobs_table(jobs: list[pb.Job]) -> None:
         print(f"{j.id:<18} {_short(pb.JobState, j.state):<11} {created:<20} {stages:<30} {j.spec.display_name}")
 
 
+def _head(e: pb.Event) -> str:
+    return f"[{e.seq:>4}] {datetime.fromtimestamp(e.time.seconds).strftime('%H:%M:%S')}"
+
+
 def describe_event(e: pb.Event) -> str:
-    t = datetime.fromtimestamp(e.time.seconds).strftime("%H:%M:%S")
-    head = f"[{e.seq:>4}] {t}"
+    head = _head(e)
     if e.type == pb.EVENT_TYPE_JOB_STATE:
         return f"{head} job {_short(pb.JobState, e.job_state)}" + (f": {e.message}" if e.message else "")
     if e.type == pb.EVENT_TYPE_STAGE_STATE:
@@ -103,13 +107,23 @@ def _exit_code(job: pb.Job) -> int:
 
 
 def _watch(client: Client, job_id: str, args, after: int = 0) -> int:
-    fmt = args.output
+    """The job's events to its end: raw with -o json|yaml; else a line each, where progress and the
+    headline metric fold into one live line per stage (rewritten in place on a terminal)."""
+    fmt, view, live_open = args.output, ProgressView(), False
     say = partial(print, file=sys.stderr, flush=True)
     for event in client.watch(job_id, after, args.reconnect_timeout, lambda m: say(f"stillroom: {m}")):
         if fmt in ("json", "yaml"):
             _emit(event, fmt, None)
-        else:
-            print(describe_event(event), flush=True)
+            continue
+        live = view.update(event)
+        if live and sys.stdout.isatty():
+            print(f"\r\x1b[K{live}", end="", flush=True)
+            live_open = True
+            continue
+        if live_open:
+            print()
+            live_open = False
+        print(f"{_head(event)} {live}" if live else describe_event(event), flush=True)
     job = client.get(job_id)
     if fmt not in ("json", "yaml"):
         _job_table(job)

@@ -96,12 +96,17 @@ def tiny_model(tmp_path_factory, tiny_tokenizer) -> Path:
     )
 
 
+# What the ray_cluster fixture started, for tests that look at it as a user would (dashboard, metrics).
+CLUSTER: dict = {}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster on this machine: a head with custom resource node_a and a worker
     node with node_b, as `ray start` makes them; token auth on. Stopped at the end of the session."""
     temp = Path(f"/tmp/srt{secrets.token_hex(3)}")
     port, dash = free_port(), free_port()
+    CLUSTER["metrics_ports"] = [free_port(), free_port()]  # each node's Prometheus endpoint
     ray = str(BIN / "ray")
     head = [
         ray,
@@ -113,6 +118,7 @@ def ray_cluster():
         "--node-ip-address=127.0.0.1",
         "--include-dashboard=true",
         f"--dashboard-port={dash}",
+        f"--metrics-export-port={CLUSTER['metrics_ports'][0]}",
         "--disable-usage-stats",
         '--resources={"node_a": 4}',
     ]
@@ -124,6 +130,7 @@ def ray_cluster():
         f"--address={address}",
         "--num-cpus=1",
         "--node-ip-address=127.0.0.1",
+        f"--metrics-export-port={CLUSTER['metrics_ports'][1]}",
         "--disable-usage-stats",
         '--resources={"node_b": 4}',
     ]

@@ -43,6 +43,7 @@ def test_submit_wait_get_list_events_artifacts(start_server, data_root, recipe):
     r = cli(server, "submit", str(recipe), "--wait", "--request-id", "cli-1")
     assert r.returncode == 0, r.stderr
     assert "job SUCCEEDED" in r.stdout and "audit" in r.stdout
+    assert " audit  2/2 splits  " in r.stdout  # the stage's live line: done/total, rate
     job_id = r.stdout.split()[1]
     assert json.loads(cli(server, "get", job_id, "-o", "json").stdout)["state"] == "JOB_STATE_SUCCEEDED"
     listed = yaml.safe_load(cli(server, "list", "-l", "team=search", "-o", "yaml").stdout)
