@@ -303,6 +303,8 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.number(s.max_reward_failure_fraction, f"{p}.max_reward_failure_fraction", lo=0, hi=1)
     v.choice(s.filter, f"{p}.filter", DISTILL_FILTERS)
     v.choice(s.kd_loss, f"{p}.kd_loss", KD_LOSSES)
+    on_policy = s.mode == "on_policy" or getattr(s, "lambda") > 0
+    v.check(not (s.student_without_passages and on_policy), f"{p}.student_without_passages", "offline only")
     v.number(s.num_samples, f"{p}.num_samples", lo=1)
     v.number(s.top_k, f"{p}.top_k", lo=1)
     for name in ("alpha", "jsd_beta", "lambda"):

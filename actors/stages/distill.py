@@ -23,7 +23,7 @@ import ray
 from stillroom.actors.algo import filters
 from stillroom.actors.algo.objectives import KdObjective
 from stillroom.actors.common import datasets
-from stillroom.actors.models.loading import encode_examples, inference_dtype, model_dir
+from stillroom.actors.models.loading import encode_examples, encode_prompt, inference_dtype, model_dir
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import failure_metrics, scorer_spec
@@ -34,6 +34,7 @@ from stillroom.actors.runtime.batches import (
     replay,
     rows_batch,
     training_arrays,
+    with_columns,
 )
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
@@ -141,7 +142,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
-    prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign)
+    bare = AutoTokenizer.from_pretrained(teacher) if params.student_without_passages else None
+    prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign, bare_tokenizer=bare)
     loop = TrainLoop(
         roles,
         trainer,
@@ -263,14 +265,17 @@ def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str
 
 
 def prepare(
-    batch: pa.RecordBatch, cfg: DistillConfig, student_tokenizer=None
+    batch: pa.RecordBatch, cfg: DistillConfig, student_tokenizer=None, bare_tokenizer=None
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Filter, then the student's arrays. With a student tokenizer (it differs from the teacher's),
-    the kept texts are tokenized again for the student and only sequence-level KD (CE) is possible."""
+    the kept texts are tokenized again for the student and only sequence-level KD (CE) is possible.
+    With a bare tokenizer, the student's prompts are the questions without their passages."""
     kept, metrics = keep(batch, cfg)
     if not kept:
         return {}, metrics
     batch = batch.take(pa.array(kept))
+    if bare_tokenizer is not None and "query" in batch.schema.names:
+        batch = without_passages(batch, bare_tokenizer)
     if student_tokenizer is not None:
         texts = [
             datasets.Example(p, c)
@@ -279,6 +284,13 @@ def prepare(
         arrays = training_arrays(make_batch("retokenized", encode_examples(student_tokenizer, texts, 4096)), pad_id=0)
         return arrays, metrics
     return training_arrays(batch, pad_id=0), metrics
+
+
+def without_passages(batch: pa.RecordBatch, tokenizer) -> pa.RecordBatch:
+    """The samples with their prompts as the question alone (the `query` column retrieval kept):
+    the completion and its top-k stay as the teacher wrote them, aligned to the completion's tokens."""
+    queries = batch.column("query").to_pylist()
+    return with_columns(batch, {"prompt": queries, "prompt_ids": [encode_prompt(tokenizer, q) for q in queries]})
 
 
 def foreign_tokenizer(teacher: str, student: str):

@@ -444,6 +444,7 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     c = server.client()
     spec = distill_spec(tiny_model, sft_first=True, alpha=0.5, **{"optim": {"learning_rate": 0.005, "max_steps": 4}})
     spec.stages[-1].distill.baseline = True
+    spec.stages[-1].distill.student_without_passages = True  # it serves without a retriever
     spec.data.test.path, spec.data.corpus.path = "test.jsonl", "handbook.jsonl"
     spec.retrieval.top_k, spec.retrieval.gold_column = 2, "doc"
     spec.stages.insert(0, pb.Stage(name="index", index=pb.IndexStage()))

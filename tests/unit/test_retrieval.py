@@ -132,3 +132,29 @@ def test_the_ladders_few_shot_prompts_costs_and_recommendation():
     assert lines == ["student+rag: acc 0.950 (+0.030 over teacher_sft+rag), +50 s more to make"]
     none, short = recommend(results, "acc", 0.99)
     assert none is None and short[0] == "base_teacher: acc 0.200, 0.790 short of 0.99"
+
+
+def test_a_student_without_passages_learns_the_teachers_answers_from_the_question_alone(tiny_tokenizer):
+    from stillroom.actors.models.loading import encode_prompt
+    from stillroom.actors.runtime.batches import make_batch
+    from stillroom.actors.stages.distill import without_passages
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    with_docs = "Use these passages:\n[billing] billing tickets are refund\n\nticket 7 about billing order"
+    batch = make_batch(
+        "b000",
+        {
+            "prompt": [with_docs],
+            "query": ["ticket 7 about billing order"],
+            "prompt_ids": [encode_prompt(tok, with_docs)],
+            "completion_ids": [[5, 6]],
+            "topk_ids": [[5, 9, 6, 9]],
+        },
+    )
+    bare = without_passages(batch, tok)
+    assert bare.column("prompt_ids").to_pylist() == [encode_prompt(tok, "ticket 7 about billing order")]
+    assert len(bare.column("prompt_ids")[0]) < len(batch.column("prompt_ids")[0])
+    assert bare.column("completion_ids").to_pylist() == [[5, 6]]  # the teacher's answer and top-k, as written
+    assert bare.column("topk_ids").to_pylist() == [[5, 9, 6, 9]]
+    assert bare.schema.metadata == batch.schema.metadata  # the batch keeps its id
