@@ -26,6 +26,17 @@ class Document:
 
 
 @dataclass(frozen=True)
+class RetrieverSpec:
+    """The retriever role's spec (roles/retriever.py); here, so a stage names it without bm25s."""
+
+    corpus: str  # the corpus file or directory
+    index_root: str  # one directory per index key
+    format: str = ""
+    kind: str = "bm25"
+    name: str = "retriever"  # <job-id>:retriever:0 when it runs as an actor
+
+
+@dataclass(frozen=True)
 class Settings:
     """How prompts get passages (a stillroom.v1.RetrievalSpec with its defaults applied)."""
 
@@ -97,11 +108,8 @@ def with_passages(settings: Settings, ex: Example, passages: list[Document], ind
     refs["index"] = index
     if ex.messages:
         turns = [dict(t) for t in ex.messages]
-        last = (
-            max(i for i, t in enumerate(turns) if t["role"] == "user")
-            if any(t["role"] == "user" for t in turns)
-            else len(turns) - 1
-        )
+        users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+        last = users[-1] if users else len(turns) - 1
         turns[last]["content"] = place(settings, turns[last]["content"], passages)
         return replace(ex, prompt="\n".join(t["content"] for t in turns), references=refs, messages=turns)
     return replace(ex, prompt=place(settings, ex.prompt, passages), references=refs)

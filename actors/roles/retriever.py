@@ -12,23 +12,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import bm25s
-from stillroom.actors.common.retrieval import Document, content_digest, index_key, load_corpus
+from stillroom.actors.common.retrieval import Document, RetrieverSpec, content_digest, index_key, load_corpus
 
 STOPWORDS = "english"
 COMPLETE = "COMPLETE"
-
-
-@dataclass(frozen=True)
-class RetrieverSpec:
-    corpus: str  # the corpus file or directory
-    index_root: str  # one directory per index key
-    format: str = ""
-    kind: str = "bm25"
-    name: str = "retriever"  # <job-id>:retriever:0 when it runs as an actor
 
 
 def words(texts: list[str]) -> list[list[str]]:
@@ -40,6 +31,7 @@ class Retriever:
     def __init__(self, spec: RetrieverSpec):
         self.spec = spec
         self.docs = load_corpus(spec.corpus, spec.format)
+        self.by_id = {d.id: d for d in self.docs}
         self.key = index_key(content_digest(spec.corpus), spec.kind, bm25s.__version__)
         self.dir = Path(spec.index_root) / self.key
         self.built_s = 0.0 if (self.dir / COMPLETE).exists() else self._build()
@@ -75,8 +67,7 @@ class Retriever:
         ]
 
     def documents(self, ids: list[str]) -> list[Document]:
-        by_id = {d.id: d for d in self.docs}
-        return [by_id[i] for i in ids]
+        return [self.by_id[i] for i in ids]
 
     def passages(self, queries: list[str], k: int) -> list[list[Document]]:
         """The k best documents per query, whole (what a prompt shows)."""

@@ -57,6 +57,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     # user metric code runs in the scorer role (its worker processes), never in the supervisor
     (scorer,) = roles.start("scorer", scorer_spec(params.metrics, ctx.reward_modules))
     results: dict[str, dict] = {}
+    lineage, (seconds, index_stages) = ctx.outputs.get("lineage", {}), stage_costs(spec, ctx)
     models = candidates(spec, ctx)
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
@@ -69,7 +70,7 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             rung = name + suffix
             results[rung] = evaluate_model(generator, scorer, rows, greedy, on_retry=ctx.warn)
             results[rung]["size_bytes"] = size_bytes(gen_spec)
-            results[rung]["build_s"] = build_seconds(rung, ctx.outputs.get("lineage", {}), *stage_costs(spec, ctx))
+            results[rung]["build_s"] = build_seconds(rung, lineage, seconds, index_stages)
             ctx.metrics({f"eval/{rung}/{k}": v for k, v in results[rung].items()})
         roles.stop("generator")
         ctx.progress(done + 1, len(models), "models")

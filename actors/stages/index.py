@@ -17,8 +17,7 @@ from contextlib import contextmanager
 import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.datasets import Example
-from stillroom.actors.common.retrieval import Settings, recall_at_k, with_passages
-from stillroom.actors.roles.retriever import RetrieverSpec
+from stillroom.actors.common.retrieval import RetrieverSpec, Settings, recall_at_k, with_passages
 from stillroom.actors.runtime.context import StageContext, StageFailed
 from stillroom.v1 import job_pb2 as pb
 
