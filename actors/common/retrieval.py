@@ -16,6 +16,8 @@ from stillroom.actors.common.datasets import DataError, Example, read_rows
 DEFAULT_TOP_K = 3
 DEFAULT_TEMPLATE = "Use these passages:\n{passages}\n\n{prompt}"
 DEFAULT_PASSAGE = "[{id}] {title}: {text}"
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack, Clarke & Buettcher 2009)
+FUSION_DEPTH = 50  # how deep each ranking goes into a fusion
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class RetrieverSpec:
     corpus: str  # the corpus file or directory
     index_root: str  # one directory per index key
     format: str = ""
-    kind: str = "bm25"
+    kind: str = "bm25"  # bm25, dense or hybrid
+    embedding_model: str = ""  # dense and hybrid: a sentence-transformers directory ("": the packaged MiniLM)
     name: str = "retriever"  # <job-id>:retriever:0 when it runs as an actor
 
 
@@ -45,6 +48,7 @@ class Settings:
     template: str = DEFAULT_TEMPLATE
     passage_template: str = DEFAULT_PASSAGE
     gold_column: str = ""
+    embedding_model: str = ""
 
     @classmethod
     def of(cls, spec) -> Settings:
@@ -56,6 +60,7 @@ class Settings:
             spec.template or DEFAULT_TEMPLATE,
             spec.passage_template or DEFAULT_PASSAGE,
             spec.gold_column,
+            spec.embedding_model,
         )
 
 
@@ -113,6 +118,17 @@ def with_passages(settings: Settings, ex: Example, passages: list[Document], ind
         turns[last]["content"] = place(settings, turns[last]["content"], passages)
         return replace(ex, prompt="\n".join(t["content"] for t in turns), references=refs, messages=turns)
     return replace(ex, prompt=place(settings, ex.prompt, passages), references=refs)
+
+
+def fuse(rankings: list[list[str]], k: int, rrf_k: int = RRF_K) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: each document scores sum(1 / (rrf_k + rank)) over the rankings it
+    is in (rank 1 is the best); the k best (id, score), best first, ties in the order first seen.
+    rankings: R lists of document ids, each best first."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, doc in enumerate(ranking, start=1):
+            scores[doc] = scores.get(doc, 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])[:k]
 
 
 def recall_at_k(gold: list[str], retrieved: list[list[str]]) -> float:

@@ -1,7 +1,7 @@
 """Retrieval in a job: the `index` stage, and the passages every other stage puts in its prompts.
 
-    index:    data.corpus -> Retriever role (builds the BM25 index once per corpus content and
-              settings, under <artifacts>/indexes/<key>) -> index/info.json, metrics, progress
+    index:    data.corpus -> Retriever role (builds the BM25, dense or hybrid index once per corpus
+              content and settings, under <artifacts>/indexes/<key>) -> index/info.json, metrics, progress
     examples: a split's rows -> Retriever role (one batched call per chunk) -> the rows with
               passages placed by retrieval.template, and their provenance (passage_ids, index)
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 from stillroom.actors.common import datasets
@@ -37,21 +38,30 @@ def run(params: pb.IndexStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     ctx.artifact(out / "info.json", "index")
     ctx.outputs["index"] = info["key"]
     ctx.metrics({"index/documents": info["documents"], "index/bytes": info["bytes"], "index/build_s": info["built_s"]})
-    ctx.log(f"index {info['key']}: " + ("reused" if info["built_s"] == 0.0 else f"built in {info['built_s']:.2f} s"))
+    ctx.log(
+        f"{info['kind']} index {info['key']}: "
+        + ("reused" if info["built_s"] == 0.0 else f"built in {info['built_s']:.2f} s")
+    )
     ctx.progress(1, 1, "indexes")
 
 
 @contextmanager
 def retriever(ctx: StageContext, spec: pb.JobSpec, corpus: pb.DatasetRef | None = None):
     """A retriever actor over `corpus` (data.corpus unless given), held only inside the block."""
-    ref = corpus or spec.data.corpus
     group = ctx.roles(spec.resources, ("retriever",))
     try:
-        index_root = str(ctx.artifact_dir.parent / "indexes")  # shared by the service's jobs
-        (actor,) = group.start("retriever", RetrieverSpec(ref.path, index_root, datasets.ref_format(ref)))
+        index_root = ctx.artifact_dir.parent / "indexes"  # shared by the service's jobs
+        (actor,) = group.start("retriever", role_spec(spec, corpus or spec.data.corpus, index_root))
         yield actor
     finally:
         group.close()
+
+
+def role_spec(spec: pb.JobSpec, ref: pb.DatasetRef, index_root: Path) -> RetrieverSpec:
+    """The retriever role's spec: the corpus `ref`, and the job's retrieval kind and model."""
+    settings = Settings.of(spec.retrieval)
+    fmt = datasets.ref_format(ref)
+    return RetrieverSpec(ref.path, str(index_root), fmt, settings.kind, settings.embedding_model)
 
 
 def examples(ctx: StageContext, spec: pb.JobSpec, ref: pb.DatasetRef, rag: bool = True) -> list[Example]:

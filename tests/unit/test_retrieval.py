@@ -1,5 +1,6 @@
-"""Retrieval: BM25 scores against the formula and against bm25s itself, recall@k on a corpus with
-known answers, the index reused only for the same corpus, passages placed in prompts with their
+"""Retrieval: BM25 scores against the formula and against bm25s itself, dense scores against
+sentence-transformers' own embeddings, hybrid against reciprocal rank fusion by hand, recall@k on
+a corpus with known answers, the index reused only for the same corpus, passages placed in prompts with their
 provenance, bad corpora refused with the file and row, and the ladder's bookkeeping."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import bm25s
 import pytest
 from stillroom.actors.common.datasets import DataError, Example
 from stillroom.actors.common.ladder import build_seconds, recommend, with_shots
-from stillroom.actors.common.retrieval import Document, Settings, load_corpus, recall_at_k, with_passages
-from stillroom.actors.roles.retriever import Retriever, RetrieverSpec, words
+from stillroom.actors.common.retrieval import Document, Settings, fuse, load_corpus, recall_at_k, with_passages
+from stillroom.actors.roles.retriever import Retriever, RetrieverSpec, packaged_embedder, words
+from stillroom.actors.stages.index import role_spec
 from stillroom.v1 import job_pb2 as pb
 
 from tests.conftest import write_jsonl
@@ -75,6 +77,57 @@ def test_the_index_is_reused_only_for_the_same_corpus(handbook, tmp_path):
     assert changed.key != first.key and changed.built_s > 0
     assert changed.passages(["security"], 1)[0][0].text == "Escalate security to the CISO."
     assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == sorted([first.key, changed.key])
+
+
+PARAPHRASES = [  # (question sharing no word with its passage, the passage that answers it)
+    ("our servers are down and nobody can log in, how urgent is this", "priority"),
+    ("someone hacked my account, who do I tell", "escalation"),
+    ("when do I get my money back", "refund-basic"),
+]
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    fused = fuse([["a", "b", "c"], ["b", "c", "d"]], k=3)
+    # b: 1/(60+2) + 1/(60+1); c: 1/(60+3) + 1/(60+2); a: 1/(60+1); d: 1/(60+3)
+    assert [d for d, _ in fused] == ["b", "c", "a"]
+    assert [s for _, s in fused] == pytest.approx([1 / 62 + 1 / 61, 1 / 63 + 1 / 62, 1 / 61])
+    assert fuse([["x"], []], k=5) == [("x", pytest.approx(1 / 61))]
+
+
+def test_dense_finds_paraphrases_bm25_cannot_and_hybrid_fuses_both(handbook, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    root = str(tmp_path / "indexes")
+    lexical = Retriever(RetrieverSpec(str(handbook), root))
+    dense = Retriever(RetrieverSpec(str(handbook), root, kind="dense"))
+    queries = [q for q, _ in PARAPHRASES]
+    assert lexical.retrieve(queries, k=2) == [[], [], []]  # no shared word: BM25 finds nothing
+    hits = dense.retrieve(queries, k=4)
+    assert [row[0][0] for row in hits] == [gold for _, gold in PARAPHRASES]
+    # the scores are cosine similarities of the library's own embeddings of title: text
+    model = SentenceTransformer(str(packaged_embedder(tmp_path / "indexes" / "embedders")))
+    docs = model.encode([f"{d['title']}: {d['text']}" for d in HANDBOOK], normalize_embeddings=True)
+    q = model.encode(queries[:1], normalize_embeddings=True)[0]
+    cosine = {d["id"]: float(v @ q) for d, v in zip(HANDBOOK, docs, strict=True)}
+    assert dict(hits[0]) == pytest.approx(cosine, abs=1e-5)
+    assert [s for _, s in hits[0]] == pytest.approx(sorted(cosine.values(), reverse=True), abs=1e-5)
+    hybrid = Retriever(RetrieverSpec(str(handbook), root, kind="hybrid"))
+    asked = [q for q, _ in QUESTIONS] + queries
+    each = [[[d for d, _ in row] for row in r.retrieve(asked, k=4)] for r in (lexical, dense)]
+    assert hybrid.retrieve(asked, k=2) == [fuse([b, d], k=2) for b, d in zip(*each, strict=True)]
+    assert [row[0][0] for row in hybrid.retrieve(queries, k=1)] == [gold for _, gold in PARAPHRASES]
+    assert len({lexical.key, dense.key, hybrid.key}) == 3  # each kind its own index
+    recipe = pb.JobSpec(retrieval=pb.RetrievalSpec(retriever=pb.RETRIEVER_KIND_HYBRID))
+    role = role_spec(recipe, pb.DatasetRef(path=str(handbook)), tmp_path / "indexes")
+    assert role == hybrid.spec  # what a job's stages start
+    again = Retriever(RetrieverSpec(str(handbook), root, kind="hybrid"))
+    assert again.built_s == 0.0 and again.key == hybrid.key  # reused, model and all
+    assert sorted(p.name for p in (tmp_path / "indexes" / hybrid.key).iterdir()) == [
+        "COMPLETE",
+        "bm25",
+        "dense.npy",
+        "documents.json",
+    ]
 
 
 @pytest.mark.parametrize(

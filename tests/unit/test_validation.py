@@ -314,8 +314,14 @@ def test_retrieval_needs_a_sound_corpus_and_templates_with_their_placeholders(da
         "retrieval": {"top_k": 80, "template": "Context: {passages}", "passage_template": "{title}"},
         "stages": [{"index": {}}, {"sft": {}}],
     }
+    doc["retrieval"]["embedding_model"] = "no-such-model"
     v = violations(doc, data_root)
     assert v["data.corpus.path"] == f"{data_root / 'corpus.jsonl'}, row 2: duplicate document id 'a' (first at row 1)"
+    assert v["retrieval.embedding_model"] == "only the dense and hybrid retrievers embed"
+    doc["retrieval"]["retriever"] = "RETRIEVER_KIND_HYBRID"
+    assert violations(doc, data_root)["retrieval.embedding_model"] == (
+        f"{data_root / 'no-such-model'} is not a sentence-transformers model directory (no modules.json)"
+    )
     assert v["retrieval.top_k"] == "must be between 1 and 50 (0: the default, 3)"
     assert v["retrieval.template"] == "must contain {prompt} (where the question goes)"
     assert v["retrieval.passage_template"] == "must contain {text}"

@@ -22,6 +22,8 @@ class RetrieverKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RETRIEVER_KIND_UNSPECIFIED: _ClassVar[RetrieverKind]
     RETRIEVER_KIND_BM25: _ClassVar[RetrieverKind]
+    RETRIEVER_KIND_DENSE: _ClassVar[RetrieverKind]
+    RETRIEVER_KIND_HYBRID: _ClassVar[RetrieverKind]
 
 class AdapterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -66,6 +68,8 @@ DATASET_FORMAT_ARROW: DatasetFormat
 DATASET_FORMAT_HF_DISK: DatasetFormat
 RETRIEVER_KIND_UNSPECIFIED: RetrieverKind
 RETRIEVER_KIND_BM25: RetrieverKind
+RETRIEVER_KIND_DENSE: RetrieverKind
+RETRIEVER_KIND_HYBRID: RetrieverKind
 ADAPTER_TYPE_UNSPECIFIED: AdapterType
 ADAPTER_TYPE_LORA: AdapterType
 ADAPTER_TYPE_QLORA: AdapterType
@@ -131,18 +135,20 @@ class DataSpec(_message.Message):
     def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ..., test_corpus: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
 
 class RetrievalSpec(_message.Message):
-    __slots__ = ("top_k", "retriever", "template", "passage_template", "gold_column")
+    __slots__ = ("top_k", "retriever", "template", "passage_template", "gold_column", "embedding_model")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PASSAGE_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     GOLD_COLUMN_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     retriever: RetrieverKind
     template: str
     passage_template: str
     gold_column: str
-    def __init__(self, top_k: _Optional[int] = ..., retriever: _Optional[_Union[RetrieverKind, str]] = ..., template: _Optional[str] = ..., passage_template: _Optional[str] = ..., gold_column: _Optional[str] = ...) -> None: ...
+    embedding_model: str
+    def __init__(self, top_k: _Optional[int] = ..., retriever: _Optional[_Union[RetrieverKind, str]] = ..., template: _Optional[str] = ..., passage_template: _Optional[str] = ..., gold_column: _Optional[str] = ..., embedding_model: _Optional[str] = ...) -> None: ...
 
 class IndexStage(_message.Message):
     __slots__ = ()
