@@ -186,3 +186,27 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
             f"{model} is not a sentence-transformers model directory (no modules.json)",
         )
         r.embedding_model = str(model)
+
+
+TRACKERS = ("tensorboard", "mlflow", "none")
+
+
+def check_tracking(t: pb.TrackingSpec, policy: Policy, v: Violations) -> None:
+    """report_to names known trackers ("none" alone); MLflow settings only with mlflow; a file:
+    tracking URI inside the server's data roots, or an http(s) server."""
+    for i, name in enumerate(t.report_to):
+        v.check(name in TRACKERS, f"tracking.report_to[{i}]", f"{name!r} is not one of {', '.join(TRACKERS)}")
+    v.check("none" not in t.report_to or len(t.report_to) == 1, "tracking.report_to", "'none' goes alone: no tracker")
+    uri = t.mlflow_tracking_uri
+    for field in ("mlflow_tracking_uri", "mlflow_experiment"):
+        if getattr(t, field):
+            v.check("mlflow" in t.report_to, f"tracking.{field}", "report_to does not include mlflow")
+    if uri.startswith("file:"):
+        path = _resolve(uri.removeprefix("file:").removeprefix("//"), "tracking.mlflow_tracking_uri", policy.data_roots)
+        t.mlflow_tracking_uri = f"file:{path}"
+    elif uri:
+        v.check(
+            uri.startswith(("http://", "https://")),
+            "tracking.mlflow_tracking_uri",
+            f"{uri!r}: an http(s):// tracking server or a file: store",
+        )

@@ -18,6 +18,7 @@ from stillroom.services.data_checks import (
     check_reward_columns,
     check_target_modules,
     check_tokenizers,
+    check_tracking,
     model_path,
 )
 from stillroom.services.errors import InvalidArgument, PermissionDenied
@@ -117,6 +118,7 @@ def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations
             )
     check_reward_columns(out, loaded.get("train"), v)
     check_retrieval(out, kinds, policy, v)
+    check_tracking(out.tracking, policy, v)
 
 
 def validate_request(request_id: str, labels: dict[str, str]) -> None:

@@ -29,7 +29,7 @@ class EventLog:
         self._events: list[bytes] = []
         self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path else None
-        self._on_append = on_append
+        self.on_append = on_append
 
     def append(self, event: pb.Event) -> None:
         event.time.GetCurrentTime()
@@ -38,9 +38,9 @@ class EventLog:
             if self._fd is not None:  # the kernel has it once write returns: a killed process loses none
                 os.write(self._fd, len(body).to_bytes(_LENGTH, "big") + body)
             self._events.append(body)
-        if self._on_append is not None:
+        if self.on_append is not None:
             try:
-                self._on_append(event)
+                self.on_append(event)
             except Exception:  # noqa: BLE001 - a sink that fails costs its own output, never the job
                 log.exception("an event sink failed")
 

@@ -1,18 +1,15 @@
 """Custom Ray metrics, tagged with job id, role and rank (replicas of a role are separate series):
 they appear in the Ray dashboard's metrics (Prometheus) next to Ray's own. Outside a Ray worker
 they are not recorded. Queue depths are sampled on a timer (Sampler), not only when someone waits.
-Every metrics event also goes to TensorBoard as it happens (LiveTensorBoard)."""
+The metrics events themselves go to TensorBoard and MLflow as they happen (runtime/tracking.py)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import ray
 from ray.util.metrics import Gauge
-from stillroom.actors.common.job_report import step_of
-from stillroom.v1 import job_pb2 as pb
 
 _GAUGES: dict[str, object] = {}
 
@@ -59,40 +56,3 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.interval + 1)
-
-
-class LiveTensorBoard:
-    """Each metrics event into TensorBoard as it happens, one run per stage (root/<stage>/, the step
-    as job_report.step_of gives it), flushed at once: `tensorboard --logdir <artifacts>/<job>/tensorboard`
-    shows a running job, offline. A restarted supervisor adds its own event files to the same runs."""
-
-    def __init__(self, root) -> None:
-        self.root = Path(root)
-        self._writers: dict = {}
-        self._done: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, event: pb.Event) -> None:
-        with self._lock:
-            if event.type == pb.EVENT_TYPE_PROGRESS:
-                self._done[event.stage] = float(event.progress.done)
-            elif event.type == pb.EVENT_TYPE_METRICS and event.stage:
-                writer = self._writer(event.stage)
-                step = int(step_of(event, self._done))
-                for name, value in event.metrics.items():
-                    writer.add_scalar(name, value, step)
-                writer.flush()
-
-    def _writer(self, stage: str):
-        if stage not in self._writers:
-            # imported here: the supervisor imports this module, and the control plane imports the supervisor
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writers[stage] = SummaryWriter(log_dir=str(self.root / stage))
-        return self._writers[stage]
-
-    def close(self) -> None:
-        with self._lock:
-            for writer in self._writers.values():
-                writer.close()
-            self._writers.clear()

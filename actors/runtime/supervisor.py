@@ -21,7 +21,7 @@ from stillroom.actors.common.stages import runner
 from stillroom.actors.runtime.cluster import NAMESPACE, RESTARTS, supervisor_name
 from stillroom.actors.runtime.context import Cancelled, StageContext, StageFailed
 from stillroom.actors.runtime.eventlog import EventLog, attempt_files, read_events
-from stillroom.actors.runtime.metrics import LiveTensorBoard
+from stillroom.actors.runtime.tracking import trackers
 from stillroom.v1 import job_pb2 as pb
 
 log = logging.getLogger("stillroom.supervisor")
@@ -46,8 +46,9 @@ class Supervisor:
         self.reward_modules = tuple(reward_modules)  # the operator's allow-list, for RewardScorers
         self.spec = pb.JobSpec.FromString(spec)
         self.artifact_dir = Path(artifact_dir)
-        self.tensorboard = LiveTensorBoard(self.artifact_dir / "tensorboard")
-        self.log = EventLog(event_file or None, on_append=self.tensorboard)
+        self.log = EventLog(event_file or None)
+        self.trackers = trackers(self.spec.tracking, job_id, self.artifact_dir, self._warn)
+        self.log.on_append = self.trackers  # TensorBoard, MLflow: live
         self.event_file = event_file
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,11 +133,14 @@ class Supervisor:
         ctx = self._context("")
         try:
             path = job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
-            self.tensorboard.close()  # written as the metrics came (LiveTensorBoard)
+            self.trackers.close()  # written as the metrics came (runtime/tracking.py)
             ctx.artifact_tree(path.parent, "report")
             ctx.artifact_tree(self.artifact_dir / "tensorboard", "metrics")
         except Exception:  # noqa: BLE001
             log.exception("job %s: the report could not be written", self.job_id)
+
+    def _warn(self, message: str) -> None:
+        self.log.append(pb.Event(type=pb.EVENT_TYPE_LOG, message=f"warning: {message}"))
 
     def _stage_state(self, stage: str, state: int, message: str = "", outputs: str = "") -> None:
         self.log.append(

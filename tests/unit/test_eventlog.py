@@ -48,20 +48,3 @@ def test_salvage_adds_only_the_unpulled_events_once(tmp_path):
     seqs = [e.seq for e in store.events("j1")]
     assert seqs == list(range(1, len(seqs) + 1))
     store.close()
-
-
-def test_metrics_reach_tensorboard_while_the_job_runs(tmp_path):
-    """Each metrics event is in the stage's TensorBoard run as soon as it is logged, at its step."""
-    from stillroom.actors.runtime.metrics import LiveTensorBoard
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    board = LiveTensorBoard(tmp_path / "tensorboard")
-    log = EventLog(next_attempt_file(tmp_path), on_append=board)
-    for step in (1, 2, 3):
-        log.append(pb.Event(type=pb.EVENT_TYPE_PROGRESS, stage="sft", progress=pb.Progress(done=step, total=9)))
-        log.append(pb.Event(type=pb.EVENT_TYPE_METRICS, stage="sft", metrics={"train/loss": 1.0 / step}))
-    runs = EventAccumulator(str(tmp_path / "tensorboard" / "sft"))  # read before anything is closed
-    runs.Reload()
-    points = [(s.step, round(s.value, 4)) for s in runs.Scalars("train/loss")]
-    assert points == [(1, 1.0), (2, 0.5), (3, 0.3333)]
-    board.close()

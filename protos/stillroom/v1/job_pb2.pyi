@@ -467,7 +467,7 @@ class Resources(_message.Message):
     def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ..., retriever: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s", "resume_from", "retrieval")
+    __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s", "resume_from", "retrieval", "tracking")
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     TEACHER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
@@ -479,6 +479,7 @@ class JobSpec(_message.Message):
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    TRACKING_FIELD_NUMBER: _ClassVar[int]
     display_name: str
     teacher: ModelRef
     student: ModelRef
@@ -490,7 +491,18 @@ class JobSpec(_message.Message):
     timeout_s: float
     resume_from: str
     retrieval: RetrievalSpec
-    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., resume_from: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalSpec, _Mapping]] = ...) -> None: ...
+    tracking: TrackingSpec
+    def __init__(self, display_name: _Optional[str] = ..., teacher: _Optional[_Union[ModelRef, _Mapping]] = ..., student: _Optional[_Union[ModelRef, _Mapping]] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., seed: _Optional[int] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., resume_from: _Optional[str] = ..., retrieval: _Optional[_Union[RetrievalSpec, _Mapping]] = ..., tracking: _Optional[_Union[TrackingSpec, _Mapping]] = ...) -> None: ...
+
+class TrackingSpec(_message.Message):
+    __slots__ = ("report_to", "mlflow_tracking_uri", "mlflow_experiment")
+    REPORT_TO_FIELD_NUMBER: _ClassVar[int]
+    MLFLOW_TRACKING_URI_FIELD_NUMBER: _ClassVar[int]
+    MLFLOW_EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    report_to: _containers.RepeatedScalarFieldContainer[str]
+    mlflow_tracking_uri: str
+    mlflow_experiment: str
+    def __init__(self, report_to: _Optional[_Iterable[str]] = ..., mlflow_tracking_uri: _Optional[str] = ..., mlflow_experiment: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total", "unit")
