@@ -108,6 +108,8 @@ class Supervisor:
                 self._stage_state(stage.name, pb.STAGE_STATE_FAILED, reason)
                 return pb.JOB_STATE_FAILED, stage.name, reason
             self._stage_state(stage.name, pb.STAGE_STATE_SUCCEEDED, outputs=json.dumps(self.outputs))
+            if stage is not self.spec.stages[-1]:
+                self._refresh_report()
         return pb.JOB_STATE_SUCCEEDED, "", "all stages succeeded"
 
     def _context(self, stage: str, kind: str = "") -> StageContext:
@@ -123,16 +125,27 @@ class Supervisor:
             kind,
         )
 
-    def _write_report(self) -> None:
+    def _render_report(self) -> Path:
         """report/report.md with plots from the events of every supervisor the job had (their
-        event files), so a restarted job's report is whole; the tensorboard/<stage>/ files closed.
-        A report that cannot be written costs a log line, never the job's outcome."""
+        event files), so a restarted job's report is whole. Rendered after each stage too, so a
+        running job's report and plots show the stages done so far."""
         files = attempt_files(self.artifact_dir) if self.event_file else []
         records = [r for f in files for r in read_events(f)] if files else self.log.since(0)[0]
         events = [pb.Event.FromString(b) for b in records]
+        return job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
+
+    def _refresh_report(self) -> None:
+        try:
+            self._render_report()
+        except Exception:  # noqa: BLE001 - the report is refreshed again after the next stage
+            log.exception("job %s: the report could not be refreshed", self.job_id)
+
+    def _write_report(self) -> None:
+        """The final report, registered with the tensorboard/<stage>/ files (closed). A report that
+        cannot be written costs a log line, never the job's outcome."""
         ctx = self._context("")
         try:
-            path = job_report.render(self.job_id, self.spec, events, self.artifact_dir / "report")
+            path = self._render_report()
             self.trackers.close()  # written as the metrics came (runtime/tracking.py)
             ctx.artifact_tree(path.parent, "report")
             ctx.artifact_tree(self.artifact_dir / "tensorboard", "metrics")

@@ -12,7 +12,7 @@ from stillroom.services.recipes import parse
 from stillroom.v1 import job_pb2 as pb
 
 from tests.conftest import write_jsonl
-from tests.service.helpers import journal_bytes_per_token, metric_series
+from tests.service.helpers import journal_bytes_per_token, metric_series, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -455,7 +455,12 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     # the teacher learned with passages in its prompts: it is judged with them
     evaluate.gates.add(model="teacher_sft+rag", baseline="base_teacher+rag", metric="exact_match", min_margin=0.2)
     evaluate.gates.add(model="student", baseline="teacher_sft", metric="size_bytes")  # smaller is not "beats"
-    done = c.wait(c.submit(spec).job.id)
+    job = c.submit(spec).job
+    # the report is refreshed after each stage: while distill runs, it shows index and sft
+    wait_for(lambda: c.get(job.id).stages[2].state != pb.STAGE_STATE_PENDING, 300)
+    so_far = Path(server.home, "artifacts", job.id, "report", "report.md").read_text()
+    assert "| sft | SUCCEEDED |" in so_far and "| distill |" not in so_far
+    done = c.wait(job.id)
     assert done.state == pb.JOB_STATE_FAILED and done.error.stage == "evaluate"
     assert done.error.reason.startswith("student size_bytes ") and "does not beat it" in done.error.reason
     arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
