@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-long lint proto clean
+.PHONY: install demo test test-long lint proto clean gpu-pack
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	# buf is on npm; the API stays buf-lint clean (STANDARD rules)
 	cd protos && npx --yes @bufbuild/buf lint
+
+# What bench/gpu_check.py needs on the GPU machine (Python 3.12, no registry; it has torch,
+# transformers, peft, pyarrow, pandas): wheels of what it lacks, and SmolLM2-135M's config and
+# tokenizer (its weights are random there). The run carries bench/gpu_pack along.
+GPU_WHEELS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 pydantic==2.14.4 \
+  pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-pack: $(STAMP)
+	rm -rf bench/gpu_pack && mkdir -p bench/gpu_pack/wheels
+	$(BIN)/pip download -q --no-deps --only-binary=:all: $(GPU_PLATFORM) -d bench/gpu_pack/wheels $(GPU_WHEELS)
+	# deepspeed ships only as source: its wheel is built here (pure Python; CUDA ops are JIT-built there)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w bench/gpu_pack/wheels deepspeed==0.19.8
+	$(BIN)/python -m bench.gpu_check --pack
+	du -sh bench/gpu_pack
 
 proto: $(STAMP)
 	$(BIN)/python -m stillroom.services.protogen

@@ -1,8 +1,10 @@
 """GRPO: stillroom's grpo stage (real role actors on a local Ray) against TRL's GRPOTrainer on
 identical work: the same model, prompts, group size, max completion length, loss type, beta,
-learning rate, steps and seed, run one after the other on this machine.
+clip range (epsilon = epsilon_high = 0.2), gradient checkpointing (off unless --checkpointing, on
+both sides), learning rate, steps and seed, run one after the other on this machine.
 
-    .venv/bin/python -m bench.grpo [--model tiny|smollm2] [--steps 8]
+    .venv/bin/python -m bench.grpo [--model tiny|smollm2] [--steps 8] [--group-size 4 --prompts 4
+        --max-new-tokens 32] [--checkpointing] [--staleness 0 1]
 
 tiny: a random 4-layer Llama, full fine-tuning, rewarded for digits (a reward a random model has
 variance on). smollm2: SmolLM2-135M-Instruct with LoRA r=8 on the ticket task, rewarded by
@@ -54,9 +56,11 @@ def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "loss_type": "dapo",
         "beta": 0.0,
+        "epsilon": 0.2,
+        "epsilon_high": 0.2,  # TRL's clip range is symmetric unless told otherwise
         "max_staleness": max_staleness,
         "rewards": rewards,
-        "optim": {"learning_rate": args.lr, "max_steps": args.steps},
+        "optim": {"learning_rate": args.lr, "max_steps": args.steps, "gradient_checkpointing": args.checkpointing},
     }
     if model == "tiny":
         stage["adapter"] = "ADAPTER_TYPE_NONE"
@@ -108,6 +112,8 @@ def trl(model: str, path: str, args) -> dict:
         max_completion_length=args.max_new_tokens,
         loss_type="dapo",
         beta=0.0,
+        epsilon=0.2,
+        gradient_checkpointing=args.checkpointing,  # TRL's default is on; set equal on both sides
         learning_rate=args.lr,
         max_steps=args.steps,
         temperature=1.0,
@@ -166,13 +172,16 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1], help="stillroom rows' max_staleness")
     args = ap.parse_args()
     path = model_path(args.model)
-    rows = [stillroom(args.model, path, args, 0), stillroom(args.model, path, args, 1), trl(args.model, path, args)]
-    for row in rows[:2]:
-        row["throughput_vs_trl"] = rows[2]["seconds_per_step"] / row["seconds_per_step"]
+    rows = [stillroom(args.model, path, args, k) for k in args.staleness] + [trl(args.model, path, args)]
+    for row in rows[:-1]:
+        row["throughput_vs_trl"] = rows[-1]["seconds_per_step"] / row["seconds_per_step"]
     columns = ["who", "seconds_per_step", "completions_per_s", "reward_first", "reward_last3", "throughput_vs_trl"]
-    report(f"grpo-{args.model}", rows, columns, {"settings": vars(args)})
+    shape = f"{args.group_size}x{args.prompts}x{args.max_new_tokens}" + ("-ckpt" if args.checkpointing else "")
+    report(f"grpo-{args.model}-{shape}", rows, columns, {"settings": vars(args)})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from stillroom.actors.common import datasets, retrieval
 from stillroom.actors.common.rewards import reference_column
+from stillroom.actors.common.stages import UPDATE
 from stillroom.services.errors import PermissionDenied
 from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
@@ -162,6 +163,11 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
                 v.check(False, f"data.{name}.path", str(e))
     if spec.data.test_corpus.path:
         v.check(spec.HasField("retrieval"), "data.test_corpus.path", "only the +rag rungs use it: set retrieval")
+    if spec.data.test_updated.path:
+        v.check(
+            bool(spec.data.test_corpus.path), "data.test_updated.path", "its labels follow data.test_corpus: set it"
+        )
+    check_update_metrics(spec, v)
     wanted = [
         what for what, yes in (("retrieval", spec.HasField("retrieval")), ("the index stage", "index" in kinds)) if yes
     ]
@@ -186,6 +192,20 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
             f"{model} is not a sentence-transformers model directory (no modules.json)",
         )
         r.embedding_model = str(model)
+
+
+def check_update_metrics(spec: pb.JobSpec, v: Violations) -> None:
+    """A gate or target on `<metric>@update` needs the split it is measured on."""
+    if spec.data.test_updated.path:
+        return
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") != "evaluate":
+            continue
+        named = [("target", stage.evaluate.target.metric)]
+        named += [(f"gates[{j}]", g.metric) for j, g in enumerate(stage.evaluate.gates)]
+        for where, metric in named:
+            if metric.endswith(UPDATE):
+                v.check(False, f"stages[{i}].evaluate.{where}.metric", f"{metric} is measured on data.test_updated")
 
 
 TRACKERS = ("tensorboard", "mlflow", "none")

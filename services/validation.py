@@ -11,7 +11,7 @@ import importlib.util
 import re
 
 from stillroom.actors.common.rewards import BUILTIN_NAMES, module_allowed
-from stillroom.actors.common.stages import AVAILABLE, MEASURED, job_models
+from stillroom.actors.common.stages import AVAILABLE, job_models, metric_names
 from stillroom.services.data_checks import (
     check_dataset,
     check_retrieval,
@@ -105,7 +105,7 @@ def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations
         if ref.tokenizer_path:
             ref.tokenizer_path = model_path(ref.tokenizer_path, f"{name}.tokenizer_path", policy, v)
     loaded = {}
-    for split in ("train", "eval", "unlabeled", "test"):
+    for split in ("train", "eval", "unlabeled", "test", "test_updated"):
         ref = getattr(out.data, split)
         if ref.path and ref.format in pb.DatasetFormat.values():
             loaded[split] = check_dataset(ref, f"data.{split}", policy, v)
@@ -203,6 +203,7 @@ def _optim(s: pb.OptimConfig, p: str, v: Violations, unused: dict[str, str] | No
     v.number(s.weight_decay, f"{p}.weight_decay", lo=0)
     v.number(s.warmup_steps, f"{p}.warmup_steps", lo=0)
     v.choice(s.lr_scheduler_type, f"{p}.lr_scheduler_type", LR_SCHEDULERS)
+    v.choice(s.dtype, f"{p}.dtype", ("float32", "bfloat16"))
     v.check(0 <= s.zero_stage <= 3, f"{p}.zero_stage", "must be 0, 1, 2 or 3")
 
 
@@ -323,7 +324,7 @@ def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
     v.check(0 <= s.few_shot <= 16, f"{p}.few_shot", "must be between 0 and 16 examples")
-    metrics = {m.name for m in s.metrics} | set(MEASURED)
+    metrics = metric_names(s.metrics)
     if s.target.metric or s.target.min:
         v.check(s.target.metric in metrics, f"{p}.target.metric", f"must be one of {', '.join(sorted(metrics))}")
         v.number(s.target.min, f"{p}.target.min")
@@ -339,7 +340,7 @@ def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
         if kind != "evaluate":
             continue
         models = job_models(spec, upto=i)
-        metrics = {m.name for m in stage.evaluate.metrics} | set(MEASURED)
+        metrics = metric_names(stage.evaluate.metrics)
         for j, gate in enumerate(stage.evaluate.gates):
             p = f"stages[{i}].evaluate.gates[{j}]"
             for role in ("model", "baseline"):

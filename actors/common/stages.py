@@ -54,3 +54,10 @@ def job_models(spec, upto: int | None = None) -> list[str]:
 
 # What the evaluate stage measures of every model besides its metrics (the reward functions).
 MEASURED = ("tokens_per_s", "seconds_per_prompt", "parameters", "size_bytes", "build_s")
+UPDATE = "@update"  # a metric's suffix on data.test_updated (the rows labelled by the updated corpus)
+
+
+def metric_names(metrics) -> set[str]:
+    """What gates and targets may name: each metric (RewardFunction), also on the update split,
+    and what is MEASURED."""
+    return {m.name + split for m in metrics for split in ("", UPDATE)} | set(MEASURED)

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import deepspeed
@@ -55,7 +55,8 @@ class TrainerSpec:
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     seed: int = 0
-    dtype: str = "float32"  # bfloat16 on GPUs
+    dtype: str = ""  # float32 | bfloat16; "": bfloat16 where the role has a GPU, else float32
+    gradient_checkpointing: bool = False
     checkpoint_dir: str = ""
     rank: int = 0
     world_size: int = 1
@@ -88,7 +89,7 @@ def ds_config(spec: TrainerSpec) -> dict:
 
 class Trainer:
     def __init__(self, spec: TrainerSpec):
-        self.spec = spec
+        self.spec = spec = replace(spec, dtype=spec.dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
         self.step = 0
         use_all_cores()
         self._seed(spec.seed + spec.rank)
@@ -132,6 +133,9 @@ class Trainer:
     def _build_model(self):
         s = self.spec
         model = load_causal_lm(s.model_path, s.dtype, quantize_4bit=s.adapter == "qlora", trainable=True)
+        if s.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # under an adapter the embeddings are frozen
         if not self.uses_adapter:
             return model
         if s.adapter_path:

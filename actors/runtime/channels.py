@@ -11,8 +11,6 @@ from __future__ import annotations
 import queue
 import time
 
-import ray
-
 END = "__end__"  # the end-of-stream marker, one per consumer
 
 
@@ -43,6 +41,8 @@ class Channel:
         if self.by_ref and item is not END:
             # In a list: Ray resolves an ObjectRef passed directly as an argument (to the queue
             # actor), which would copy the batch into the queue instead of its reference.
+            import ray  # here: by value, a channel (and the roles using it) runs without Ray
+
             item = [ray.put(item)]
         try:
             self.queue.put(item, timeout=timeout)
@@ -54,6 +54,8 @@ class Channel:
         """The next item; timeout 0: only one already waiting (else Empty, as with a timeout)."""
         item = self.queue.get(block=timeout != 0, timeout=timeout or None)
         if self.by_ref and isinstance(item, list):
+            import ray
+
             return ray.get(item[0])
         return item
 

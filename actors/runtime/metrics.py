@@ -1,25 +1,27 @@
 """Custom Ray metrics, tagged with job id, role and rank (replicas of a role are separate series):
 they appear in the Ray dashboard's metrics (Prometheus) next to Ray's own. Outside a Ray worker
-they are not recorded. Queue depths are sampled on a timer (Sampler), not only when someone waits.
+they are not recorded (and Ray is not imported: the role classes also run without it, as
+bench/gpu_check.py runs them). Queue depths are sampled on a timer (Sampler), not only when someone waits.
 The metrics events themselves go to TensorBoard and MLflow as they happen (runtime/tracking.py)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
-
-import ray
-from ray.util.metrics import Gauge
 
 _GAUGES: dict[str, object] = {}
 
 
 def record(name: str, value: float, tags: dict[str, str]) -> None:
     """Set gauge `stillroom_<name>` for these tags (tags_of an actor, or job_id and queue)."""
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # a process that never imported Ray is not a Ray worker
+    if ray is None or not ray.is_initialized():
         return
     gauge = _GAUGES.get(name)
     if gauge is None:
+        from ray.util.metrics import Gauge
+
         gauge = _GAUGES[name] = Gauge(f"stillroom_{name}", description=name.replace("_", " "), tag_keys=tuple(tags))
     gauge.set(float(value), tags=tags)
 

@@ -33,9 +33,7 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     out = ctx.artifact_dir / ctx.stage
     default_lr = 2e-4 if adapter != "none" else 2e-5
     order = step_order(len(train["prompt_ids"]), o.batch_size or 8, spec.seed, o.epochs or 1, o.max_steps)
-    trainer = trainer_spec(
-        model, o, out, spec.seed, default_lr, adapter, params.lora, dtype="float32", total_steps=len(order)
-    )
+    trainer = trainer_spec(model, o, out, spec.seed, default_lr, adapter, params.lora, total_steps=len(order))
     group = TrainerGroup(ctx.roles(spec.resources, roles=("trainer",)), trainer, on_restart=ctx.warn)
     if held and group.start() == 0:
         ctx.metrics({"eval/loss": eval_loss(group.actors, held)})

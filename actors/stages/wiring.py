@@ -46,6 +46,8 @@ def trainer_spec(
         warmup_steps=optim.warmup_steps,
         lr_scheduler_type=optim.lr_scheduler_type or "constant",
         zero_stage=optim.zero_stage,
+        dtype=optim.dtype,
+        gradient_checkpointing=optim.gradient_checkpointing,
         gradient_accumulation_steps=optim.gradient_accumulation_steps or 1,
         seed=seed,
         checkpoint_dir=str(out / "checkpoints"),

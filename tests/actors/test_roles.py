@@ -99,6 +99,24 @@ def test_dapo_over_accumulation_chunks_equals_one_chunk(tiny_model, tmp_path):
         np.testing.assert_allclose(value, digests[1][name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_gradient_checkpointing_makes_the_same_step_and_bfloat16_trains_in_bfloat16(tiny_model, adapter):
+    """Recomputing activations (optim.gradient_checkpointing) changes memory, not the step: the
+    same loss and weights after it. optim.dtype bfloat16 trains bfloat16 weights, its loss the
+    float32 one to bfloat16 precision; unset, a trainer without a GPU trains in float32."""
+    arrays, out = _arrays(), {}
+    for name, fields in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}), ("bf16", {"dtype": "bfloat16"})):
+        trainer = Trainer(TrainerSpec(str(tiny_model), adapter=adapter, learning_rate=1e-2, **fields))
+        loss = trainer.train_step(arrays)["loss"]
+        out[name] = (loss, trainer.weights(), trainer.engine.module.get_input_embeddings().weight.dtype)
+    assert trainer.spec.dtype == "bfloat16"
+    assert out["ckpt"][0] == pytest.approx(out["plain"][0], rel=1e-6)
+    for key, value in out["plain"][1].items():
+        np.testing.assert_allclose(out["ckpt"][1][key], value, atol=1e-6, err_msg=key)
+    assert (out["plain"][2], out["bf16"][2]) == (torch.float32, torch.bfloat16)
+    assert out["bf16"][0] == pytest.approx(out["plain"][0], rel=2e-2)
+
+
 def test_trainer_logprobs_are_the_generators_at_the_same_weights_and_temperature(tiny_model, tmp_path):
     """The proximal log-probs of an importance-corrected step: the trainer's own, before any update,
     equal what a generator with the same weights reports at T = 0.7, at every completion token."""

@@ -276,7 +276,7 @@ def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data
         "stages[2].evaluate.gates[2].model": "'teacher_grpo' is not a model of this job "
         "(base_teacher, teacher_sft, student)",
         "stages[2].evaluate.gates[2].baseline": "must differ from model",  # (the last of its two violations)
-        "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, parameters, seconds_per_prompt, "
+        "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, json_valid@update, parameters, seconds_per_prompt, "
         "size_bytes, tokens_per_s",
     }
 
@@ -355,6 +355,20 @@ def test_gates_and_targets_may_name_every_rung_of_the_ladder(data_root, tiny_tok
         "stages": [{"sft": {}}, {"evaluate": evaluate}],
     }
     validate(parse(doc), Policy((data_root,), (tiny_tokenizer,)))  # every rung named exists
+    # a gate on the update split: with data.test_updated (labelled by data.test_corpus) only
+    evaluate["gates"].append({"model": "teacher_sft+rag", "baseline": "teacher_sft", "metric": "json_valid@update"})
+    policy = Policy((data_root,), (tiny_tokenizer,))
+
+    def refused(doc: dict) -> dict[str, str]:
+        with pytest.raises(InvalidArgument) as e:
+            validate(parse(doc), policy)
+        return dict(e.value.violations)
+
+    assert refused(doc)["stages[1].evaluate.gates[2].metric"] == "json_valid@update is measured on data.test_updated"
+    doc["data"]["test_updated"] = {"path": "train.jsonl"}
+    assert refused(doc)["data.test_updated.path"] == "its labels follow data.test_corpus: set it"
+    doc["data"]["test_corpus"] = {"path": "corpus.jsonl"}
+    validate(parse(doc), policy)
     doc.pop("retrieval")
     evaluate["target"]["metric"] = "bleu"
     with pytest.raises(InvalidArgument) as e:

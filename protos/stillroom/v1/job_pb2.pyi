@@ -119,20 +119,22 @@ class DatasetRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., prompt_column: _Optional[str] = ..., completion_column: _Optional[str] = ..., messages_column: _Optional[str] = ...) -> None: ...
 
 class DataSpec(_message.Message):
-    __slots__ = ("train", "eval", "unlabeled", "test", "corpus", "test_corpus")
+    __slots__ = ("train", "eval", "unlabeled", "test", "corpus", "test_corpus", "test_updated")
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
     UNLABELED_FIELD_NUMBER: _ClassVar[int]
     TEST_FIELD_NUMBER: _ClassVar[int]
     CORPUS_FIELD_NUMBER: _ClassVar[int]
     TEST_CORPUS_FIELD_NUMBER: _ClassVar[int]
+    TEST_UPDATED_FIELD_NUMBER: _ClassVar[int]
     train: DatasetRef
     eval: DatasetRef
     unlabeled: DatasetRef
     test: DatasetRef
     corpus: DatasetRef
     test_corpus: DatasetRef
-    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ..., test_corpus: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
+    test_updated: DatasetRef
+    def __init__(self, train: _Optional[_Union[DatasetRef, _Mapping]] = ..., eval: _Optional[_Union[DatasetRef, _Mapping]] = ..., unlabeled: _Optional[_Union[DatasetRef, _Mapping]] = ..., test: _Optional[_Union[DatasetRef, _Mapping]] = ..., corpus: _Optional[_Union[DatasetRef, _Mapping]] = ..., test_corpus: _Optional[_Union[DatasetRef, _Mapping]] = ..., test_updated: _Optional[_Union[DatasetRef, _Mapping]] = ...) -> None: ...
 
 class RetrievalSpec(_message.Message):
     __slots__ = ("top_k", "retriever", "template", "passage_template", "gold_column", "embedding_model")
@@ -189,7 +191,7 @@ class LoraConfig(_message.Message):
     def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OptimConfig(_message.Message):
-    __slots__ = ("learning_rate", "batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps", "zero_stage", "max_steps", "epochs", "checkpoint_every", "lr_scheduler_type")
+    __slots__ = ("learning_rate", "batch_size", "gradient_accumulation_steps", "weight_decay", "warmup_steps", "zero_stage", "max_steps", "epochs", "checkpoint_every", "lr_scheduler_type", "dtype", "gradient_checkpointing")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_ACCUMULATION_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +202,8 @@ class OptimConfig(_message.Message):
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULER_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     batch_size: int
     gradient_accumulation_steps: int
@@ -210,7 +214,9 @@ class OptimConfig(_message.Message):
     epochs: int
     checkpoint_every: int
     lr_scheduler_type: str
-    def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., zero_stage: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., lr_scheduler_type: _Optional[str] = ...) -> None: ...
+    dtype: str
+    gradient_checkpointing: bool
+    def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., zero_stage: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., lr_scheduler_type: _Optional[str] = ..., dtype: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class SftStage(_message.Message):
     __slots__ = ("adapter", "lora", "optim", "max_length", "eval_every", "merge")
