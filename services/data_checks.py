@@ -168,6 +168,9 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
             bool(spec.data.test_corpus.path), "data.test_updated.path", "its labels follow data.test_corpus: set it"
         )
     check_update_metrics(spec, v)
+    for i, stage in enumerate(spec.stages):
+        if stage.WhichOneof("kind") == "sft" and stage.sft.without_passages:
+            v.check(spec.HasField("retrieval"), f"stages[{i}].sft.without_passages", "needs retrieval")
     wanted = [
         what for what, yes in (("retrieval", spec.HasField("retrieval")), ("the index stage", "index" in kinds)) if yes
     ]

@@ -55,7 +55,7 @@ class TrainerSpec:
     micro_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     seed: int = 0
-    dtype: str = ""  # float32 | bfloat16; "": bfloat16 where the role has a GPU, else float32
+    dtype: str = ""  # float32 | bfloat16 (mixed precision); "": bfloat16 where the role has a GPU
     gradient_checkpointing: bool = False
     checkpoint_dir: str = ""
     rank: int = 0
@@ -83,7 +83,6 @@ def ds_config(spec: TrainerSpec) -> dict:
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
-        "bf16": {"enabled": spec.dtype == "bfloat16"},
     }
 
 
@@ -132,7 +131,10 @@ class Trainer:
 
     def _build_model(self):
         s = self.spec
-        model = load_causal_lm(s.model_path, s.dtype, quantize_4bit=s.adapter == "qlora", trainable=True)
+        # float32 weights under either dtype: bfloat16 is mixed precision (autocast, see _forward);
+        # 4-bit QLoRA weights compute in the dtype
+        qlora = s.adapter == "qlora"
+        model = load_causal_lm(s.model_path, s.dtype if qlora else "float32", quantize_4bit=qlora, trainable=True)
         if s.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # under an adapter the embeddings are frozen
@@ -187,8 +189,17 @@ class Trainer:
         record("train_tokens_per_s", tokens / max(seconds, 1e-9), tags_of(self.spec.name))
         return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
 
+    def _forward(self, model, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """forward_from_first_loss; under dtype bfloat16 its matmuls run in bfloat16 (autocast, as
+        HF's bf16=True: weights, gradients and optimizer state stay float32, so small updates are
+        not rounded away), and the logits come back in float32 for the losses."""
+        mixed = self.spec.dtype == "bfloat16" and self.spec.adapter != "qlora"
+        with torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=mixed):
+            logits, t = forward_from_first_loss(model, t)
+        return logits.float(), t
+
     def _loss(self, t: dict[str, torch.Tensor], objective: Objective, num_items: float):
-        logits, t = forward_from_first_loss(self.engine, t)
+        logits, t = self._forward(self.engine, t)
         return objective.loss(logits, t, lambda temperature: self._reference_logprobs(t, temperature), num_items)
 
     @torch.no_grad()
@@ -197,12 +208,12 @@ class Trainer:
         disabled (no second copy); otherwise a frozen copy of the starting weights."""
         if self.uses_adapter:
             with self.engine.module.disable_adapter():
-                logits, t = forward_from_first_loss(self.engine.module, t)
+                logits, t = self._forward(self.engine.module, t)
         else:
             if getattr(self, "_reference", None) is None:
                 self._reference = load_causal_lm(self.spec.model_path).to(self.engine.device)
                 self._reference.eval().requires_grad_(False)
-            logits, t = forward_from_first_loss(self._reference, t)
+            logits, t = self._forward(self._reference, t)
         return token_logprobs(tempered(logits, temperature), t["input_ids"])
 
     @torch.no_grad()
@@ -211,7 +222,7 @@ class Trainer:
         policy of an importance-corrected step. (B, T) arrays -> (B, T-1) float32, 0 where no loss."""
         self.engine.eval()
         t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
-        logits, cropped = forward_from_first_loss(self.engine, t)
+        logits, cropped = self._forward(self.engine, t)
         lp = token_logprobs(tempered(logits, temperature), cropped["input_ids"]).float()
         out = torch.zeros(t["loss_mask"].shape, dtype=torch.float32)
         out[:, out.shape[1] - lp.shape[1] :] = lp.cpu()
@@ -222,7 +233,7 @@ class Trainer:
         """(sum of token NLL over masked tokens, token count) on held-out rows; no update."""
         self.engine.eval()
         t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
-        logits, t = forward_from_first_loss(self.engine, t)
+        logits, t = self._forward(self.engine, t)
         mask = t["loss_mask"].float()
         nll = -(token_logprobs(logits, t["input_ids"]) * mask).sum()
         return float(nll), int(mask.sum())
@@ -233,7 +244,7 @@ class Trainer:
         rows carrying topk_ids / topk_logprobs; no update."""
         self.engine.eval()
         t = {k: torch.tensor(v, device=self.engine.device) for k, v in arrays.items()}
-        logits, t = forward_from_first_loss(self.engine, t)
+        logits, t = self._forward(self.engine, t)
         log_p, log_q = topk_buckets(logits[:, :-1], t["topk_ids"], t["topk_logprobs"])
         mask = t["loss_mask"].float()
         return float((kd_divergence(log_p, log_q, "forward_kl") * mask).sum()), int(mask.sum())

@@ -100,15 +100,20 @@ class StageContext:
         self.outputs.pop("policy_adapter", None)
         if adapter:
             self.outputs["policy_adapter"] = adapter
-        name = produced_models(self._kind, self.stage)[0]
-        self.offer_model(name, model, adapter)
-        self.outputs["policy_lineage"] = self.outputs["lineage"][name]
+        self.offer_model(self.model_name, model, adapter)
+        self.outputs["policy_lineage"] = self.outputs["lineage"][self.model_name]
 
-    def offer_model(self, name: str, model: str, adapter: str = "") -> None:
+    @property
+    def model_name(self) -> str:
+        """The name this stage's (first) model goes by (stages.produced_models)."""
+        return produced_models(self._kind, self.stage)[0]
+
+    def offer_model(self, name: str, model: str, adapter: str = "", lineage: list[str] | None = None) -> None:
         """Name a model for the evaluate stage (names from stage_registry.produced_models), and
-        the stages that made it: those that made the policy it came from, and this one."""
+        the stages that made it: by default those that made the policy it came from, and this one."""
         self.outputs.setdefault("models", {})[name] = (model, adapter)
-        self.outputs.setdefault("lineage", {})[name] = [*self.outputs.get("policy_lineage", []), self.stage]
+        made_by = lineage if lineage is not None else [*self.outputs.get("policy_lineage", []), self.stage]
+        self.outputs.setdefault("lineage", {})[name] = made_by
 
     def check_cancelled(self) -> None:
         if self._cancelled.is_set():

@@ -18,6 +18,7 @@ import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
 from stillroom.actors.common.ladder import FEW_SHOT, RAG, build_seconds, recommend, with_shots
+from stillroom.actors.common.stages import MEASURED, UPDATE
 from stillroom.actors.models.loading import inference_dtype, model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
@@ -46,12 +47,9 @@ def size_bytes(spec: GeneratorSpec) -> int:
 
 def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Every rung on the held-out rows: each model alone, with retrieved passages (+rag) and the
-    base with examples in its prompt (+fewshot); then the report, the recommendation, the gates."""
-    held = held_out(spec)
-    if not held.path:
-        raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
-    plain = datasets.load_ref(held).examples()[: params.limit or None]
-    variants = prompt_variants(params, spec, ctx, plain)  # before the roles: retrieval holds a role of its own
+    base with examples in its prompt (+fewshot), on data.test and on data.test_updated when the job
+    has it; then the report, the recommendation, the gates."""
+    splits = held_out_splits(params, spec, ctx)  # before the roles: retrieval holds a role of its own
     greedy = SamplingParams(n=1, max_new_tokens=params.max_new_tokens or 64, temperature=0.0)
     roles = ctx.roles(spec.resources, ("generator", "scorer"))
     # user metric code runs in the scorer role (its worker processes), never in the supervisor
@@ -63,30 +61,56 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
         # one untimed answer first: the first call pays for loading and warming the model
-        ray.get(generator.generate.remote(rows_batch("warmup", variants[""][:1]), greedy))
-        for suffix, rows in variants.items():
-            if suffix == FEW_SHOT and name != "base_teacher":
-                continue
-            rung = name + suffix
-            results[rung] = evaluate_model(generator, scorer, rows, greedy, on_retry=ctx.warn)
-            results[rung]["size_bytes"] = size_bytes(gen_spec)
-            results[rung]["build_s"] = build_seconds(rung, lineage, seconds, index_stages)
-            ctx.metrics({f"eval/{rung}/{k}": v for k, v in results[rung].items()})
+        ray.get(generator.generate.remote(rows_batch("warmup", splits[""][""][:1]), greedy))
+        for rung, metrics in score_model(name, generator, scorer, splits, greedy, ctx.warn).items():
+            cost = build_seconds(rung, lineage, seconds, index_stages)
+            results[rung] = metrics = metrics | {"size_bytes": size_bytes(gen_spec), "build_s": cost}
+            ctx.metrics({f"eval/{rung}/{k}": v for k, v in metrics.items()})
         roles.stop("generator")
         ctx.progress(done + 1, len(models), "models")
-    write_report(params, ctx, results, len(plain))
+    write_report(params, ctx, results, {split: len(v[""]) for split, v in splits.items()})
 
 
-def prompt_variants(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext, plain: list) -> dict[str, list]:
-    """The held-out prompts as each kind of rung sees them: "" (alone), +rag, +fewshot."""
+def held_out_splits(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> dict[str, dict[str, list]]:
+    """split ("" for data.test, UPDATE for data.test_updated) -> its prompt variants. Without
+    data.test_updated, data.test's +rag rungs retrieve from data.test_corpus when it is set."""
+    held = held_out(spec)
+    if not held.path:
+        raise StageFailed("evaluate needs held-out data: set data.test (or data.eval)")
+    update, fresh = spec.data.test_updated, spec.data.test_corpus
+    splits = {"": prompt_variants(params, spec, ctx, held, fresh if fresh.path and not update.path else None)}
+    if update.path:
+        splits[UPDATE] = prompt_variants(params, spec, ctx, update, fresh)
+    return splits
+
+
+def prompt_variants(
+    params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext, ref: pb.DatasetRef, corpus: pb.DatasetRef | None
+) -> dict[str, list]:
+    """A split's prompts as each kind of rung sees them: "" (alone), +rag (from `corpus`, else
+    data.corpus), +fewshot."""
+    plain = datasets.load_ref(ref).examples()[: params.limit or None]
     variants = {"": [ex.prompt_row() for ex in plain]}
-    if spec.HasField("retrieval"):  # from the updated documents, when the test split has them
-        fresh = spec.data.test_corpus if spec.data.test_corpus.path else None
-        variants[RAG] = [ex.prompt_row() for ex in retrieved(ctx, spec, plain, corpus=fresh)]
+    if spec.HasField("retrieval"):
+        variants[RAG] = [ex.prompt_row() for ex in retrieved(ctx, spec, plain, corpus=corpus)]
     if params.few_shot:
         shots = [ex for ex in datasets.load_ref(spec.data.train).examples() if ex.completion][: params.few_shot]
         variants[FEW_SHOT] = [with_shots(shots, ex).prompt_row() for ex in plain]
     return variants
+
+
+def score_model(name: str, generator, scorer, splits: dict, greedy: SamplingParams, on_retry) -> dict[str, dict]:
+    """rung -> metrics, for each rung of one model; a metric on the update split is suffixed UPDATE."""
+    out: dict[str, dict] = {}
+    for split, variants in splits.items():
+        for suffix, rows in variants.items():
+            if suffix == FEW_SHOT and name != "base_teacher":
+                continue
+            metrics = evaluate_model(generator, scorer, rows, greedy, on_retry=on_retry)
+            if split:  # decoding speed and size are the model's: measured once, on data.test
+                metrics = {k + split: v for k, v in metrics.items() if k not in MEASURED}
+            out.setdefault(name + suffix, {}).update(metrics)
+    return out
 
 
 def stage_costs(spec: pb.JobSpec, ctx: StageContext) -> tuple[dict[str, float], list[str]]:
@@ -94,7 +118,7 @@ def stage_costs(spec: pb.JobSpec, ctx: StageContext) -> tuple[dict[str, float], 
     return ctx.outputs.get("stage_seconds", {}), [s.name for s in spec.stages if s.WhichOneof("kind") == "index"]
 
 
-def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], rows: int) -> None:
+def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], rows: dict[str, int]) -> None:
     """eval/report.json and report.md (the table, the recommended rung, the gates); the stage
     fails if a gate does not hold."""
     out = ctx.artifact_dir / ctx.stage
@@ -103,7 +127,9 @@ def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str,
     advice = recommendation(params.target, results) if params.target.metric else ""
     (out / "report.json").write_text(json.dumps(results, indent=2))  # rungs in the order the job made them
     (out / "report.md").write_text(
-        f"# Evaluation on {rows} held-out rows\n\n"
+        f"# Evaluation on {rows['']} held-out rows"
+        + (f" (and {rows[UPDATE]} labelled by the updated corpus: the {UPDATE} columns)" if UPDATE in rows else "")
+        + "\n\n"
         + eval_table(results)
         + (f"\n{advice}\n" if advice else "")
         + "".join(f"\n- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in verdicts)

@@ -3,7 +3,8 @@ LoRA adapter or full fine-tuning, on the Trainer group (DeepSpeed). The tokenize
 renders each row's turns when it has one; the loss covers the answer (the assistant's turn) only.
 Eval loss on the eval split every `eval_every` steps; checkpoints every `checkpoint_every`, from
 which the group restarts if a rank dies; the adapter saved in PEFT format at the end (and a merged
-model on request).
+model on request). With `without_passages`, the fine-tuned-only baseline: the base teacher on the
+questions alone, offered for evaluation but not made the policy.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from functools import partial
 
 import numpy as np
-from stillroom.actors.models.loading import encode_examples
+from stillroom.actors.models.loading import encode_examples, model_dir
 from stillroom.actors.runtime.batches import make_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
@@ -27,9 +28,11 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """Steps over seeded shuffles of the labelled rows, eval loss every eval_every, checkpoints
     every checkpoint_every (a restarted group continues at its cursor); then save the policy."""
     adapter, o = adapter_name(params.adapter), params.optim
-    model, _ = tuned_policy(ctx, spec)
+    # the fine-tuned-only baseline starts from the base teacher, whatever earlier stages made
+    model = str(model_dir(spec.teacher)) if params.without_passages else tuned_policy(ctx, spec)[0]
     tok = AutoTokenizer.from_pretrained(model)
-    train, held = (encoded(ctx, spec, tok, ref, params.max_length or 512) for ref in (spec.data.train, spec.data.eval))
+    rag, length = not params.without_passages, params.max_length or 512
+    train, held = (encoded(ctx, spec, tok, ref, length, rag) for ref in (spec.data.train, spec.data.eval))
     out = ctx.artifact_dir / ctx.stage
     default_lr = 2e-4 if adapter != "none" else 2e-5
     order = step_order(len(train["prompt_ids"]), o.batch_size or 8, spec.seed, o.epochs or 1, o.max_steps)
@@ -47,16 +50,20 @@ def run(params: pb.SftStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             ctx.metrics({"eval/loss": eval_loss(group.actors, held)})
 
     run_steps(group, len(order), step, o.checkpoint_every or 50)
-    save = partial(save_policy, ctx, base=model, uses_adapter=adapter != "none", out=out, merge=params.merge)
+    save = partial(
+        save_policy, ctx, base=model, uses_adapter=adapter != "none", out=out, merge=params.merge, baseline=not rag
+    )
     with_restarts(group, save, "saving the policy")
 
 
-def encoded(ctx: StageContext, spec: pb.JobSpec, tokenizer, ref: pb.DatasetRef, max_length: int) -> dict | None:
-    """prompt_ids / completion_ids of a labelled split (with its passages, under `retrieval`), or
-    None when the split is not set."""
+def encoded(
+    ctx: StageContext, spec: pb.JobSpec, tokenizer, ref: pb.DatasetRef, max_length: int, rag: bool = True
+) -> dict | None:
+    """prompt_ids / completion_ids of a labelled split (with its passages, under `retrieval`,
+    unless not rag), or None when the split is not set."""
     if not ref.path:
         return None
-    return encode_examples(tokenizer, examples(ctx, spec, ref), max_length)
+    return encode_examples(tokenizer, examples(ctx, spec, ref, rag), max_length)
 
 
 def step_order(n: int, batch_size: int, seed: int, epochs: int = 1, max_steps: int = 0) -> list[list[int]]:

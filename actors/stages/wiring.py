@@ -4,6 +4,7 @@ trained model, and metrics with progress."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from stillroom.actors.models.loading import model_dir
@@ -73,18 +74,28 @@ def save_model(ctx: StageContext, trainers: list, tokenizer_of: str, path: Path,
     return str(path)
 
 
-def save_policy(ctx: StageContext, trainers: list, base: str, uses_adapter: bool, out: Path, merge: bool = False):
-    """Save the tuned teacher and make it the policy later stages start from: the adapter on its
-    base (or, with `merge`, the merged model), or the fully fine-tuned model."""
+def save_policy(
+    ctx: StageContext,
+    trainers: list,
+    base: str,
+    uses_adapter: bool,
+    out: Path,
+    merge: bool = False,
+    baseline: bool = False,
+):
+    """Save the tuned teacher and make it the policy later stages start from (a `baseline` is
+    only offered for evaluation): the adapter on its base (or, with `merge`, the merged model), or
+    the fully fine-tuned model."""
+    register = partial(ctx.offer_model, ctx.model_name, lineage=[ctx.stage]) if baseline else ctx.set_policy
     if not uses_adapter:
-        ctx.set_policy(save_model(ctx, trainers, base, out / "model", "model"))
+        register(save_model(ctx, trainers, base, out / "model", "model"))
         return
     merged = str(out / "merged") if merge else ""
     adapter = save_model(ctx, trainers, base, out / "adapter", "adapter", merged)
     if merged:
-        ctx.set_policy(merged)
+        register(merged)
     else:
-        ctx.set_policy(base, adapter)
+        register(base, adapter)
 
 
 def step_reporter(ctx: StageContext, total: int, unit: str = "steps"):

@@ -100,21 +100,23 @@ def test_dapo_over_accumulation_chunks_equals_one_chunk(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("adapter", ["none", "lora"])
-def test_gradient_checkpointing_makes_the_same_step_and_bfloat16_trains_in_bfloat16(tiny_model, adapter):
+def test_gradient_checkpointing_makes_the_same_step_and_bfloat16_is_mixed_precision(tiny_model, adapter):
     """Recomputing activations (optim.gradient_checkpointing) changes memory, not the step: the
-    same loss and weights after it. optim.dtype bfloat16 trains bfloat16 weights, its loss the
-    float32 one to bfloat16 precision; unset, a trainer without a GPU trains in float32."""
+    same loss and weights after it. optim.dtype bfloat16 computes in bfloat16 (a loss a little off
+    the float32 one) on float32 weights, so its step is the float32 step up to bfloat16 rounding;
+    unset, a trainer without a GPU computes in float32."""
     arrays, out = _arrays(), {}
     for name, fields in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}), ("bf16", {"dtype": "bfloat16"})):
         trainer = Trainer(TrainerSpec(str(tiny_model), adapter=adapter, learning_rate=1e-2, **fields))
-        loss = trainer.train_step(arrays)["loss"]
-        out[name] = (loss, trainer.weights(), trainer.engine.module.get_input_embeddings().weight.dtype)
-    assert trainer.spec.dtype == "bfloat16"
+        out[name] = (trainer.train_step(arrays)["loss"], trainer.weights())
+        assert trainer.spec.dtype == ("bfloat16" if name == "bf16" else "float32")
     assert out["ckpt"][0] == pytest.approx(out["plain"][0], rel=1e-6)
+    assert 0 < abs(out["bf16"][0] - out["plain"][0]) < 2e-2 * out["plain"][0]
     for key, value in out["plain"][1].items():
+        assert out["bf16"][1][key].dtype == np.float32
         np.testing.assert_allclose(out["ckpt"][1][key], value, atol=1e-6, err_msg=key)
-    assert (out["plain"][2], out["bf16"][2]) == (torch.float32, torch.bfloat16)
-    assert out["bf16"][0] == pytest.approx(out["plain"][0], rel=2e-2)
+        # Adam's first step moves every weight by ~lr (1e-2); bfloat16 flips only a few tiny gradients
+        assert np.abs(out["bf16"][1][key] - value).mean() < 1e-3, key
 
 
 def test_trainer_logprobs_are_the_generators_at_the_same_weights_and_temperature(tiny_model, tmp_path):

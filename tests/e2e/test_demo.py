@@ -20,7 +20,13 @@ from tests.conftest import BIN, TOKENS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ["base_teacher", "teacher_sft", "teacher_grpo", "student", "student_baseline"]
+# in the order the evaluate stage scores them: each model alone, then with retrieved policies
+MODELS = [
+    "base_teacher",
+    "base_teacher+rag",
+    "base_teacher+fewshot",
+    *(f"{m}{rag}" for m in ("teacher_sft_plain", "teacher_sft", "student", "student_baseline") for rag in ("", "+rag")),
+]
 
 
 def _loads(path: Path, kind: str) -> None:
@@ -63,7 +69,7 @@ def test_quick_demo_job_end_to_end(start_server, tmp_path):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == a.sha256, a.name
         _loads(path, a.kind)
     names = {a.name for a in artifacts}
-    assert {"report/report.md", "report/plots/sft.png", "report/plots/grpo.png", "report/plots/distill.png"} <= names
+    assert {"report/report.md", "report/plots/sft.png", "report/plots/distill.png", "index/info.json"} <= names
     assert any(n.startswith("tensorboard/distill/events.out.tfevents") for n in names)
 
     from transformers import AutoModelForCausalLM
@@ -75,8 +81,13 @@ def test_quick_demo_job_end_to_end(start_server, tmp_path):
     assert list(evaluation) == MODELS
     for model, row in evaluation.items():
         assert {"json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes"} <= set(row)
+        assert {"json_exact@update", "json_fields@update", "json_valid@update"} <= set(row)  # the policy update
         assert row["tokens_per_s"] > 0 and row["parameters"] > 0, model
     assert evaluation["student"]["parameters"] < 0.6 * evaluation["base_teacher"]["parameters"]
+    # the fine-tuned-only baseline is priced by its own stage alone: the teacher did not start from it
+    took = {st.name: st.end_time.ToNanoseconds() / 1e9 - st.start_time.ToNanoseconds() / 1e9 for st in done.stages}
+    assert evaluation["teacher_sft_plain"]["build_s"] == pytest.approx(took["sft_plain"], abs=0.5)
+    assert evaluation["teacher_sft"]["build_s"] == pytest.approx(took["sft"], abs=0.5)
 
     env = {**os.environ, "STILLROOM_ADDRESS": server.address, "STILLROOM_TOKEN": TOKENS["alice"]}
     shown = subprocess.run(

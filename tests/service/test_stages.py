@@ -446,6 +446,13 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     spec.stages[-1].distill.baseline = True
     spec.stages[-1].distill.student_without_passages = True  # it serves without a retriever
     spec.data.test.path, spec.data.corpus.path = "test.jsonl", "handbook.jsonl"
+    # freshness: the handbook after an update swaps two answers; test_updated is labelled by it
+    swapped = {"billing": "priority", "shipping": "refund", "account": "order"}
+    new_corpus = [{"id": k, "text": f"{k} tickets are {a}"} for k, a in swapped.items()]
+    write_jsonl(sft_data / "handbook_new.jsonl", new_corpus)
+    updated = [r | {"completion": swapped[r["prompt"].split()[3]]} for r in task_rows(9, offset=3000)]
+    write_jsonl(sft_data / "test_new.jsonl", updated)
+    spec.data.test_corpus.path, spec.data.test_updated.path = "handbook_new.jsonl", "test_new.jsonl"
     spec.retrieval.top_k, spec.retrieval.gold_column = 2, "doc"
     spec.stages.insert(0, pb.Stage(name="index", index=pb.IndexStage()))
     evaluate = spec.stages.add(name="evaluate").evaluate
@@ -471,6 +478,8 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
     assert report["student"]["size_bytes"] < report["teacher_sft"]["size_bytes"]
     assert report["student"]["parameters"] == report["student_baseline"]["parameters"]
     assert all(r["tokens_per_s"] > 0 for r in report.values())
+    # every rung scored again on the update split (the +rag ones retrieving from the new handbook)
+    assert all("exact_match@update" in r and "tokens_per_s@update" not in r for r in report.values())
     # the price of a rung: the wall seconds of the stages that made it, as the job measured them
     took = {st.name: st.end_time.ToNanoseconds() / 1e9 - st.start_time.ToNanoseconds() / 1e9 for st in done.stages}
     assert report["base_teacher"]["build_s"] == 0.0
@@ -489,6 +498,7 @@ def test_evaluate_scores_every_rung_of_the_ladder_and_gates_fail_the_job(start_s
         "| teacher_sft+rag |" in text
         and "PASS: teacher_sft+rag exact_match" in text
         and "FAIL: student size_bytes" in text
+        and "(and 9 labelled by the updated corpus: the @update columns)" in text
     )
     assert "recommended: " in text or "no rung reaches exact_match >= 0.5" in text
     assert "report/report.md" in arts and "report/plots/sft.png" in arts  # a failed job has its report too

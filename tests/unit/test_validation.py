@@ -276,8 +276,8 @@ def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data
         "stages[2].evaluate.gates[2].model": "'teacher_grpo' is not a model of this job "
         "(base_teacher, teacher_sft, student)",
         "stages[2].evaluate.gates[2].baseline": "must differ from model",  # (the last of its two violations)
-        "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, json_valid@update, parameters, seconds_per_prompt, "
-        "size_bytes, tokens_per_s",
+        "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, json_valid@update, parameters, "
+        "seconds_per_prompt, size_bytes, tokens_per_s",
     }
 
 
@@ -335,6 +335,9 @@ def test_retrieval_needs_a_sound_corpus_and_templates_with_their_placeholders(da
     assert violations(doc, data_root)["data.corpus.path"] == (
         "required by retrieval and the index stage: the documents to retrieve"
     )
+    doc.pop("retrieval")
+    doc["stages"][1]["sft"]["without_passages"] = True  # the fine-tuned-only baseline
+    assert violations(doc, data_root)["stages[1].sft.without_passages"] == "needs retrieval"
 
 
 def test_gates_and_targets_may_name_every_rung_of_the_ladder(data_root, tiny_tokenizer):

@@ -219,20 +219,22 @@ class OptimConfig(_message.Message):
     def __init__(self, learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., zero_stage: _Optional[int] = ..., max_steps: _Optional[int] = ..., epochs: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., lr_scheduler_type: _Optional[str] = ..., dtype: _Optional[str] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class SftStage(_message.Message):
-    __slots__ = ("adapter", "lora", "optim", "max_length", "eval_every", "merge")
+    __slots__ = ("adapter", "lora", "optim", "max_length", "eval_every", "merge", "without_passages")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIM_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterType
     lora: LoraConfig
     optim: OptimConfig
     max_length: int
     eval_every: int
     merge: bool
-    def __init__(self, adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., max_length: _Optional[int] = ..., eval_every: _Optional[int] = ..., merge: _Optional[bool] = ...) -> None: ...
+    without_passages: bool
+    def __init__(self, adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., max_length: _Optional[int] = ..., eval_every: _Optional[int] = ..., merge: _Optional[bool] = ..., without_passages: _Optional[bool] = ...) -> None: ...
 
 class RewardFunction(_message.Message):
     __slots__ = ("name", "weight", "timeout_s", "args")
