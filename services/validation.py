@@ -393,5 +393,6 @@ def _check_resources(r: pb.Resources, v: Violations) -> None:
         v.number(rr.replicas, f"resources.{role}.replicas", lo=1)
         v.number(rr.num_cpus, f"resources.{role}.num_cpus", lo=0)
         v.number(rr.num_gpus, f"resources.{role}.num_gpus", lo=0)
+        v.number(rr.threads, f"resources.{role}.threads", lo=1)
         for name, amount in rr.custom.items():
             v.number(amount, f"resources.{role}.custom[{name!r}]", lo=0)

@@ -14,10 +14,35 @@ def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next token. logits (B, T, V), input_ids (B, T) -> (B, T-1):
-    out[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1])."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    """Log-probability of each next token. logits (B, T, V), input_ids (B, T) -> (B, T-1) in float32
+    (float64 for float64 logits): out[b, t] = log p(input_ids[b, t+1] | input_ids[b, :t+1]).
+
+    log_softmax -> gather without the (B, T, V) float32 log-softmax (TRL's selective_log_softmax
+    idea): logit[target] - logsumexp(logits), one sequence at a time, and a backward that writes the
+    gradient straight into a tensor of the logits' dtype."""
+    return _SelectedLogprobs.apply(logits[:, :-1], input_ids[:, 1:])
+
+
+class _SelectedLogprobs(torch.autograd.Function):
+    """logits (B, T, V), targets (B, T) -> logits[b, t, targets[b, t]] - logsumexp(logits[b, t])."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.stack([torch.logsumexp(seq.to(dtype), dim=-1) for seq in logits])  # (B, T)
+        ctx.save_for_backward(logits, targets, lse)
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # d/dlogits = grad * (onehot(target) - softmax), built per sequence: no (B, T, V) float32.
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for b in range(logits.shape[0]):
+            g = grad[b].unsqueeze(-1).to(lse.dtype)
+            seq = (logits[b].to(lse.dtype) - lse[b].unsqueeze(-1)).exp_().mul_(-g)
+            out[b] = seq.scatter_add_(-1, targets[b].unsqueeze(-1), g)
+        return out, None
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

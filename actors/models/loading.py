@@ -151,12 +151,19 @@ def encode_examples(tokenizer, examples: list, max_length: int) -> dict[str, lis
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
 
 
-def use_all_cores() -> None:
-    """On CPU, compute with every core. Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for
-    most roles), which runs torch at a fraction of the machine; a job's roles mostly take turns
-    (generate, then train), so each may use the whole machine while it works."""
+def use_cores() -> None:
+    """On CPU, compute with the role's thread budget (STILLROOM_THREADS, set from its placement),
+    every core when it is 0 or unset: Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for most
+    roles), which runs torch at a fraction of the machine while roles take turns (generate, then
+    train); roles that compute at the same time get their num_cpus each instead."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(int(os.environ.get("STILLROOM_THREADS") or 0) or os.cpu_count() or 1)
+
+
+def compute_threads() -> str:
+    """How many threads torch computes with here, for a role's repr (the Ray dashboard shows it)."""
+    n = torch.get_num_threads()
+    return "cuda" if torch.cuda.is_available() else f"{n} thread{'s' * (n != 1)}"
 
 
 def inference_dtype() -> str:

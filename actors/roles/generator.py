@@ -19,11 +19,12 @@ from stillroom.actors.algo.losses import tempered
 from stillroom.actors.common.datasets import decode_turns
 from stillroom.actors.models.loading import (
     DTYPES,
+    compute_threads,
     device,
     encode_prompt,
     load_causal_lm,
     stop_ids,
-    use_all_cores,
+    use_cores,
     with_new_adapter,
 )
 from stillroom.actors.runtime.batches import GENERATED_COLUMNS, batch_id, make_batch, with_columns
@@ -74,7 +75,7 @@ class Generator:
     def __init__(self, spec: GeneratorSpec):
         self.spec, self.version = spec, 0
         self.device = device()
-        use_all_cores()
+        use_cores()
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -94,7 +95,7 @@ class Generator:
         torch.manual_seed(spec.seed)
 
     def __repr__(self) -> str:
-        return f"Generator({self.spec.name}, policy version {self.version})"
+        return f"Generator({self.spec.name}, policy version {self.version}, {compute_threads()})"
 
     def serve(self, inbox: Channel, outbox: Channel, params: SamplingParams, journal_dir: str = "") -> int:
         """Generate for every prompt batch in the inbox until END; journal each result before

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model_state_dict
 from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
-from stillroom.actors.models.loading import load_causal_lm, use_all_cores, with_new_adapter
+from stillroom.actors.models.loading import compute_threads, load_causal_lm, use_cores, with_new_adapter
 from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import get_scheduler
 
@@ -90,7 +90,7 @@ class Trainer:
     def __init__(self, spec: TrainerSpec):
         self.spec = spec = replace(spec, dtype=spec.dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
         self.step = 0
-        use_all_cores()
+        use_cores()
         self._seed(spec.seed + spec.rank)
         self._init_distributed()
         self.model = self._build_model()
@@ -98,7 +98,8 @@ class Trainer:
 
     def __repr__(self) -> str:
         s = self.spec
-        return f"Trainer({s.name}, rank {s.rank}/{s.world_size}, zero {s.zero_stage}, step {self.step})"
+        where = f"rank {s.rank}/{s.world_size}, zero {s.zero_stage}"
+        return f"Trainer({s.name}, {where}, step {self.step}, {compute_threads()})"
 
     # -- set-up ---------------------------------------------------------------------------------
 

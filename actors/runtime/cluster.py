@@ -8,6 +8,7 @@ role starts (they pull in torch), so the control plane can import this module fo
 from __future__ import annotations
 
 import importlib
+import math
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ RESTARTS = {
 # Generators and scorers take weight syncs and stats calls while their serve loop runs.
 CONCURRENCY = {"generator": 4, "student": 4, "scorer": 4, "trainer": 1, "retriever": 1}
 DEFAULT_CPUS = {"retriever": 0.25}  # per replica, where the job's resources leave it unset (else 1)
+THREADS_ENV = "STILLROOM_THREADS"  # a role's torch threads; 0 or unset: every core
 
 
 def actor_name(job_id: str, role: str, rank: int) -> str:
@@ -86,17 +88,21 @@ def _role_class(role: str):
 
 @dataclass(frozen=True)
 class Placement:
-    """Resources of one role: replicas, and per replica CPUs and GPUs."""
+    """Resources of one role: replicas, and per replica CPUs, GPUs and torch threads (0: all cores)."""
 
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom: tuple[tuple[str, float], ...] = ()
+    threads: int = 0
 
     @classmethod
-    def of(cls, spec, default_cpus: float = 1.0) -> Placement:
-        """From a stillroom.v1.RoleResources (zero means the default)."""
-        return cls(spec.replicas or 1, spec.num_cpus or default_cpus, spec.num_gpus, tuple(sorted(spec.custom.items())))
+    def of(cls, spec, default_cpus: float = 1.0, overlap: bool = False) -> Placement:
+        """From a stillroom.v1.RoleResources (zero means the default). Roles that compute at the same
+        time (`overlap`) get num_cpus threads each, rounded up; roles that take turns, every core."""
+        cpus = spec.num_cpus or default_cpus
+        threads = spec.threads or (max(1, math.ceil(cpus)) if overlap else 0)
+        return cls(spec.replicas or 1, cpus, spec.num_gpus, tuple(sorted(spec.custom.items())), threads)
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.num_cpus} if self.num_cpus else {}
@@ -157,6 +163,8 @@ class RoleGroup:
             "num_gpus": p.num_gpus,
             "scheduling_strategy": strategy,
             "max_concurrency": CONCURRENCY[role],
+            # Read by models.loading.use_cores in the actor (Ray's own OMP_NUM_THREADS follows num_cpus).
+            "runtime_env": {"env_vars": {THREADS_ENV: str(p.threads)}},
             **RESTARTS[role],
         }
 

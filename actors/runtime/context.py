@@ -44,10 +44,16 @@ class StageContext:
         self.outputs = outputs if outputs is not None else {}
         self.reward_modules = reward_modules
 
-    def roles(self, resources: pb.Resources, roles: tuple[str, ...] = ("generator", "scorer", "trainer")):
-        """The stage's role actors' placement group, sized from the job's resources. This
-        supervisor owns it; it is closed when the stage ends, however it ends."""
-        placements = {r: Placement.of(getattr(resources, r), DEFAULT_CPUS.get(r, 1.0)) for r in roles}
+    def roles(
+        self,
+        resources: pb.Resources,
+        roles: tuple[str, ...] = ("generator", "scorer", "trainer"),
+        overlap: bool = False,
+    ):
+        """The stage's role actors' placement group, sized from the job's resources (`overlap`: its
+        roles compute at the same time, so each gets its own threads). This supervisor owns it; it
+        is closed when the stage ends, however it ends."""
+        placements = {r: Placement.of(getattr(resources, r), DEFAULT_CPUS.get(r, 1.0), overlap) for r in roles}
         group = RoleGroup(self.job_id, placements)
         self._groups.append(group)
         return group

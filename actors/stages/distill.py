@@ -135,7 +135,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     student = student_dir(spec, params, teacher, adapter, out)
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     rows = prompt_rows(ctx, spec, prompt_source(spec))  # with passages (and their ids), under `retrieval`
-    roles = ctx.roles(spec.resources, ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction))
+    names = ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction)
+    roles = ctx.roles(spec.resources, names, overlap=cfg.max_ahead != 0)  # overlapping roles: own threads
     roles.start(
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )

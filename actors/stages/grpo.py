@@ -128,7 +128,7 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     out = ctx.artifact_dir / ctx.stage
     policy = policy_trainer(params, cfg, spec, ctx)
     rows = prompt_rows(ctx, spec, spec.data.train)  # with passages, under `retrieval`
-    roles = ctx.roles(spec.resources)
+    roles = ctx.roles(spec.resources, overlap=cfg.max_staleness > 0)  # overlapping roles: own threads
     roles.start("generator", sampler_of(policy, spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     loop = TrainLoop(

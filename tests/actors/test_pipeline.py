@@ -187,6 +187,34 @@ def test_roles_span_two_nodes(ray_client, tiny_model, tmp_path):
         group.close()
 
 
+def test_roles_that_compute_at_the_same_time_get_their_own_threads(ray_client, tiny_model):
+    import os
+
+    import ray
+    from ray.util.state import list_actors
+    from stillroom.v1 import job_pb2 as pb
+
+    assert Placement.of(pb.RoleResources(num_cpus=0.5)).threads == 0  # taking turns: every core
+    assert Placement.of(pb.RoleResources(num_cpus=0.5), overlap=True).threads == 1
+    assert Placement.of(pb.RoleResources(num_cpus=2.5), overlap=True).threads == 3
+    assert Placement.of(pb.RoleResources(num_cpus=0.5, threads=2), overlap=True).threads == 2
+    group = RoleGroup("job-threads", {"generator": Placement(1, 0.25, threads=1), "student": Placement(1, 0.25)})
+    try:
+        handles = group.start("generator", GeneratorSpec(str(tiny_model))) + group.start(
+            "student", GeneratorSpec(str(tiny_model))
+        )
+        ray.get([h.num_parameters.remote() for h in handles])
+        reprs = {
+            a.name: a.repr_name
+            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+            if a.name.startswith("job-threads")
+        }
+        assert reprs["job-threads:generator:0"].endswith(", 1 thread)")
+        assert reprs["job-threads:student:0"].endswith(f", {os.cpu_count()} threads)")
+    finally:
+        group.close()
+
+
 class _Owner:
     """Stands in for a job's supervisor: it creates the job's role group and owns it."""
 

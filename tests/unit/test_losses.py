@@ -22,6 +22,34 @@ def test_token_logprobs_and_weighted_nll_by_hand():
     assert masked_mean(torch.tensor([[1.0, 5.0]]), torch.tensor([[1, 0]])).item() == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_equal_log_softmax_gather_and_trl_selective_log_softmax(dtype):
+    from trl.trainer.utils import selective_log_softmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50).to(dtype).requires_grad_()
+    ids = torch.randint(0, 50, (3, 7))
+    weights = torch.randn(3, 6)
+    ours = token_logprobs(logits, ids)
+    naive = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    trl = selective_log_softmax(logits[:, :-1].float(), ids[:, 1:])
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, naive, atol=1e-5) and torch.allclose(ours, trl, atol=1e-5)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (ref,) = torch.autograd.grad((naive * weights).sum(), logits)
+    assert grad.dtype == dtype and torch.allclose(
+        grad.float(), ref.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6
+    )
+    assert grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+
+
+def test_token_logprobs_gradient_is_exact_in_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 5))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, ids), (logits,))
+
+
 def test_group_advantages_by_hand():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0, 3.0, 5.0])  # two groups of 3
     a, zero = group_advantages(r, 3, "none")
