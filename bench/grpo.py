@@ -4,13 +4,16 @@ clip range (epsilon = epsilon_high = 0.2), gradient checkpointing (off unless --
 both sides), learning rate, steps and seed, run one after the other on this machine.
 
     .venv/bin/python -m bench.grpo [--model tiny|smollm2] [--steps 8] [--group-size 4 --prompts 4
-        --max-new-tokens 32] [--checkpointing] [--staleness 0 1]
+        --max-new-tokens 32] [--checkpointing] [--staleness 0 1] [--init MODEL_DIR]
 
 tiny: a random 4-layer Llama, full fine-tuning, rewarded for digits (a reward a random model has
 variance on). smollm2: SmolLM2-135M-Instruct with LoRA r=8 on the ticket task, rewarded by
-json_valid + json_fields. Rows: stillroom synchronous, stillroom max_staleness=1, TRL. Seconds per
-step are the median over steps after the first (TRL's from a step-end callback, ours from the
-stage's step events), so model loading and actor start-up are left out of both.
+json_valid + json_fields; `--init` starts both sides from another model directory of that
+architecture instead (the demo's fine-tuned-only teacher, .stillroom/demo/artifacts/<job>/sft_plain/
+model after `make demo`, writes JSON that is sometimes right: rewards with variance). Rows:
+stillroom synchronous, stillroom max_staleness=1, TRL. Seconds per step are the median over
+steps after the first (TRL's from a step-end callback, ours from the stage's step events), so model
+loading and actor start-up are left out of both.
 """
 
 from __future__ import annotations
@@ -174,13 +177,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1], help="stillroom rows' max_staleness")
+    ap.add_argument("--init", default="", help="start both sides from this model directory (e.g. an SFT'd one)")
     args = ap.parse_args()
-    path = model_path(args.model)
+    path = args.init or model_path(args.model)
     rows = [stillroom(args.model, path, args, k) for k in args.staleness] + [trl(args.model, path, args)]
     for row in rows[:-1]:
         row["throughput_vs_trl"] = rows[-1]["seconds_per_step"] / row["seconds_per_step"]
     columns = ["who", "seconds_per_step", "completions_per_s", "reward_first", "reward_last3", "throughput_vs_trl"]
     shape = f"{args.group_size}x{args.prompts}x{args.max_new_tokens}" + ("-ckpt" if args.checkpointing else "")
+    shape += "-sft" if args.init else ""
     report(f"grpo-{args.model}-{shape}", rows, columns, {"settings": vars(args)})
 
 

@@ -134,6 +134,25 @@ def test_malformed_jsonl_names_file_and_row(data_root):
     assert v["data.train.path"].startswith(f"{bad}, row 2: invalid JSON")
 
 
+def test_a_file_is_read_once_per_version_and_again_once_it_changes(data_root):
+    import os
+
+    from stillroom.services.data_checks import _read_once
+
+    f = data_root / "again.jsonl"
+    write_jsonl(f, [{"prompt": "a", "completion": "b"}])
+    doc = {"data": {"train": {"path": "again.jsonl"}}, "stages": [{"audit": {}}]}
+    validate(parse(doc), Policy((data_root,)))
+    misses = _read_once.cache_info().misses
+    validate(parse(doc), Policy((data_root,)))
+    assert _read_once.cache_info().misses == misses  # the same version: not read again
+    write_jsonl(f, [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "b"}])
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1))  # a new version even within one tick
+    assert violations(doc, data_root)["data.train.path"].startswith(f"{f}, row 2:")
+    assert violations(doc, data_root)["data.train.path"].startswith(f"{f}, row 2:")  # remembered as it failed
+    assert _read_once.cache_info().misses == misses + 1
+
+
 def test_wrong_types_name_the_row(data_root):
     write_jsonl(data_root / "t.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "b"}])
     v = violations({"data": {"train": {"path": "t.jsonl"}}, "stages": [{"audit": {}}]}, data_root)
