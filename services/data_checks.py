@@ -13,7 +13,6 @@ from pathlib import Path
 
 from stillroom.actors.common import datasets, retrieval
 from stillroom.actors.common.rewards import reference_column
-from stillroom.actors.common.stages import UPDATE
 from stillroom.services.errors import PermissionDenied
 from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
@@ -190,7 +189,6 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
         v.check(
             bool(spec.data.test_corpus.path), "data.test_updated.path", "its labels follow data.test_corpus: set it"
         )
-    check_update_metrics(spec, v)
     for i, stage in enumerate(spec.stages):
         if stage.WhichOneof("kind") == "sft" and stage.sft.without_passages:
             v.check(spec.HasField("retrieval"), f"stages[{i}].sft.without_passages", "needs retrieval")
@@ -218,20 +216,6 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
             f"{model} is not a sentence-transformers model directory (no modules.json)",
         )
         r.embedding_model = str(model)
-
-
-def check_update_metrics(spec: pb.JobSpec, v: Violations) -> None:
-    """A gate or target on `<metric>@update` needs the split it is measured on."""
-    if spec.data.test_updated.path:
-        return
-    for i, stage in enumerate(spec.stages):
-        if stage.WhichOneof("kind") != "evaluate":
-            continue
-        named = [("target", stage.evaluate.target.metric)]
-        named += [(f"gates[{j}]", g.metric) for j, g in enumerate(stage.evaluate.gates)]
-        for where, metric in named:
-            if metric.endswith(UPDATE):
-                v.check(False, f"stages[{i}].evaluate.{where}.metric", f"{metric} is measured on data.test_updated")
 
 
 TRACKERS = ("tensorboard", "mlflow", "none")

@@ -11,7 +11,7 @@ import importlib.util
 import re
 
 from stillroom.actors.common.rewards import BUILTIN_NAMES, module_allowed
-from stillroom.actors.common.stages import AVAILABLE, job_models, metric_names
+from stillroom.actors.common.stages import AVAILABLE
 from stillroom.services.data_checks import (
     check_dataset,
     check_retrieval,
@@ -22,6 +22,7 @@ from stillroom.services.data_checks import (
     model_path,
 )
 from stillroom.services.errors import InvalidArgument, PermissionDenied
+from stillroom.services.ladder_checks import check_evaluate_stages
 from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
 
@@ -87,7 +88,8 @@ def _check_required(out: pb.JobSpec, kinds: set[str], v: Violations) -> None:
                 "student.path",
                 f"required by stages[{i}].distill, unless its student_init makes the student from the teacher",
             )
-    _check_gates(out, v)
+    _check_baselines(out, v)
+    check_evaluate_stages(out, v)
     if kinds & NEEDS_TRAIN:
         v.check(
             bool(out.data.train.path),
@@ -324,31 +326,13 @@ def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
     v.check(0 <= s.few_shot <= 16, f"{p}.few_shot", "must be between 0 and 16 examples")
-    metrics = metric_names(s.metrics)
-    if s.target.metric or s.target.min:
-        v.check(s.target.metric in metrics, f"{p}.target.metric", f"must be one of {', '.join(sorted(metrics))}")
-        v.number(s.target.min, f"{p}.target.min")
 
 
-def _check_gates(spec: pb.JobSpec, v: Violations) -> None:
-    """Evaluation gates name models that earlier stages produce and metrics the stage measures;
-    a distillation baseline needs data.train."""
+def _check_baselines(spec: pb.JobSpec, v: Violations) -> None:
+    """A distillation baseline learns from the gold labels: it needs data.train."""
     for i, stage in enumerate(spec.stages):
-        kind = stage.WhichOneof("kind")
-        if kind == "distill" and stage.distill.baseline:
+        if stage.WhichOneof("kind") == "distill" and stage.distill.baseline:
             v.check(bool(spec.data.train.path), f"stages[{i}].distill.baseline", "needs data.train (gold labels)")
-        if kind != "evaluate":
-            continue
-        models = job_models(spec, upto=i)
-        metrics = metric_names(stage.evaluate.metrics)
-        for j, gate in enumerate(stage.evaluate.gates):
-            p = f"stages[{i}].evaluate.gates[{j}]"
-            for role in ("model", "baseline"):
-                name = getattr(gate, role)
-                v.check(name in models, f"{p}.{role}", f"{name!r} is not a model of this job ({', '.join(models)})")
-            v.check(gate.model != gate.baseline, f"{p}.baseline", "must differ from model")
-            v.check(gate.metric in metrics, f"{p}.metric", f"must be one of {', '.join(sorted(metrics))}")
-            v.number(gate.min_margin, f"{p}.min_margin")
 
 
 def _check_adapter_chain(spec: pb.JobSpec, v: Violations) -> None:

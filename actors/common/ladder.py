@@ -26,13 +26,17 @@ def with_shots(shots: list[Example], ex: Example) -> Example:
     return replace(ex, prompt=text, messages=turns)
 
 
+def rung_model(rung: str) -> str:
+    """The model a rung runs: "student+rag" -> "student"."""
+    return rung.removesuffix(RAG).removesuffix(FEW_SHOT)
+
+
 def build_seconds(
     rung: str, lineage: dict[str, list[str]], seconds: dict[str, float], index_stages: list[str]
 ) -> float:
     """Wall seconds of the stages that made a rung: those that trained its model (a student's
     include its teacher's), and the index stages for a +rag rung. The base model costs nothing."""
-    model = rung.removesuffix(RAG).removesuffix(FEW_SHOT)
-    stages = list(lineage.get(model, []))
+    stages = list(lineage.get(rung_model(rung), []))
     if rung.endswith(RAG):
         stages += index_stages
     return float(sum(seconds.get(s, 0.0) for s in stages))

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
-from stillroom.actors.common.ladder import FEW_SHOT, RAG, build_seconds, recommend, with_shots
+from stillroom.actors.common.ladder import FEW_SHOT, RAG, build_seconds, recommend, rung_model, with_shots
 from stillroom.actors.common.stages import MEASURED, UPDATE
 from stillroom.actors.models.loading import inference_dtype, model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
@@ -56,13 +56,15 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     (scorer,) = roles.start("scorer", scorer_spec(params.metrics, ctx.reward_modules))
     results: dict[str, dict] = {}
     lineage, (seconds, index_stages) = ctx.outputs.get("lineage", {}), stage_costs(spec, ctx)
-    models = candidates(spec, ctx)
+    models, chosen = candidates(spec, ctx), set(params.rungs)
+    if chosen:  # a model none of whose rungs is asked for is not even loaded
+        models = {name: m for name, m in models.items() if any(rung_model(r) == name for r in chosen)}
     for done, (name, gen_spec) in enumerate(models.items()):
         ctx.check_cancelled()
         (generator,) = roles.start("generator", gen_spec)
         # one untimed answer first: the first call pays for loading and warming the model
         ray.get(generator.generate.remote(rows_batch("warmup", splits[""][""][:1]), greedy))
-        for rung, metrics in score_model(name, generator, scorer, splits, greedy, ctx.warn).items():
+        for rung, metrics in score_model(name, generator, scorer, splits, greedy, ctx.warn, chosen).items():
             cost = build_seconds(rung, lineage, seconds, index_stages)
             results[rung] = metrics = metrics | {"size_bytes": size_bytes(gen_spec), "build_s": cost}
             ctx.metrics({f"eval/{rung}/{k}": v for k, v in metrics.items()})
@@ -99,12 +101,15 @@ def prompt_variants(
     return variants
 
 
-def score_model(name: str, generator, scorer, splits: dict, greedy: SamplingParams, on_retry) -> dict[str, dict]:
-    """rung -> metrics, for each rung of one model; a metric on the update split is suffixed UPDATE."""
+def score_model(
+    name: str, generator, scorer, splits: dict, greedy: SamplingParams, on_retry, chosen: set[str] = frozenset()
+) -> dict[str, dict]:
+    """rung -> metrics, for each rung of one model (those `chosen`, when any are); a metric on the
+    update split is suffixed UPDATE."""
     out: dict[str, dict] = {}
     for split, variants in splits.items():
         for suffix, rows in variants.items():
-            if suffix == FEW_SHOT and name != "base_teacher":
+            if (suffix == FEW_SHOT and name != "base_teacher") or (chosen and name + suffix not in chosen):
                 continue
             metrics = evaluate_model(generator, scorer, rows, greedy, on_retry=on_retry)
             if split:  # decoding speed and size are the model's: measured once, on data.test

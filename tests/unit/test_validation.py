@@ -377,6 +377,14 @@ def test_gates_and_targets_may_name_every_rung_of_the_ladder(data_root, tiny_tok
         "stages": [{"sft": {}}, {"evaluate": evaluate}],
     }
     validate(parse(doc), Policy((data_root,), (tiny_tokenizer,)))  # every rung named exists
+    evaluate["rungs"] = ["teacher_sft+rag", "base_teacher+rag", "student+rag", "teacher_sft+rag"]
+    with pytest.raises(InvalidArgument) as e:
+        validate(parse(doc), Policy((data_root,), (tiny_tokenizer,)))
+    v = dict(e.value.violations)
+    assert v["stages[1].evaluate.rungs[2]"].startswith("'student+rag' is not a rung of this job (base_teacher, ")
+    assert v["stages[1].evaluate.rungs[3]"] == "'teacher_sft+rag' is named twice"
+    assert v["stages[1].evaluate.gates[1].model"] == "'teacher_sft' is not among stages[1].evaluate.rungs"
+    evaluate.pop("rungs")
     # a gate on the update split: with data.test_updated (labelled by data.test_corpus) only
     evaluate["gates"].append({"model": "teacher_sft+rag", "baseline": "teacher_sft", "metric": "json_valid@update"})
     policy = Policy((data_root,), (tiny_tokenizer,))

@@ -378,20 +378,22 @@ class DistillStage(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., student_without_passages: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
-    __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target")
+    __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target", "rungs")
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
     FEW_SHOT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    RUNGS_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[RewardFunction]
     max_new_tokens: int
     limit: int
     gates: _containers.RepeatedCompositeFieldContainer[EvalGate]
     few_shot: int
     target: EvalTarget
-    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ..., few_shot: _Optional[int] = ..., target: _Optional[_Union[EvalTarget, _Mapping]] = ...) -> None: ...
+    rungs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ..., few_shot: _Optional[int] = ..., target: _Optional[_Union[EvalTarget, _Mapping]] = ..., rungs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EvalTarget(_message.Message):
     __slots__ = ("metric", "min")
