@@ -50,23 +50,49 @@ def start_server(home: Path, token: str) -> tuple[subprocess.Popen, str]:
     return proc, address
 
 
-def submit_latencies(address: str, token: str, clients: int, submits: int) -> tuple[list[float], list[str]]:
+def _client_process(address: str, token: str, clients: int, submits: int, start_at: float) -> list[tuple[float, str]]:
+    """`clients` threads of one client process, each submitting `submits` jobs one after another,
+    from wall time `start_at` (every process connects first, then all start together)."""
+    import threading
+
     from stillroom.services.client import Client
     from stillroom.services.recipes import parse
 
     spec = parse({"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {"warn_only": True}}]})
+    conns = [Client(address, token=token) for _ in range(clients)]
+    for c in conns:
+        next(iter(c.list(page_size=1)), None)  # connected and authenticated before the clock starts
+    ready = threading.Barrier(clients)
 
-    def one_client(_: int) -> list[tuple[float, str]]:
+    def one(c) -> list[tuple[float, str]]:
+        ready.wait()
+        time.sleep(max(0.0, start_at - time.time()))
         out = []
-        with Client(address, token=token) as c:
-            for _ in range(submits):
-                started = time.perf_counter()
-                job = c.submit(spec).job
-                out.append((time.perf_counter() - started, job.id))
+        for _ in range(submits):
+            started = time.perf_counter()
+            job = c.submit(spec).job
+            out.append((time.perf_counter() - started, job.id))
         return out
 
     with ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+        results = [r for rs in pool.map(one, conns) for r in rs]
+    for c in conns:
+        c.close()
+    return results
+
+
+def submit_latencies(
+    address: str, token: str, clients: int, submits: int, processes: int
+) -> tuple[list[float], list[str]]:
+    """SubmitJob latencies of `clients` concurrent clients spread over `processes` client processes
+    (one Python process's GIL would otherwise time its own threads as much as the server)."""
+    import multiprocessing
+
+    per = [clients // processes + (i < clients % processes) for i in range(processes)]
+    start_at = time.time() + 5.0 + 0.5 * processes  # after every process has imported and connected
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        args = [(address, token, n, submits, start_at) for n in per if n]
+        results = [r for rs in pool.starmap(_client_process, args) for r in rs]
     return [s for s, _ in results], [j for _, j in results]
 
 
@@ -89,6 +115,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--submits", type=int, default=4, help="jobs each client submits, one after another")
     ap.add_argument("--watchers", type=int, default=100)
+    ap.add_argument("--client-processes", type=int, default=10, help="processes the clients are spread over")
     args = ap.parse_args()
     from stillroom.services.client import Client
 
@@ -96,7 +123,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="stillroom-bench-"))
     proc, address = start_server(home, token)
     try:
-        latencies, jobs = submit_latencies(address, token, args.clients, args.submits)
+        latencies, jobs = submit_latencies(address, token, args.clients, args.submits, args.client_processes)
         with Client(address, token=token) as c:
             for job in jobs:
                 c.wait(job)
@@ -109,6 +136,7 @@ def main() -> None:
     ms = np.array(latencies) * 1e3
     row = {
         "submit_clients": args.clients,
+        "client_processes": args.client_processes,
         "submits": len(latencies),
         "submit_p50_ms": float(np.percentile(ms, 50)),
         "submit_p99_ms": float(np.percentile(ms, 99)),

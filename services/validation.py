@@ -315,6 +315,9 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     for name in ("alpha", "jsd_beta", "lambda"):
         v.number(getattr(s, name), f"{p}.{name}", lo=0, hi=1)
     v.number(s.temperature, f"{p}.temperature", lo=0, lo_open=True)
+    v.number(s.sampling_temperature, f"{p}.sampling_temperature", lo=0)
+    greedy = s.HasField("sampling_temperature") and s.sampling_temperature == 0
+    v.check(not greedy or s.num_samples == 1, f"{p}.num_samples", "greedy answers are all alike: set 1")
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     _rewards(s.rewards, f"{p}.rewards", v)
     _optim(s.optim, f"{p}.optim", v, {"batch_size": "each step is prompts_per_step prompts x num_samples"})

@@ -81,7 +81,10 @@ class DistillConfig:
     def of(cls, p: pb.DistillStage) -> DistillConfig:
         n, temperature = p.num_samples or 4, p.temperature or 1.0
         sampling = SamplingParams(
-            n=n, max_new_tokens=p.max_new_tokens or 64, temperature=1.0, topk_logprobs=p.top_k or 8
+            n=n,
+            max_new_tokens=p.max_new_tokens or 64,
+            temperature=p.sampling_temperature if p.HasField("sampling_temperature") else 1.0,
+            topk_logprobs=p.top_k or 8,
         )
         alpha = p.alpha if p.HasField("alpha") else 0.5
         objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)

@@ -352,8 +352,10 @@ def test_distill_with_two_zero3_trainer_ranks(start_server, sft_data, tiny_model
     import torch
     from transformers import AutoModelForCausalLM
 
-    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
-    spec = distill_spec(tiny_model, alpha=0.0, optim={"learning_rate": 0.005, "zero_stage": 3, "max_steps": 3})
+    server = start_server(sft_data, "--model-root", str(tiny_model))
+    c = server.client()
+    optim = {"learning_rate": 0.005, "zero_stage": 3, "max_steps": 3}
+    spec = distill_spec(tiny_model, alpha=0.0, optim=optim, num_samples=1, sampling_temperature=0.0)  # greedy
     spec.resources.trainer.replicas = 2
     spec.resources.trainer.num_cpus = 0.25
     spec.stages.add(name="export").export.dtype = "float32"
@@ -363,6 +365,12 @@ def test_distill_with_two_zero3_trainer_ranks(start_server, sft_data, tiny_model
     assert before[0] > 0 and after[0] < before[0], (before, after)
     assert len(metric_series(c, done.id, "loss")) == 3
     assert metric_series(c, done.id, "export/model/greedy_match") == [1.0]
+    # the teacher answered greedily, once per prompt: every token it wrote was its top-1
+    files = sorted(Path(server.home, "artifacts", done.id, "distill", "journal").glob("*.parquet"))
+    journal = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+    assert len(journal) == 3 * 8 and metric_series(c, done.id, "distill/kept_fraction") == [1.0] * 3
+    for row in journal:
+        assert row["completion_logprobs"] == pytest.approx(row["topk_logprobs"][::8], rel=2e-3, abs=1e-3)
     arts = {a.name: Path(urlparse(a.uri).path) for a in c.artifacts(done.id)}
     saved = arts["distill/student/model.safetensors"].parent
     student = AutoModelForCausalLM.from_pretrained(saved)

@@ -64,6 +64,12 @@ def test_grpo_group_size_field_path(data_root):
         ),
         ({"distill": {"min_kept_fraction": 1.5}}, "stages[0].distill.min_kept_fraction", "must be <= 1"),
         ({"distill": {"samples_per_step": -2}}, "stages[0].distill.samples_per_step", "must be >= 1"),
+        ({"distill": {"sampling_temperature": -1}}, "stages[0].distill.sampling_temperature", "must be >= 0"),
+        (
+            {"distill": {"sampling_temperature": 0, "num_samples": 4}},
+            "stages[0].distill.num_samples",
+            "greedy answers are all alike: set 1",
+        ),
         (
             {"distill": {"kd_loss": "mse"}},
             "stages[0].distill.kd_loss",

@@ -323,7 +323,7 @@ class StudentInit(_message.Message):
     def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction", "max_reward_failure_fraction", "student_without_passages")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction", "max_reward_failure_fraction", "student_without_passages", "sampling_temperature")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -350,6 +350,7 @@ class DistillStage(_message.Message):
     MIN_KEPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     MAX_REWARD_FAILURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     STUDENT_WITHOUT_PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -375,7 +376,8 @@ class DistillStage(_message.Message):
     min_kept_fraction: float
     max_reward_failure_fraction: float
     student_without_passages: bool
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., student_without_passages: _Optional[bool] = ..., **kwargs) -> None: ...
+    sampling_temperature: float
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., student_without_passages: _Optional[bool] = ..., sampling_temperature: _Optional[float] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
     __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target", "rungs")
