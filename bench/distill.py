@@ -1,14 +1,18 @@
-"""Distillation: stillroom's distill stage (offline top-k KD from filtered teacher samples, and
-on-policy GKD) against TRL's GKDTrainer (lmbda=0: the dataset's answers with the teacher's full
+"""Distillation: stillroom's distill stage (offline top-k KD from the teacher's answers, and
+on-policy GKD) against TRL's GKDTrainer (lmbda=0: a dataset of answers with the teacher's full
 distribution; lmbda=1: on-policy) on identical settings: the same teacher, student init, prompts,
 steps, batch, learning rate and completion length.
 
     .venv/bin/python -m bench.distill [--steps 12]
 
-Teacher: a random 4-layer Llama; student: its layers 0 and 3. Reported: seconds per step (median
-after the first), student tokens/s, wall time of the steps, and the held-out forward KL(teacher ||
-student) over the full vocabulary on the teacher's greedy answers to 16 unseen prompts, measured
-the same way for every row (before training, every row starts from the same KL).
+Offline, both sides learn from the same precomputed teacher data: stillroom's teacher writes its
+greedy answers once (epoch 1, journaled with their top-k log-probs), and the student trains two
+epochs over them, the second replayed from the journal (no generation); TRL's GKDTrainer (lmbda=0)
+trains as many steps on exactly those answers (read from the journal). The offline rows' seconds
+per step and tokens/s are those of the replayed epoch for stillroom, of every step for TRL (which
+runs the teacher's forward on every step by design). Teacher: a random 4-layer Llama; student: its
+layers 0 and 3. Held-out forward KL(teacher || student) over the full vocabulary on the teacher's
+greedy answers to 16 unseen prompts, measured the same way for every row after the same steps.
 """
 
 from __future__ import annotations
@@ -54,19 +58,20 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stage = {
         "mode": mode,
-        "num_samples": 2,
+        "num_samples": 1 if mode == "offline" else 2,
         "top_k": 16,
         "filter": "valid_only" if mode == "offline" else "majority_vote",
         "max_new_tokens": args.new_tokens,
         "prompts_per_step": args.batch,
         "alpha": 0.0,
         "kd_loss": "forward_kl",
-        "optim": {"learning_rate": args.lr, "max_steps": args.steps},
+        "optim": {"learning_rate": args.lr, "max_steps": 2 * args.steps},
         "eval_prompts": 1,
     }
-    if mode == "offline":
+    if mode == "offline":  # the teacher's greedy answers, all kept, learned for two epochs
         stage["rewards"] = [{"name": "length_penalty"}]  # scores every sample 0 or below; all kept
-        stage["filter"], stage["min_reward"] = "min_reward", -1.0
+        stage["filter"], stage["min_reward"], stage["sampling_temperature"] = "min_reward", -1.0, 0.0
+        stage["optim"]["epochs"] = 2
     spec = parse(
         {
             "teacher": {"path": teacher},
@@ -85,8 +90,9 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
     started = time.perf_counter()
     events = run_stage(spec, work)
     wall = time.perf_counter() - started
-    seconds = step_seconds(events, "loss") if mode == "on_policy" else step_seconds(events)
+    seconds = step_seconds(events, "loss") if mode == "on_policy" else step_seconds(events)[args.steps :]
     tokens = [e.metrics["train/tokens_per_s"] for e in events if "train/tokens_per_s" in e.metrics]
+    tokens = tokens[args.steps :] if mode == "offline" else tokens  # the replayed epoch: training alone
     return {
         "who": f"stillroom distill ({mode})",
         "seconds_per_step": median(seconds) if seconds else float("nan"),
@@ -95,27 +101,32 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
     }, str(work / "distill" / "student")
 
 
+def teacher_answers(work: str) -> dict[str, str]:
+    """prompt -> the answer the teacher wrote, from a distill stage's journal."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(work, "distill", "journal").glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, columns=["prompt", "completion"]) for f in files])
+    return dict(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist(), strict=True))
+
+
 def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
+    """rows: prompt and, for lmbda=0, the teacher's answer (lmbda=1 samples the student instead)."""
     from datasets import Dataset
-    from stillroom.actors.models.loading import encode_prompt
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    gen = AutoModelForCausalLM.from_pretrained(teacher).eval()
-    messages = []
-    for r in rows:  # the dataset's answers: the teacher's own, so both tools distill the same teacher
-        ids = torch.tensor([encode_prompt(tok, r["prompt"], True)])  # framed as stillroom's generator does
-        with torch.no_grad():
-            out = gen.generate(ids, max_new_tokens=args.new_tokens, do_sample=True, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        turns = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": answer}]
-        messages.append({"messages": turns})  # GKD reads chat turns, framed by the same chat template
+    messages = [  # GKD reads chat turns, framed by the same chat template as stillroom's prompts
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+        for r in rows
+    ]
     config = GKDConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-gkd-"),
         per_device_train_batch_size=args.batch,
         learning_rate=args.lr,
-        max_steps=args.steps,
+        max_steps=2 * args.steps,
         lmbda=lmbda,
         beta=0.0,  # forward KL, as the stillroom rows
         temperature=1.0,
@@ -128,10 +139,13 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
     )
 
     class Clock(TrainerCallback):
-        times: list[float] = []
+        def __init__(self):
+            self.times: list[float] = []
 
         def on_step_end(self, *_, **__):
             self.times.append(time.perf_counter())
+
+    clock = Clock()
 
     model = AutoModelForCausalLM.from_pretrained(student)
     trainer = GKDTrainer(
@@ -140,12 +154,12 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
         args=config,
         train_dataset=Dataset.from_list(messages),
         processing_class=tok,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    seconds = median(np.diff(Clock.times).tolist())
+    seconds = median(np.diff(clock.times).tolist())
     tokens = args.batch * (len(tok(rows[0]["prompt"])["input_ids"]) + args.new_tokens)
     row = {"who": f"TRL GKDTrainer (lmbda={lmbda:g})", "seconds_per_step": seconds, "wall_s": wall}
     row["student_tok_s"] = tokens / seconds
@@ -178,13 +192,20 @@ def main() -> None:
         row, saved = stillroom(teacher, str(student), rows, args, mode)
         row["held_out_kl"] = held_out_kl(teacher, AutoModelForCausalLM.from_pretrained(saved), held, args.new_tokens)
         results.append(row)
+        if mode == "offline":  # the same precomputed teacher data for TRL
+            answers = teacher_answers(str(Path(saved).parents[1]))
+            labelled = [r | {"answer": answers[r["prompt"]]} for r in rows]
     for lmbda in (0.0, 1.0):
-        row, model = trl_gkd(teacher, str(student), rows, args, lmbda)
+        row, model = trl_gkd(teacher, str(student), labelled, args, lmbda)
         row["held_out_kl"] = held_out_kl(teacher, model, held, args.new_tokens)
         results.append(row)
     for row in results:
         row["kl_before"] = before
     columns = ["who", "seconds_per_step", "student_tok_s", "wall_s", "kl_before", "held_out_kl"]
+    for row in results[:2]:
+        trl_row = results[2 if "offline" in row["who"] else 3]
+        row["speed_vs_trl"] = trl_row["seconds_per_step"] / row["seconds_per_step"]
+    columns += ["speed_vs_trl"]
     report("distill-tiny", results, columns, {"settings": vars(args)})
 
 

@@ -205,7 +205,7 @@ def _optim(s: pb.OptimConfig, p: str, v: Violations, unused: dict[str, str] | No
     v.number(s.weight_decay, f"{p}.weight_decay", lo=0)
     v.number(s.warmup_steps, f"{p}.warmup_steps", lo=0)
     v.choice(s.lr_scheduler_type, f"{p}.lr_scheduler_type", LR_SCHEDULERS)
-    v.choice(s.dtype, f"{p}.dtype", ("float32", "bfloat16"))
+    v.choice(s.dtype, f"{p}.dtype", ("float32", "bfloat16", "auto"))
     v.check(0 <= s.zero_stage <= 3, f"{p}.zero_stage", "must be 0, 1, 2 or 3")
 
 

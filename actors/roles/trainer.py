@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -27,7 +28,13 @@ import torch.distributed as dist
 from peft import PeftModel, get_peft_model_state_dict
 from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
-from stillroom.actors.models.loading import compute_threads, load_causal_lm, use_cores, with_new_adapter
+from stillroom.actors.models.loading import (
+    compute_threads,
+    load_causal_lm,
+    training_dtype,
+    use_cores,
+    with_new_adapter,
+)
 from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import get_scheduler
 
@@ -88,7 +95,10 @@ def ds_config(spec: TrainerSpec) -> dict:
 
 class Trainer:
     def __init__(self, spec: TrainerSpec):
-        self.spec = spec = replace(spec, dtype=spec.dtype or ("bfloat16" if torch.cuda.is_available() else "float32"))
+        dtype, warning = training_dtype(spec.dtype)  # what this role's own hardware runs fastest
+        if warning:
+            logging.getLogger("stillroom.trainer").warning(warning)
+        self.spec = spec = replace(spec, dtype=dtype)
         self.step = 0
         use_cores()
         self._seed(spec.seed + spec.rank)

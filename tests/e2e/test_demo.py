@@ -55,6 +55,8 @@ def _loads(path: Path, kind: str) -> None:
         assert acc.Tags()["scalars"], path
 
 
+# ~5 min where the CPU multiplies bfloat16 natively, ~9 min in float32 on one that does not
+@pytest.mark.timeout(1500)
 def test_quick_demo_job_end_to_end(start_server, tmp_path):
     data = tmp_path / "repo"
     generate_tickets(["--out", str(data / "examples/tickets/data")])
@@ -86,11 +88,12 @@ def test_quick_demo_job_end_to_end(start_server, tmp_path):
         assert {"json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes"} <= set(row)
         assert {"json_exact@update", "json_fields@update", "json_valid@update"} <= set(row)  # the policy update
         assert row["tokens_per_s"] > 0 and row["parameters"] > 0, model
-    assert evaluation["student"]["parameters"] < 0.6 * evaluation["base_teacher"]["parameters"]
-    # the fine-tuned-only baseline is priced by its own stage alone: the teacher did not start from it
+    assert evaluation["student+rag"]["parameters"] < 0.6 * evaluation["base_teacher"]["parameters"]
+    # the fine-tuned-only baseline is priced by its own stage alone: the teacher did not start from it;
+    # a +rag rung adds the index stage
     took = {st.name: st.end_time.ToNanoseconds() / 1e9 - st.start_time.ToNanoseconds() / 1e9 for st in done.stages}
     assert evaluation["teacher_sft_plain"]["build_s"] == pytest.approx(took["sft_plain"], abs=0.5)
-    assert evaluation["teacher_sft"]["build_s"] == pytest.approx(took["sft"], abs=0.5)
+    assert evaluation["teacher_sft+rag"]["build_s"] == pytest.approx(took["sft"] + took["index"], abs=0.5)
 
     env = {**os.environ, "STILLROOM_ADDRESS": server.address, "STILLROOM_TOKEN": TOKENS["alice"]}
     shown = subprocess.run(
