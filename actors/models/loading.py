@@ -195,8 +195,10 @@ def training_dtype(asked: str) -> tuple[str, str]:
         native = native_bfloat16() and (asked == "auto" or torch.cuda.is_available())
         return ("bfloat16" if native else "float32"), ""
     if asked == "bfloat16" and not native_bfloat16():
-        return asked, "optim.dtype bfloat16 on hardware without native bfloat16 (no AVX512-BF16, AMX or bf16 GPU): \
-expect steps ~100x slower than float32; leave optim.dtype unset to get the fastest dtype here"
+        return asked, (
+            "optim.dtype bfloat16 on hardware without native bfloat16 (no AVX512-BF16, AMX or bf16 GPU): "
+            "expect steps ~100x slower than float32; optim.dtype auto picks the fastest dtype here"
+        )
     return asked, ""
 
 
