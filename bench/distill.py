@@ -3,21 +3,23 @@ on-policy GKD) against TRL's GKDTrainer (lmbda=0: a dataset of answers with the 
 distribution; lmbda=1: on-policy) on identical settings: the same teacher, student init, prompts,
 steps, batch, learning rate and completion length.
 
-    .venv/bin/python -m bench.distill [--steps 12]
+    .venv/bin/python -m bench.distill [--steps 12] [--teacher DIR]
 
 Offline, both sides learn from the same precomputed teacher data: stillroom's teacher writes its
 greedy answers once (epoch 1, journaled with their top-k log-probs), and the student trains two
 epochs over them, the second replayed from the journal (no generation); TRL's GKDTrainer (lmbda=0)
 trains as many steps on exactly those answers (read from the journal). The offline rows' seconds
 per step and tokens/s are those of the replayed epoch for stillroom, of every step for TRL (which
-runs the teacher's forward on every step by design). Teacher: a random 4-layer Llama; student: its
-layers 0 and 3. Held-out forward KL(teacher || student) over the full vocabulary on the teacher's
-greedy answers to 16 unseen prompts, measured the same way for every row after the same steps.
+runs the teacher's forward on every step by design). Teacher: a random 4-layer Llama, or the
+trained model `--teacher` names (the demo's `sft/model`); student: every third of its layers.
+Held-out forward KL(teacher || student) over the full vocabulary on the teacher's greedy answers to
+16 unseen prompts, measured the same way for every row after the same steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -172,6 +174,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--teacher", default="", help="a trained teacher (e.g. the demo's sft/model); default: a random tiny Llama"
+    )
     args = ap.parse_args()
     from stillroom.actors.models.students import from_teacher_layers
     from transformers import AutoModelForCausalLM
@@ -179,8 +184,12 @@ def main() -> None:
     root = Path("/tmp/stillroom-bench")
     from bench.generation import model_path
 
-    teacher = str(tiny_llama(root / "tiny-llama-smol-tokenizer", tokenizer=model_path("smollm2")))
-    student = root / "tiny-student-smol-tokenizer"
+    if args.teacher:  # a trained teacher: its student starts far from it, so KL has room to fall
+        teacher = args.teacher
+        student = root / f"student-of-{hashlib.sha256(teacher.encode()).hexdigest()[:12]}"
+    else:
+        teacher = str(tiny_llama(root / "tiny-llama-smol-tokenizer", tokenizer=model_path("smollm2")))
+        student = root / "tiny-student-smol-tokenizer"
     if not (student / "config.json").exists():
         from_teacher_layers(teacher, student, every=3)
     texts = prompts(args.steps * args.batch + 16)
@@ -206,7 +215,7 @@ def main() -> None:
         trl_row = results[2 if "offline" in row["who"] else 3]
         row["speed_vs_trl"] = trl_row["seconds_per_step"] / row["seconds_per_step"]
     columns += ["speed_vs_trl"]
-    report("distill-tiny", results, columns, {"settings": vars(args)})
+    report("distill-trained" if args.teacher else "distill-tiny", results, columns, {"settings": vars(args)})
 
 
 if __name__ == "__main__":
