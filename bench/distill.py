@@ -105,12 +105,11 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
 
 def teacher_answers(work: str) -> dict[str, str]:
     """prompt -> the answer the teacher wrote, from a distill stage's journal."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from stillroom.actors.runtime.journal import Journal
 
-    files = sorted(Path(work, "distill", "journal").glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, columns=["prompt", "completion"]) for f in files])
-    return dict(zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist(), strict=True))
+    journal = Journal(Path(work, "distill", "journal"))
+    batches = [journal.read(bid).to_pydict() for bid in journal.ids()]
+    return {p: c for b in batches for p, c in zip(b["prompt"], b["completion"], strict=True)}
 
 
 def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
