@@ -60,14 +60,14 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stage = {
         "mode": mode,
-        "num_samples": 1 if mode == "offline" else 2,
+        "num_samples": 1,  # GKDTrainer samples one answer per prompt
         "top_k": 16,
         "filter": "valid_only" if mode == "offline" else "majority_vote",
         "max_new_tokens": args.new_tokens,
         "prompts_per_step": args.batch,
         "alpha": 0.0,
         "kd_loss": "forward_kl",
-        "optim": {"learning_rate": args.lr, "max_steps": 2 * args.steps},
+        "optim": {"learning_rate": args.lr, "max_steps": 2 * args.steps, "dtype": "float32"},
         "eval_prompts": 1,
     }
     if mode == "offline":  # the teacher's greedy answers, all kept, learned for two epochs
@@ -132,6 +132,8 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
         beta=0.0,  # forward KL, as the stillroom rows
         temperature=1.0,
         max_new_tokens=args.new_tokens,
+        gradient_checkpointing=False,  # TRL's default is on; stillroom's rows do not recompute
+        bf16=False,  # TRL's default is bfloat16 autocast, emulated (~200x slower) on CPUs without AVX512-BF16
         use_cpu=True,
         report_to="none",
         save_strategy="no",

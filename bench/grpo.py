@@ -1,10 +1,11 @@
 """GRPO: stillroom's grpo stage (real role actors on a local Ray) against TRL's GRPOTrainer on
 identical work: the same model, prompts, group size, max completion length, loss type, beta,
 clip range (epsilon = epsilon_high = 0.2), gradient checkpointing (off unless --checkpointing, on
-both sides), learning rate, steps and seed, run one after the other on this machine.
+both sides), training precision (float32 unless --bf16, on both sides: TRL's default is bfloat16
+autocast), learning rate, steps and seed, run one after the other on this machine.
 
     .venv/bin/python -m bench.grpo [--model tiny|smollm2] [--steps 8] [--group-size 4 --prompts 4
-        --max-new-tokens 32] [--checkpointing] [--staleness 0 1] [--init MODEL_DIR]
+        --max-new-tokens 32] [--checkpointing] [--bf16] [--staleness 0 1] [--init MODEL_DIR]
 
 tiny: a random 4-layer Llama, full fine-tuning, rewarded for digits (a reward a random model has
 variance on). smollm2: SmolLM2-135M-Instruct with LoRA r=8 on the ticket task, rewarded by
@@ -63,7 +64,12 @@ def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
         "epsilon_high": 0.2,  # TRL's clip range is symmetric unless told otherwise
         "max_staleness": max_staleness,
         "rewards": rewards,
-        "optim": {"learning_rate": args.lr, "max_steps": args.steps, "gradient_checkpointing": args.checkpointing},
+        "optim": {
+            "learning_rate": args.lr,
+            "max_steps": args.steps,
+            "gradient_checkpointing": args.checkpointing,
+            "dtype": "bfloat16" if args.bf16 else "float32",
+        },
     }
     if model == "tiny":
         stage["adapter"] = "ADAPTER_TYPE_NONE"
@@ -117,6 +123,7 @@ def trl(model: str, path: str, args) -> dict:
         beta=0.0,
         epsilon=0.2,
         gradient_checkpointing=args.checkpointing,  # TRL's default is on; set equal on both sides
+        bf16=args.bf16,  # TRL's default is bfloat16 autocast (emulated, ~200x slower, on CPUs without AVX512-BF16)
         learning_rate=args.lr,
         max_steps=args.steps,
         temperature=1.0,
@@ -176,6 +183,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 training on both sides (default float32)")
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1], help="stillroom rows' max_staleness")
     ap.add_argument("--init", default="", help="start both sides from this model directory (e.g. an SFT'd one)")
     args = ap.parse_args()

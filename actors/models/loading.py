@@ -151,13 +151,15 @@ def encode_examples(tokenizer, examples: list, max_length: int) -> dict[str, lis
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
 
 
-def use_cores() -> None:
-    """On CPU, compute with the role's thread budget (STILLROOM_THREADS, set from its placement),
-    every core when it is 0 or unset: Ray sets OMP_NUM_THREADS from an actor's num_cpus (1 for most
-    roles), which runs torch at a fraction of the machine while roles take turns (generate, then
-    train); roles that compute at the same time get their num_cpus each instead."""
+def use_cores(threads: int | None = None) -> None:
+    """On CPU, compute with `threads`, else the role's thread budget (STILLROOM_THREADS, set from
+    its placement); every core when it is 0 or unset: Ray sets OMP_NUM_THREADS from an actor's
+    num_cpus (1 for most roles), which runs torch at a fraction of the machine while roles take
+    turns (generate, then train); roles that compute at the same time get their num_cpus each."""
+    if threads is None:
+        threads = int(os.environ.get("STILLROOM_THREADS") or 0)
     if not torch.cuda.is_available():
-        torch.set_num_threads(int(os.environ.get("STILLROOM_THREADS") or 0) or os.cpu_count() or 1)
+        torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
 def compute_threads() -> str:

@@ -59,6 +59,15 @@ class SamplingParams:
     topk_logprobs: int = 0  # record the top-k log-probs per token (for logit KD)
 
 
+SCORE_ROWS = 16  # rows per teacher-forced forward in score_topk: bounds its (rows, T, V) logits
+
+
+def left_positions(mask: torch.Tensor) -> torch.Tensor:
+    """mask (B, T) of a left-padded batch -> position ids (B, T) that count real tokens only, as
+    each row alone would have them (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def topk_columns(per_sample_logp: list[torch.Tensor], k: int) -> dict[str, pa.Array]:
     """The top-k log-probs of each sample's tokens, compact: int32 ids and float16 log-probs,
     flattened per sample (T*k). per_sample_logp: one (T_i, V) tensor of log-probs per sample."""
@@ -163,9 +172,10 @@ class Generator:
         if n == 1 or enc["input_ids"].shape[1] < 2:
             return None
         ids, mask = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
         cache = DynamicCache()
-        self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        self.model(
+            input_ids=ids, attention_mask=mask, position_ids=left_positions(mask), past_key_values=cache, use_cache=True
+        )
         cache.batch_repeat_interleave(n)
         return cache
 
@@ -228,15 +238,27 @@ class Generator:
         prompts, completions = batch.column("prompt_ids").to_pylist(), batch.column("completion_ids").to_pylist()
         with self._lock, torch.no_grad():
             logps = [
-                torch.log_softmax(
-                    self.model(input_ids=torch.tensor([p + c], device=self.device))
-                    .logits[0, len(p) - 1 : len(p) + len(c) - 1]
-                    .float(),
-                    -1,
-                )
-                for p, c in zip(prompts, completions, strict=True)
+                logp
+                for lo in range(0, len(prompts), SCORE_ROWS)
+                for logp in self._completion_logps(prompts[lo : lo + SCORE_ROWS], completions[lo : lo + SCORE_ROWS])
             ]
         return with_columns(batch, topk_columns(logps, k))
+
+    def _completion_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
+        """One left-padded forward over prompt + completion rows -> per row a (T_i, V) float32
+        log-softmax at its T_i completion tokens. Left padding lines the completions up at the end,
+        so logits are computed for the last max(T_i) + 1 positions only (logits_to_keep)."""
+        enc = self.tokenizer.pad(
+            {"input_ids": [p + c for p, c in zip(prompts, completions, strict=True)]}, return_tensors="pt"
+        ).to(self.device)
+        keep = max(map(len, completions)) + 1
+        logits = self.model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            position_ids=left_positions(enc["attention_mask"]),
+            logits_to_keep=keep,
+        ).logits.float()  # (B, keep, V); row i's completion is predicted at keep - T_i - 1 .. keep - 2
+        return [torch.log_softmax(logits[i, keep - len(c) - 1 : keep - 1], -1) for i, c in enumerate(completions)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -106,6 +106,13 @@ class Trainer:
         self.model = self._build_model()
         self.engine = self._build_engine()
 
+    def use_threads(self, threads: int | None) -> str:
+        """Compute with `threads` from now on (0: every core; None: as now), e.g. once nothing else
+        computes beside this role. Returns the budget, as the repr shows it ("2 threads")."""
+        if threads is not None:
+            use_cores(threads)
+        return compute_threads()
+
     def __repr__(self) -> str:
         s = self.spec
         where = f"rank {s.rank}/{s.world_size}, zero {s.zero_stage}"

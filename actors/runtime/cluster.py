@@ -88,13 +88,15 @@ def _role_class(role: str):
 
 @dataclass(frozen=True)
 class Placement:
-    """Resources of one role: replicas, and per replica CPUs, GPUs and torch threads (0: all cores)."""
+    """Resources of one role: replicas, and per replica CPUs, GPUs and torch threads (0: all cores)
+    while other roles compute beside it (`threads`) and once it computes alone (`alone_threads`)."""
 
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     custom: tuple[tuple[str, float], ...] = ()
     threads: int = 0
+    alone_threads: int = 0
 
     @classmethod
     def of(cls, spec, default_cpus: float = 1.0, overlap: bool = False) -> Placement:
@@ -102,7 +104,7 @@ class Placement:
         time (`overlap`) get num_cpus threads each, rounded up; roles that take turns, every core."""
         cpus = spec.num_cpus or default_cpus
         threads = spec.threads or (max(1, math.ceil(cpus)) if overlap else 0)
-        return cls(spec.replicas or 1, cpus, spec.num_gpus, tuple(sorted(spec.custom.items())), threads)
+        return cls(spec.replicas or 1, cpus, spec.num_gpus, tuple(sorted(spec.custom.items())), threads, spec.threads)
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.num_cpus} if self.num_cpus else {}

@@ -74,8 +74,11 @@ class TrainLoop:
         threading.Thread(target=self._feed, args=(todo,), daemon=True).start()
         sampler = Sampler(self.cfg.metrics_every_s, self._record_queue_depths).start()
         since_checkpoint: list[Prepared] = []
+        last_generated = max((i for i, b in enumerate(todo) if self._generated(b)), default=-1)
         try:
             for i, batch in enumerate(todo):
+                if i == last_generated + 1:
+                    self._trainers_alone()
                 since_checkpoint.append(self._prepared(self._await(batch_id(batch))))
                 since_checkpoint = self._train(since_checkpoint, cursor=start + i + 1)
         finally:
@@ -83,6 +86,18 @@ class TrainLoop:
         self._close()
         self.result.duplicates_dropped = self._seen.dropped
         return self.result
+
+    def _generated(self, batch: pa.RecordBatch) -> bool:
+        """Whether the generators will sample this batch (neither another epoch's replay nor in the
+        journal already)."""
+        return not replay_of(batch) and not self.journal.has(batch_id(batch))
+
+    def _trainers_alone(self) -> None:
+        """Nothing is left to generate (another epoch replays the journal): trainers that shared
+        the cores with the generators compute on every core of theirs from now on."""
+        p = self.roles.placements["trainer"]
+        if p.threads != p.alone_threads:
+            ray.get([t.use_threads.remote(p.alone_threads) for t in self.roles.actors["trainer"]])
 
     # -- feeding --------------------------------------------------------------------------------
 

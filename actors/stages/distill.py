@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -139,7 +140,10 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     rows = prompt_rows(ctx, spec, prompt_source(spec))  # with passages (and their ids), under `retrieval`
     names = ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction)
-    roles = ctx.roles(spec.resources, names, overlap=cfg.max_ahead != 0)  # overlapping roles: own threads
+    # Offline, the teacher generates while the student trains: each role its own threads. On-policy
+    # steps take turns (sample, grade, train), each on every core.
+    overlap = cfg.max_ahead != 0 and not cfg.on_policy_fraction
+    roles = ctx.roles(spec.resources, names, overlap=overlap)
     roles.start(
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )
@@ -332,6 +336,11 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     return total / max(count, 1)
 
 
+def phase_seconds(started: float, sampled: float, trained: float, synced: float) -> dict[str, float]:
+    """Where an on-policy step's wall time went: sampling and grading, training, the weight sync."""
+    return {"time/sample_s": sampled - started, "time/train_s": trained - sampled, "time/sync_s": synced - trained}
+
+
 def on_policy_loop(
     loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int, every: int
 ) -> None:
@@ -349,6 +358,7 @@ def on_policy_loop(
     def step(i: int) -> None:
         ctx.check_cancelled()
         student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
+        started = time.perf_counter()
         if coins[i]:
             samples = ray.get(
                 teacher.score_topk.remote(student.generate.remote(batches[i], own), cfg.sampling.topk_logprobs)
@@ -363,10 +373,14 @@ def on_policy_loop(
                 ray.get(scorer.score.remote(teacher.generate.remote(batches[i], cfg.sampling))), cfg
             )
             metrics["distill/on_policy"], objective = 0.0, cfg.objective
+        sampled = time.perf_counter()
         if arrays:
             done = train_step(loop.trainers.actors, arrays, objective)
             metrics.update({k: done[k] for k in ("loss", "loss/kd", "loss/ce")})
+            metrics["train/tokens_per_s"] = done["tokens"] / max(done["step_s"], 1e-9)
+        trained = time.perf_counter()
         sync(i + 1)
+        metrics.update(phase_seconds(started, sampled, trained, time.perf_counter()))
         ctx.metrics(metrics)
         ctx.progress(i + 1, len(batches), "steps")
 

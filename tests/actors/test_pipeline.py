@@ -3,6 +3,7 @@ DeepSpeed ranks in sync, a trainer killed mid-stage, weight sync, and nothing le
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import replace
 from functools import partial
@@ -36,9 +37,14 @@ def prompts(n=N_BATCHES):
     ]
 
 
-def roles(job_id: str, tiny_model, trainers: int = 2):
+def roles(job_id: str, tiny_model, trainers: int = 2, trainer_threads: int = 0):
     group = RoleGroup(
-        job_id, {"generator": Placement(1, 0.5), "scorer": Placement(1, 0.25), "trainer": Placement(trainers, 0.5)}
+        job_id,
+        {
+            "generator": Placement(1, 0.5),
+            "scorer": Placement(1, 0.25),
+            "trainer": Placement(trainers, 0.5, threads=trainer_threads),
+        },
     )
     group.start("generator", GeneratorSpec(str(tiny_model), lora_r=4, target_modules=("q_proj", "v_proj")))
     group.start(
@@ -73,7 +79,7 @@ def alive(ray_client, job_id):
 
 
 def test_pipeline_moves_every_batch_once_and_ranks_stay_in_sync(ray_client, tiny_model, tmp_path):
-    group = roles("job-pipe1", tiny_model)
+    group = roles("job-pipe1", tiny_model, trainer_threads=1)  # as if it overlapped the generator
     try:
         journal = Journal(tmp_path / "journal")
         loop = TrainLoop(
@@ -98,6 +104,7 @@ def test_pipeline_moves_every_batch_once_and_ranks_stay_in_sync(ray_client, tiny
         trainers = group.actors["trainer"]
         d0, d1 = ray_client.get([t.digest.remote() for t in trainers])
         assert d0 == d1  # the two ZeRO-2 ranks hold bitwise-equal parameters
+        assert ray_client.get(trainers[0].use_threads.remote(None)) == "1 thread"  # generating beside it
         # after a sync, the generator computes exactly what the trainer computes
         import numpy as np
 
@@ -113,6 +120,9 @@ def test_pipeline_moves_every_batch_once_and_ranks_stay_in_sync(ray_client, tiny
             LoopConfig(prepare=reward_weighted, sampling=SamplingParams(n=2, max_new_tokens=6)),
         )
         assert again.run(prompts()).replayed == N_BATCHES
+        # nothing to generate: the trainers computed on every core
+        every = f"{os.cpu_count()} thread{'s' * (os.cpu_count() != 1)}"
+        assert ray_client.get([t.use_threads.remote(None) for t in group.actors["trainer"]]) == [every, every]
     finally:
         group.close()
     assert wait_for(lambda: alive(ray_client, "job-pipe1") == ([], []), timeout=30)

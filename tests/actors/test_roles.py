@@ -54,6 +54,19 @@ def test_generation_logprobs_match_a_teacher_forced_forward(tiny_model):
         assert 1 <= len(row["completion_ids"]) <= 8
 
 
+def test_score_topk_grades_each_row_as_its_own_forward(tiny_model):
+    """On-policy distillation's teacher grades rows of different prompt and completion lengths in
+    one left-padded forward; each row's log-probs must be what a forward of that row alone gives."""
+    teacher = Generator(GeneratorSpec(str(tiny_model), seed=4))
+    rows = {"prompt_ids": [[5, 6, 7], [8] * 11, [9, 10]], "completion_ids": [[11, 12, 13, 14], [15], [16, 17]]}
+    batched = teacher._completion_logps(*rows.values())
+    out = teacher.score_topk(make_batch("b000", {"prompt": ["a", "b", "c"], **rows}), 3)
+    for p, c, logp, ids in zip(*rows.values(), batched, out.column("topk_ids").to_pylist(), strict=True):
+        alone = torch.log_softmax(torch.tensor(teacher.logits(np.array([p + c]))[0]), -1)[len(p) - 1 : -1]
+        torch.testing.assert_close(logp, alone, atol=1e-5, rtol=0)
+        assert ids == torch.topk(alone, 3, dim=-1).indices.flatten().tolist()
+
+
 def test_generation_logprobs_are_those_of_the_sampling_temperature(tiny_model):
     """At T = 0.7 the generator's log-probs are log_softmax(logits / 0.7) of a teacher-forced
     forward, the distribution it sampled from (what the trainer's ratio compares against)."""
