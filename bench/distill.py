@@ -35,7 +35,8 @@ from bench.generation import prompts
 @torch.no_grad()
 def held_out_kl(teacher_path: str, student, texts: list[str], new_tokens: int) -> float:
     """Mean over answer tokens of KL(teacher || student), full vocabulary, on the teacher's greedy
-    answers to `texts`."""
+    answers to `texts`, each framed by the chat template as both sides train (encode_prompt)."""
+    from stillroom.actors.models.loading import encode_prompt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_path)
@@ -43,7 +44,7 @@ def held_out_kl(teacher_path: str, student, texts: list[str], new_tokens: int) -
     student.eval()
     total, count = 0.0, 0
     for text in texts:
-        ids = tok(text, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(tok, text)])
         seq = teacher.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         start = ids.shape[1] - 1
         p = torch.log_softmax(teacher(seq).logits[0, start:-1], -1)
