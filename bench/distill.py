@@ -1,9 +1,11 @@
 """Distillation: stillroom's distill stage (offline top-k KD from the teacher's answers, and
 on-policy GKD) against TRL's GKDTrainer (lmbda=0: a dataset of answers with the teacher's full
 distribution; lmbda=1: on-policy) on identical settings: the same teacher, student init, prompts,
-steps, batch, learning rate and completion length.
+steps, batch, learning rate and its linear decay, completion length, forward KL at temperature 1,
+float32 and no gradient checkpointing (TRL's defaults, bfloat16 autocast and checkpointing, are
+turned off: on a CPU without AVX512-BF16 torch emulates bfloat16 ~200x slower).
 
-    .venv/bin/python -m bench.distill [--steps 12] [--teacher DIR]
+    .venv/bin/python -m bench.distill [--steps 12] [--lr 3e-4] [--top-k 16] [--teacher DIR]
 
 Offline, both sides learn from the same precomputed teacher data: stillroom's teacher writes its
 greedy answers once (epoch 1, journaled with their top-k log-probs), and the student trains two
@@ -62,13 +64,18 @@ def stillroom(teacher: str, student: str, rows: list[dict], args, mode: str) -> 
     stage = {
         "mode": mode,
         "num_samples": 1,  # GKDTrainer samples one answer per prompt
-        "top_k": 16,
+        "top_k": args.top_k,
         "filter": "valid_only" if mode == "offline" else "majority_vote",
         "max_new_tokens": args.new_tokens,
         "prompts_per_step": args.batch,
         "alpha": 0.0,
         "kd_loss": "forward_kl",
-        "optim": {"learning_rate": args.lr, "max_steps": 2 * args.steps, "dtype": "float32"},
+        "optim": {
+            "learning_rate": args.lr,
+            "max_steps": 2 * args.steps,
+            "lr_scheduler_type": "linear",  # TRL's default
+            "dtype": "float32",
+        },
         "eval_prompts": 1,
     }
     if mode == "offline":  # the teacher's greedy answers, all kept, learned for two epochs
@@ -128,6 +135,7 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
         output_dir=tempfile.mkdtemp(prefix="bench-gkd-"),
         per_device_train_batch_size=args.batch,
         learning_rate=args.lr,
+        lr_scheduler_type="linear",  # to 0 at the last step, as the stillroom rows
         max_steps=2 * args.steps,
         lmbda=lmbda,
         beta=0.0,  # forward KL, as the stillroom rows
@@ -175,7 +183,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--top-k", type=int, default=16, help="the teacher log-probs stillroom keeps per token")
     ap.add_argument(
         "--teacher", default="", help="a trained teacher (e.g. the demo's sft/model); default: a random tiny Llama"
     )

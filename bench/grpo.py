@@ -68,6 +68,7 @@ def stillroom(model: str, path: str, args, max_staleness: int) -> dict:
             "learning_rate": args.lr,
             "max_steps": args.steps,
             "gradient_checkpointing": args.checkpointing,
+            "lr_scheduler_type": "linear",  # TRL's default
             "dtype": "bfloat16" if args.bf16 else "float32",
         },
     }
@@ -125,6 +126,7 @@ def trl(model: str, path: str, args) -> dict:
         gradient_checkpointing=args.checkpointing,  # TRL's default is on; set equal on both sides
         bf16=args.bf16,  # TRL's default is bfloat16 autocast (emulated, ~200x slower, on CPUs without AVX512-BF16)
         learning_rate=args.lr,
+        lr_scheduler_type="linear",  # to 0 at the last step, as the stillroom rows
         max_steps=args.steps,
         temperature=1.0,
         reward_weights=weights,
@@ -193,7 +195,7 @@ def main() -> None:
         row["throughput_vs_trl"] = rows[-1]["seconds_per_step"] / row["seconds_per_step"]
     columns = ["who", "seconds_per_step", "completions_per_s", "reward_first", "reward_last3", "throughput_vs_trl"]
     shape = f"{args.group_size}x{args.prompts}x{args.max_new_tokens}" + ("-ckpt" if args.checkpointing else "")
-    shape += "-sft" if args.init else ""
+    shape += ("-sft" if args.init else "") + ("-bf16" if args.bf16 else "")
     report(f"grpo-{args.model}-{shape}", rows, columns, {"settings": vars(args)})
 
 
