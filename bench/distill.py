@@ -3,7 +3,7 @@ on-policy GKD) against TRL's GKDTrainer (lmbda=0: a dataset of answers with the 
 distribution; lmbda=1: on-policy) on identical settings: the same teacher, student init, prompts,
 steps, batch, learning rate and its linear decay, completion length, forward KL at temperature 1,
 float32 and no gradient checkpointing (TRL's defaults, bfloat16 autocast and checkpointing, are
-turned off: on a CPU without AVX512-BF16 torch emulates bfloat16 ~200x slower).
+turned off: on a CPU without AVX512-BF16 torch emulates bfloat16 ~180x slower).
 
     .venv/bin/python -m bench.distill [--steps 12] [--lr 3e-4] [--top-k 16] [--teacher DIR]
 
@@ -142,7 +142,7 @@ def trl_gkd(teacher: str, student: str, rows: list[dict], args, lmbda: float):
         temperature=1.0,
         max_new_tokens=args.new_tokens,
         gradient_checkpointing=False,  # TRL's default is on; stillroom's rows do not recompute
-        bf16=False,  # TRL's default is bfloat16 autocast, emulated (~200x slower) on CPUs without AVX512-BF16
+        bf16=False,  # TRL's default is bfloat16 autocast, emulated (~180x slower) on CPUs without AVX512-BF16
         use_cpu=True,
         report_to="none",
         save_strategy="no",

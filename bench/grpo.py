@@ -124,7 +124,7 @@ def trl(model: str, path: str, args) -> dict:
         beta=0.0,
         epsilon=0.2,
         gradient_checkpointing=args.checkpointing,  # TRL's default is on; set equal on both sides
-        bf16=args.bf16,  # TRL's default is bfloat16 autocast (emulated, ~200x slower, on CPUs without AVX512-BF16)
+        bf16=args.bf16,  # TRL's default is bfloat16 autocast (emulated, ~180x slower, on CPUs without AVX512-BF16)
         learning_rate=args.lr,
         lr_scheduler_type="linear",  # to 0 at the last step, as the stillroom rows
         max_steps=args.steps,

@@ -393,6 +393,9 @@ def test_on_policy_distillation_lowers_held_out_kl(start_server, sft_data, tiny_
     kinds = metric_series(c, done.id, "distill/on_policy")
     assert len(kinds) == 12 and 0 < sum(kinds) < 12  # both kinds of step happened
     assert done.stages[1].progress.done == 12
+    # where each step's time went: sampling and grading, training, the weight sync
+    phases = [metric_series(c, done.id, f"time/{p}_s") for p in ("sample", "train", "sync")]
+    assert all(len(s) == 12 and min(s) > 0 for s in phases), phases
     # the exported student decodes greedily exactly like the student the stage trained
     assert metric_series(c, done.id, "export/greedy_match") == [1.0]
     names = {a.name for a in c.artifacts(done.id)}
