@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -42,8 +41,9 @@ from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import TrainLoop
 from stillroom.actors.runtime.loop_config import LoopConfig, Refill
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
-from stillroom.actors.runtime.trainers import eval_sums, train_step, weights
+from stillroom.actors.runtime.trainers import eval_sums
 from stillroom.actors.stages.index import prompt_rows
+from stillroom.actors.stages.on_policy import on_policy_loop
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import (
     FractionGuard,
@@ -167,7 +167,7 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
     if cfg.on_policy_fraction:
         roles.start("student", GeneratorSpec(student, seed=spec.seed))
-        on_policy_loop(loop, batches, cfg, ctx, spec.seed, params.optim.checkpoint_every or 10)
+        on_policy_loop(loop, batches, cfg, ctx, spec.seed, params.optim.checkpoint_every or 10, prepare_batch)
     else:
         ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
     if eval_prompts:
@@ -334,58 +334,6 @@ def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> floa
     arrays = training_arrays(samples, pad_id=0)
     total, count = eval_sums(trainers, "eval_kd", arrays)  # every rank: ZeRO-3 forwards are collective
     return total / max(count, 1)
-
-
-def phase_seconds(started: float, sampled: float, trained: float, synced: float) -> dict[str, float]:
-    """Where an on-policy step's wall time went: sampling and grading, training, the weight sync."""
-    return {"time/sample_s": sampled - started, "time/train_s": trained - sampled, "time/sync_s": synced - trained}
-
-
-def on_policy_loop(
-    loop: TrainLoop, batches: list[pa.RecordBatch], cfg: DistillConfig, ctx: StageContext, seed: int, every: int
-) -> None:
-    """GKD: each step trains either on the student's own samples, graded token by token by the
-    teacher (probability lambda: the coins are drawn up front, so a restart draws the same), or on
-    filtered teacher samples; the student's new weights then go to the generator that samples
-    from it. Synchronous by nature: the next samples need them. Checkpoints every `every` steps."""
-    roles = loop.roles.actors
-    own = SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.sampling.max_new_tokens, temperature=1.0)
-    coins = np.random.default_rng(seed).random(len(batches)) < cfg.on_policy_fraction
-
-    def sync(cursor: int) -> None:
-        ray.get(roles["student"][0].load_weights.remote(weights(loop.trainers.actors), cursor))
-
-    def step(i: int) -> None:
-        ctx.check_cancelled()
-        student, teacher, scorer = roles["student"][0], roles["generator"][0], roles["scorer"][0]
-        started = time.perf_counter()
-        if coins[i]:
-            samples = ray.get(
-                teacher.score_topk.remote(student.generate.remote(batches[i], own), cfg.sampling.topk_logprobs)
-            )
-            arrays, metrics, objective = (
-                training_arrays(samples, pad_id=0),
-                {"distill/on_policy": 1.0},
-                cfg.on_policy_objective,
-            )
-        else:
-            arrays, metrics = prepare(
-                ray.get(scorer.score.remote(teacher.generate.remote(batches[i], cfg.sampling))), cfg
-            )
-            metrics["distill/on_policy"], objective = 0.0, cfg.objective
-        sampled = time.perf_counter()
-        if arrays:
-            done = train_step(loop.trainers.actors, arrays, objective)
-            metrics.update({k: done[k] for k in ("loss", "loss/kd", "loss/ce")})
-            metrics["train/tokens_per_s"] = done["tokens"] / max(done["step_s"], 1e-9)
-        trained = time.perf_counter()
-        sync(i + 1)
-        metrics.update(phase_seconds(started, sampled, trained, time.perf_counter()))
-        ctx.metrics(metrics)
-        ctx.progress(i + 1, len(batches), "steps")
-
-    sync(loop.trainers.start())
-    run_steps(loop.trainers, len(batches), step, every, on_resume=sync)
 
 
 def train_baseline(
