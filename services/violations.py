@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stillroom.services.limits import TenantLimits
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -18,6 +20,15 @@ class Policy:
     # Reward functions named by import path run on the cluster: only these modules (and their
     # submodules) may be named.
     reward_modules: tuple[str, ...] = ()
+    # The server's own files (home, job store, artifact root): never a tenant's data or model,
+    # whatever the roots contain.
+    excluded: tuple[Path, ...] = ()
+    # Hosts (host or host:port) a job's MLflow client may be pointed at over http(s).
+    mlflow_hosts: tuple[str, ...] = ()
+    # The calling tenant's ceilings (the servicer fills them in per call).
+    limits: TenantLimits = field(default_factory=TenantLimits)
+    # What the cluster can schedule, {resource: total} (e.g. CPU, GPU, custom); empty: unknown.
+    capacity: dict[str, float] = field(default_factory=dict)
 
 
 class Violations:

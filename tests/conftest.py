@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -136,7 +137,28 @@ def ray_cluster():
     ]
     subprocess.run(worker, check=True, capture_output=True, timeout=120)
     yield address
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    stop_cluster(temp)
+
+
+def stop_cluster(temp: Path) -> None:
+    """Stop the Ray cluster whose processes name `temp` (its --temp-dir) on their command lines, and
+    no other: `ray stop` would take down every Ray on the machine, other test sessions' included."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp) in arg for arg in p.info["cmdline"] or ()):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     shutil.rmtree(temp, ignore_errors=True)
 
 
