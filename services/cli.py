@@ -13,6 +13,7 @@ unreachable past --reconnect-timeout while watching (the message says where to r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -134,6 +135,7 @@ def cmd_serve(args) -> int:
     from stillroom.services.ray_auth import enable_ray_token_auth
 
     enable_ray_token_auth()  # before ray is imported
+    from stillroom.services.limits import Limits
     from stillroom.services.server import Server, ServerConfig, default_home
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -153,10 +155,18 @@ def cmd_serve(args) -> int:
         runtime_env=args.runtime_env,
         max_running_jobs=args.max_running_jobs,
         retry_backoff_s=args.retry_backoff_s,
-        max_queued_per_tenant=args.max_queued_per_tenant,
+        limits=_limits(Limits.load(args.limits), args.max_queued_per_tenant),
+        mlflow_hosts=args.mlflow_uri_allow or [],
     )
     Server(cfg).serve_forever()
     return 0
+
+
+def _limits(limits, max_queued: int | None):
+    """--max-queued-per-tenant, where given, sets the default tenant's queue limit."""
+    if max_queued is None:
+        return limits
+    return dataclasses.replace(limits, default=dataclasses.replace(limits.default, max_queued_jobs=max_queued))
 
 
 def cmd_submit(args, client: Client) -> int:
@@ -265,7 +275,19 @@ def _serve_parser(sub) -> None:
     s.add_argument(
         "--retry-backoff-s", type=float, default=10.0, help="first wait before a dead supervisor restarts (doubles)"
     )
-    s.add_argument("--max-queued-per-tenant", type=int, default=100)
+    s.add_argument("--max-queued-per-tenant", type=int, help="queued jobs per tenant (default 100; or --limits)")
+    s.add_argument(
+        "--limits",
+        type=Path,
+        help="per-tenant ceilings YAML: running/queued jobs, watch streams, steps, tokens, deadline "
+        "(services/limits.py documents the keys and their defaults)",
+    )
+    s.add_argument(
+        "--mlflow-uri-allow",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="a host jobs may send MLflow tracking to over http(s) (repeat; default: none)",
+    )
     s.add_argument("--log-level", default="info")
     s.set_defaults(fn=cmd_serve)
 

@@ -6,6 +6,7 @@ ErrorInterceptor must come first (outermost) so that what AuthInterceptor raises
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import Callable
@@ -62,62 +63,134 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable, safe_parse: bool = F
     return handler
 
 
+def _around(behaviour: Callable, streaming: bool, before: Callable, maps_errors: bool) -> Callable:
+    """`behaviour` (sync or async, unary or streaming) with before(request, context) -> context run
+    first; with `maps_errors`, every exception aborts the call with its status (else it propagates
+    to the interceptor outside). The aio server runs sync behaviours on its thread pool and async
+    ones on its event loop: the wrapper keeps the kind, so a stream that awaits holds a coroutine,
+    never a thread."""
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def agen(request, context):
+            try:
+                async for item in behaviour(request, before(request, context)):
+                    yield item
+            except Exception as e:
+                if not maps_errors:
+                    raise
+                await _abort_async(context, e)
+
+        return agen
+    if inspect.iscoroutinefunction(behaviour):
+
+        async def coro(request, context):
+            try:
+                return await behaviour(request, before(request, context))
+            except Exception as e:
+                if not maps_errors:
+                    raise
+                await _abort_async(context, e)
+
+        return coro
+    if streaming:
+
+        def gen(request, context):
+            try:
+                yield from behaviour(request, before(request, context))
+            except Exception as e:
+                if not maps_errors:
+                    raise
+                _abort_sync(context, e)
+
+        return gen
+
+    def unary(request, context):
+        try:
+            return behaviour(request, before(request, context))
+        except Exception as e:
+            if not maps_errors:
+                raise
+            _abort_sync(context, e)
+
+    return unary
+
+
+MAX_VIOLATIONS = 50  # the first violations a status carries; the rest are counted
+MAX_DESCRIPTION = 300  # characters of one violation's description
+MAX_DETAILS_BYTES = 4096  # the whole status stays far below gRPC's 8 KiB metadata limit
+
+
+def _fit(violations: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The violations an answer can carry: trimmed, then as many as fit MAX_DETAILS_BYTES (counted
+    twice: the message and the BadRequest detail both carry them), the rest summed up."""
+    kept, size = [], 0
+    for field, description in violations[:MAX_VIOLATIONS]:
+        item = (field[:MAX_DESCRIPTION], description[:MAX_DESCRIPTION])
+        size += 2 * (len(item[0].encode()) + len(item[1].encode()) + 8)
+        if size > MAX_DETAILS_BYTES:
+            break
+        kept.append(item)
+    if len(kept) < len(violations):
+        kept.append(("", f"and {len(violations) - len(kept)} more violations"))
+    return kept
+
+
 def status_of(error: StillroomError) -> status_pb2.Status:
-    """The google.rpc.Status for a domain error; field violations travel as a BadRequest detail."""
-    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=str(error))
+    """The google.rpc.Status for a domain error; field violations travel as a BadRequest detail.
+    Both are capped (_fit) so that the answer always fits gRPC's trailers."""
+    message = str(error)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code))
     if isinstance(error, InvalidArgument):
+        fitted = _fit(error.violations)
+        message = "; ".join(f"{f}: {d}" if f else d for f, d in fitted)
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in fitted if f
                 ]
             )
         )
         status.details.append(detail)
+    status.message = message[:MAX_DETAILS_BYTES]
     return status
 
 
-def _abort(context: grpc.ServicerContext, error: Exception, method: str):
+def _status(error: Exception) -> tuple[grpc.StatusCode, str, tuple]:
+    """(code, details, trailing metadata) of the answer to a call that raised `error`."""
     if isinstance(error, StillroomError):
-        context.abort_with_status(rpc_status.to_status(status_of(error)))
-    # Anything else is our bug, never the client's: log it with an id the client can quote.
+        status = rpc_status.to_status(status_of(error))
+        return status.code, status.details, status.trailing_metadata
+    # Anything that is not a domain error is our bug, never the client's: logged with an id to quote.
     error_id = uuid.uuid4().hex[:12]
-    log.exception("internal error %s in %s", error_id, method, exc_info=error)
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server log has details")
+    log.error("internal error %s", error_id, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server log has details", ()
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+def _abort_sync(context, error: Exception):
+    context.abort(*_status(error))
+
+
+async def _abort_async(context, error: Exception):
+    await context.abort(*_status(error))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors -> their status codes; anything else -> INTERNAL with an id; a request that does
+    not parse -> INVALID_ARGUMENT."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+
+        def check(request, context):
+            if isinstance(request, _Malformed):
+                raise InvalidArgument(f"the request message does not parse: {request.error}")
+            return context
 
         def wrap(behaviour, streaming):
-            def check(request):
-                if isinstance(request, _Malformed):
-                    raise InvalidArgument(f"the request message does not parse: {request.error}")
-
-            if streaming:
-
-                def stream(request, context):
-                    try:
-                        check(request)
-                        yield from behaviour(request, context)
-                    except Exception as e:  # noqa: BLE001
-                        _abort(context, e, method)
-
-                return stream
-
-            def unary(request, context):
-                try:
-                    check(request)
-                    return behaviour(request, context)
-                except Exception as e:  # noqa: BLE001
-                    _abort(context, e, method)
-
-            return unary
+            return _around(behaviour, streaming, check, maps_errors=True)
 
         return _rewrap(handler, wrap, safe_parse=True)
 
@@ -133,27 +206,20 @@ class AuthedContext:
         return getattr(self._context, name)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenTable):
         self._tokens = tokens
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if handler is None or details.method.startswith(UNAUTHENTICATED_METHODS):
             return handler
         metadata = details.invocation_metadata
 
+        def authenticate(request, context):
+            return AuthedContext(context, self._tokens.authenticate(metadata))
+
         def wrap(behaviour, streaming):
-            def call(request, context):
-                principal = self._tokens.authenticate(metadata)
-                return behaviour(request, AuthedContext(context, principal))
-
-            if streaming:
-
-                def stream(request, context):
-                    yield from call(request, context)
-
-                return stream
-            return call
+            return _around(behaviour, streaming, authenticate, maps_errors=False)  # the ErrorInterceptor maps
 
         return _rewrap(handler, wrap)

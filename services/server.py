@@ -3,10 +3,15 @@
 Start-up order: open the store -> connect to Ray -> reconcile jobs left RUNNING -> start the
 dispatcher -> accept calls. SIGTERM/SIGINT: stop accepting, let in-flight calls finish (watchers are
 told to resume later), then stop dispatching.
+
+gRPC runs as a grpc.aio server on its own event loop thread: unary calls run on a thread pool
+(`workers`), WatchJob streams are coroutines on the loop, so open streams never hold a thread and
+each tenant's streams are capped on their own (services/limits.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -23,8 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from stillroom.actors.runtime.cluster import NAMESPACE
 from stillroom.services.auth import Principal, TokenTable
 from stillroom.services.dispatcher import Dispatcher
+from stillroom.services.environment import scrub_environment
 from stillroom.services.interceptors import AuthInterceptor, ErrorInterceptor
-from stillroom.services.servicer import JobService
+from stillroom.services.limits import Limits
+from stillroom.services.servicer import JobService, StoreChanges
 from stillroom.services.store import ACTIVE, Store
 from stillroom.services.validation import Policy
 from stillroom.v1 import job_pb2 as pb
@@ -56,8 +63,10 @@ class ServerConfig:
     runtime_env: Path | None = None  # a Ray runtime_env YAML for every job's actors
     max_running_jobs: int = 2
     retry_backoff_s: float = 10.0  # the first wait before a dead supervisor is started again (doubling)
-    max_queued_per_tenant: int = 100
-    workers: int = 128
+    limits: Limits = field(default_factory=Limits)  # per-tenant ceilings (serve --limits limits.yaml)
+    mlflow_hosts: list[str] = field(default_factory=list)  # hosts jobs may send MLflow tracking to
+    workers: int = 64  # threads for unary calls (streams are coroutines and take none)
+    max_concurrent_rpcs: int = 4096  # calls in flight, streams included (each tenant's streams are capped)
     max_message_mb: int = 16
     grace_s: float = 20.0
 
@@ -87,59 +96,75 @@ class Server:
         tokens = _AnonymousTokens() if cfg.allow_anonymous else TokenTable.load(cfg.tokens_file)
         if not cfg.allow_anonymous and not len(tokens):
             raise SystemExit("no API tokens: pass --tokens-file or set STILLROOM_TOKENS (or --allow-anonymous)")
+        scrub_environment()  # loaded: no Ray process may inherit the tokens (services/environment.py)
         self.store = Store(cfg.store_path or cfg.home / "jobs.db")
         self.embedded_ray = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         self.dashboard_url = connect_ray(cfg.ray_address, cfg.runtime_env)
-        artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
+        self.artifact_root = Path(cfg.artifact_root or cfg.home / "artifacts").resolve()
         self.dispatcher = Dispatcher(
             self.store,
-            artifact_root,
+            self.artifact_root,
             cfg.max_running_jobs,
             tuple(cfg.reward_modules),
             retry_backoff_s=cfg.retry_backoff_s,
             dashboard_url=self.dashboard_url,
+            limits=cfg.limits,
         )
-        self.service = JobService(
-            self.store,
-            self.dispatcher,
-            Policy(
-                tuple(Path(p).resolve() for p in cfg.data_roots),
-                tuple(Path(p).resolve() for p in cfg.model_roots),
-                tuple(cfg.reward_modules),
-            ),
-            cfg.max_queued_per_tenant,
+        self.service = JobService(self.store, self.dispatcher, self._policy(), cfg.limits)
+        self._stopped = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True).start()
+        self.health = health.aio.HealthServicer()
+        self.grpc, self.port = self._on_loop(self._build(tokens))
+
+    def _policy(self) -> Policy:
+        """What validation enforces; the server's own files are excluded from every root."""
+        cfg = self.cfg
+        store = Path(cfg.store_path or cfg.home / "jobs.db")
+        own = {Path(cfg.home), self.artifact_root, *(store.with_name(store.name + s) for s in ("", "-wal", "-shm"))}
+        return Policy(
+            tuple(Path(p).resolve() for p in cfg.data_roots),
+            tuple(Path(p).resolve() for p in cfg.model_roots),
+            tuple(cfg.reward_modules),
+            excluded=tuple(sorted(p.resolve() for p in own)),
+            mlflow_hosts=tuple(cfg.mlflow_hosts),
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+
+    def _on_loop(self, coro):
+        """Run a coroutine on the server's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _build(self, tokens: TokenTable) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=self.cfg.workers, thread_name_prefix="rpc"),
             interceptors=[ErrorInterceptor(), AuthInterceptor(tokens)],
-            maximum_concurrent_rpcs=cfg.workers,
+            maximum_concurrent_rpcs=self.cfg.max_concurrent_rpcs,
             options=[
-                ("grpc.max_receive_message_length", cfg.max_message_mb * MiB),
-                ("grpc.max_send_message_length", cfg.max_message_mb * MiB),
+                ("grpc.max_receive_message_length", self.cfg.max_message_mb * MiB),
+                ("grpc.max_send_message_length", self.cfg.max_message_mb * MiB),
                 # A second server on a busy port must fail, not share it: with SO_REUSEPORT the kernel
                 # would split calls between two servers with different tokens and stores.
                 ("grpc.so_reuseport", 0),
             ],
         )
-        job_service_pb2_grpc.add_JobServiceServicer_to_server(self.service, self.grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self.port = self._bind()
-        self._stopped = threading.Event()
+        self.service.changes = StoreChanges(self.store, asyncio.get_running_loop(), self._stopped)
+        job_service_pb2_grpc.add_JobServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server, self._bind(server)
 
-    def _bind(self) -> int:
+    def _bind(self, server: grpc.aio.Server) -> int:
         if self.cfg.tls_cert or self.cfg.tls_key:
             creds = grpc.ssl_server_credentials(
                 [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())]
             )
-            return self.grpc.add_secure_port(self.cfg.address, creds)
-        return self.grpc.add_insecure_port(self.cfg.address)
+            return server.add_secure_port(self.cfg.address, creds)
+        return server.add_insecure_port(self.cfg.address)
 
     def start(self) -> None:
         self.dispatcher.reconcile()
         self.dispatcher.start()
-        self.grpc.start()
+        self._on_loop(self.grpc.start())
         self._set_health(True)
         threading.Thread(target=self._watch_store, name="health", daemon=True).start()
         host = self.cfg.address.rsplit(":", 1)[0]
@@ -154,7 +179,7 @@ class Server:
     def _set_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+            self._on_loop(self.health.set(name, status))
 
     def _watch_store(self) -> None:
         while not self._stopped.wait(2.0):
@@ -169,9 +194,10 @@ class Server:
         """Graceful: refuse new calls, finish in-flight ones, tell watchers, stop dispatching."""
         self._stopped.set()
         self.service.shutting_down.set()
-        self.health.enter_graceful_shutdown()
+        self._on_loop(self.health.enter_graceful_shutdown())
         self.store.notify()  # wake watchers so they see the shutdown
-        self.grpc.stop(self.cfg.grace_s).wait()
+        self._on_loop(self.grpc.stop(self.cfg.grace_s))
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self.dispatcher.stop()
         if self.embedded_ray:
             # The embedded cluster ends with this process, and the supervisors with it.

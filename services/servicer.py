@@ -6,12 +6,24 @@ codes. The caller's tenant comes from the auth interceptor (context.principal).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import secrets
 import threading
+from collections import Counter
 
 from stillroom.services.dispatcher import Dispatcher
-from stillroom.services.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from stillroom.services.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from stillroom.services.limits import Limits
 from stillroom.services.store import ACTIVE, TERMINAL, Store, decode_token, encode_token
 from stillroom.services.validation import Policy, validate, validate_request
 from stillroom.v1 import job_pb2 as pb
@@ -38,11 +50,64 @@ def _page_size(value: int, default: int, most: int, field: str) -> int:
     return min(value or default, most)
 
 
+class StoreChanges:
+    """Wakes the watchers (coroutines on the server's event loop) whenever the store commits: one
+    thread waits on the store and sets an asyncio.Event on the loop. A commit the thread misses
+    between two waits costs a watcher at most WATCH_POLL_S."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, stopped: threading.Event):
+        self._loop, self._event = loop, asyncio.Event()
+        threading.Thread(target=self._relay, args=(store, stopped), name="store-changes", daemon=True).start()
+
+    def _relay(self, store: Store, stopped: threading.Event) -> None:
+        while not stopped.is_set():
+            store.wait(WATCH_POLL_S)
+            with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping
+                self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+class StreamSlots:
+    """Open WatchJob streams per tenant, each tenant under its own limit."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self._open, self._lock = limits, Counter(), threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, tenant: str):
+        most = self.limits.of(tenant).max_watch_streams
+        with self._lock:
+            if self._open[tenant] >= most:
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} already has {self._open[tenant]} open WatchJob streams "
+                    f"(limit max_watch_streams: {most}); close one, or watch with ListEvents pages"
+                )
+            self._open[tenant] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open[tenant] -= 1
+
+
 class JobService(api_grpc.JobServiceServicer):
-    def __init__(self, store: Store, dispatcher: Dispatcher, policy: Policy, max_queued_per_tenant: int = 100):
+    def __init__(self, store: Store, dispatcher: Dispatcher, policy: Policy, limits: Limits | None = None):
         self.store, self.dispatcher, self.policy = store, dispatcher, policy
-        self.max_queued_per_tenant = max_queued_per_tenant
+        self.limits = limits or Limits()
+        self.streams = StreamSlots(self.limits)
+        self.changes: StoreChanges | None = None  # set by the server once its event loop runs
         self.shutting_down = threading.Event()
+
+    def _policy(self, tenant: str) -> Policy:
+        """The server's policy with this tenant's ceilings and the cluster's capacity now."""
+        return dataclasses.replace(self.policy, limits=self.limits.of(tenant), capacity=self.dispatcher.capacity())
 
     def SubmitJob(self, request: api.SubmitJobRequest, context) -> api.SubmitJobResponse:
         principal = context.principal
@@ -50,7 +115,7 @@ class JobService(api_grpc.JobServiceServicer):
             raise PermissionDenied(f"tenant {principal.tenant!r}: this token is read-only")
         labels = dict(request.labels)
         validate_request(request.request_id, labels)
-        spec, _ = validate(request.spec, self.policy)
+        spec, _ = validate(request.spec, self._policy(principal.tenant))
         self._check_reused_journals(spec, principal.tenant)
         self._check_resume_from(spec, principal.tenant)
         job, created = self.store.create_job(
@@ -61,7 +126,7 @@ class JobService(api_grpc.JobServiceServicer):
             spec=spec,
             labels=labels,
             stages=[(s.name, s.WhichOneof("kind")) for s in spec.stages],
-            max_queued=self.max_queued_per_tenant,
+            max_queued=self.limits.of(principal.tenant).max_queued_jobs,
         )
         if created:
             self.dispatcher.notify()
@@ -98,7 +163,7 @@ class JobService(api_grpc.JobServiceServicer):
             )
 
     def ValidateJob(self, request: api.ValidateJobRequest, context) -> api.ValidateJobResponse:
-        _, warnings = validate(request.spec, self.policy)
+        _, warnings = validate(request.spec, self._policy(context.principal.tenant))
         self._check_reused_journals(request.spec, context.principal.tenant)
         self._check_resume_from(request.spec, context.principal.tenant)
         return api.ValidateJobResponse(warnings=warnings)
@@ -141,26 +206,29 @@ class JobService(api_grpc.JobServiceServicer):
             self.dispatcher.notify()
         return api.CancelJobResponse(job=self.store.get_job(job.id))
 
-    def WatchJob(self, request: api.WatchJobRequest, context):
+    async def WatchJob(self, request: api.WatchJobRequest, context):
+        """Every event after `after_seq`, then new ones as they come, until the job ends. A coroutine
+        on the server's event loop, not a thread: open streams cost memory, and each tenant has its
+        own limit (max_watch_streams), so no tenant's streams can crowd out another's calls."""
         tenant = context.principal.tenant
         cursor = request.after_seq
         if cursor < 0:
             raise InvalidArgument([("after_seq", "must be >= 0")])
-        while True:
-            done = self.store.get_job(request.job_id, tenant).state in TERMINAL
-            events = self.store.events(request.job_id, cursor, limit=500)
-            for event in events:
-                yield api.WatchJobResponse(event=event)
-                cursor = event.seq
-            if events:
-                continue
-            if done:
-                return
-            if self.shutting_down.is_set():
-                raise Unavailable(f"the server is shutting down; resume the watch with after_seq={cursor}")
-            if not context.is_active():
-                return
-            self.store.wait(WATCH_POLL_S)
+        self.store.get_job(request.job_id, tenant)  # NOT_FOUND before a slot is taken
+        with self.streams.hold(tenant):
+            while True:
+                done = self.store.get_job(request.job_id, tenant).state in TERMINAL
+                events = self.store.events(request.job_id, cursor, limit=500)
+                for event in events:
+                    yield api.WatchJobResponse(event=event)
+                    cursor = event.seq
+                if events:
+                    continue
+                if done or context.done():
+                    return
+                if self.shutting_down.is_set():
+                    raise Unavailable(f"the server is shutting down; resume the watch with after_seq={cursor}")
+                await self.changes.wait(WATCH_POLL_S)
 
     def ListEvents(self, request: api.ListEventsRequest, context) -> api.ListEventsResponse:
         size = _page_size(request.page_size, 100, 1000, "page_size")
