@@ -1,17 +1,24 @@
 """Checks of what a spec points at on disk: model and data paths inside the server's roots, data
 files row by row, reference columns for built-in rewards, tokenizers that logit KD can compare,
-LoRA target modules the teacher has. Read from file headers; nothing is loaded into torch."""
+LoRA target modules the teacher has, where MLflow may be. Read from file headers; nothing is
+loaded into torch.
+
+Every path goes through actors/common/paths.confine (symlinks resolved, inside the roots, outside
+the server's own files; one answer, PERMISSION_DENIED, for outside, excluded and missing alike),
+and every file through paths.open_regular (a FIFO or device never holds a server thread)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
+import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from stillroom.actors.common import datasets, retrieval
+from stillroom.actors.common import datasets, paths, retrieval
 from stillroom.actors.common.rewards import reference_column
 from stillroom.services.errors import PermissionDenied
 from stillroom.services.violations import Policy, Violations
@@ -20,44 +27,75 @@ from stillroom.v1 import job_pb2 as pb
 DENSE_KINDS = (pb.RETRIEVER_KIND_DENSE, pb.RETRIEVER_KIND_HYBRID)
 
 
-def _resolve(path: str, field_path: str, roots: tuple[Path, ...]) -> Path:
-    """Absolute path inside one of `roots` (relative paths are taken from the first root)."""
-    p = Path(path)
-    resolved = (p if p.is_absolute() else roots[0] / p).resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
-        raise PermissionDenied(f"{field_path}: {path!r} is outside the server's allowed roots")
-    return resolved
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+MAX_TREE = 10_000  # files a model directory may hold: its tree is walked at every submit
+
+
+def confine(path: str, field_path: str, policy: Policy, roots: tuple[Path, ...] = (), must_exist: bool = True) -> Path:
+    """paths.confine with the server's roots (data roots unless `roots`) and excluded directories;
+    PermissionDenied naming the field."""
+    try:
+        return paths.confine(path, roots or policy.data_roots, policy.excluded, field_path, must_exist)
+    except paths.PathError as e:
+        raise PermissionDenied(str(e)) from None
 
 
 def model_path(path: str, field_path: str, policy: Policy, v: Violations) -> str:
+    """A model (a directory or a .gguf file, or a pkg:// file); returned resolved (pkg:// as is)."""
     if path.startswith("pkg://"):
-        package, _, rel = path[len("pkg://") :].partition("/")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            v.check(False, field_path, f"package {package!r} is not installed on the server")
-        elif not (Path(next(iter(spec.submodule_search_locations))) / rel).is_file():
-            v.check(False, field_path, f"package {package!r} has no file {rel!r}")
+        try:
+            found = paths.package_file(path, field_path)
+        except paths.PathError as e:
+            raise PermissionDenied(str(e)) from None
+        except FileNotFoundError as e:
+            v.check(False, field_path, str(e))
+            return path
+        v.check(paths.is_regular(found), field_path, f"{path!r}: the package has no such file")
         return path
-    resolved = _resolve(path, field_path, policy.data_roots + policy.model_roots)
+    roots = policy.data_roots + policy.model_roots
+    resolved = confine(path, field_path, policy, roots)
     if resolved.is_dir():
+        check_tree(resolved, field_path, policy, roots, v)
         v.check(
-            any((resolved / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")),
+            any(paths.is_regular(resolved / f) for f in MODEL_FILES),
             field_path,
             f"{resolved} has no config.json or tokenizer files",
         )
     else:
         v.check(
-            resolved.suffix == ".gguf" and resolved.is_file(),
+            resolved.suffix == ".gguf" and paths.is_regular(resolved),
             field_path,
             f"{resolved} is neither a model directory nor a .gguf file",
         )
     return str(resolved)
 
 
+def check_tree(root: Path, field_path: str, policy: Policy, roots: tuple[Path, ...], v: Violations) -> None:
+    """Everything a model directory holds, as its loaders will follow it: each entry confined like
+    the directory (a link out of the roots, or to the server's files: PermissionDenied), each file
+    regular (a FIFO would hold the actor that opens it)."""
+    seen = 0
+    for top, dirs, files in os.walk(root, followlinks=True):
+        for name in dirs + files:
+            seen += 1
+            if seen > MAX_TREE:
+                v.check(False, field_path, f"{root} holds more than {MAX_TREE} files: not a model directory")
+                return
+            entry = Path(top) / name
+            try:
+                paths.confine(entry, roots, policy.excluded, field_path, must_exist=False)
+            except paths.PathError:
+                shown = str(entry.relative_to(root))[: paths.SHOWN]
+                raise PermissionDenied(f"{field_path}: {shown!r} in it leads outside the data roots") from None
+            if name in files and entry.exists() and not paths.is_regular(entry):
+                v.check(False, field_path, f"{entry}: not a regular file (a FIFO, device or socket is never read)")
+
+
 def check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: Violations) -> datasets.Dataset | None:
     """Check the file row by row; return what it is (its shape and columns, no rows)."""
-    ref.path = str(_resolve(ref.path, f"{p}.path", policy.data_roots))
-    found = _read_once("dataset", ref.path, datasets.ref_format(ref), datasets.columns_of(ref), _version(ref.path))
+    ref.path = str(confine(ref.path, f"{p}.path", policy))
+    fmt, cols = datasets.ref_format(ref), datasets.columns_of(ref)
+    found = _read_once("dataset", ref.path, fmt, cols, _version(ref.path), policy.excluded)
     if isinstance(found, datasets.DataError):
         v.check(False, f"{p}.path", str(found))
         return None
@@ -65,24 +103,25 @@ def check_dataset(ref: pb.DatasetRef, p: str, policy: Policy, v: Violations) -> 
 
 
 def _version(path: str) -> tuple:
-    """What changes whenever a file (or any file of a directory) is written: names, sizes, mtimes."""
+    """What changes whenever a file (or any file of a directory: a `datasets` directory keeps its
+    files beside its state.json) is written: names, sizes, mtimes. stat only: nothing is opened."""
     root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
     try:
-        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        files = sorted(root.iterdir()) if root.is_dir() else [root]
+        return tuple((str(f), st.st_size, st.st_mtime_ns, st.st_mode) for f in files for st in (f.stat(),))
     except OSError:
         return ()  # gone: the reader says so
 
 
 @functools.lru_cache(maxsize=256)
-def _read_once(kind: str, path: str, fmt: str, cols: datasets.Columns, version: tuple):
+def _read_once(kind: str, path: str, fmt: str, cols: datasets.Columns, version: tuple, excluded: tuple = ()):
     """A data file read and checked once per version (`_version`), not on every submit: a client
     that submits the same data again is answered in microseconds. A dataset is kept without its
     rows; a DataError is kept too (the same file fails the same way)."""
     try:
         if kind == "corpus":
-            return len(retrieval.load_corpus(path, fmt))
-        return dataclasses.replace(datasets.load(path, fmt, cols), rows=[])
+            return len(retrieval.load_corpus(path, fmt, excluded))
+        return dataclasses.replace(datasets.load(path, fmt, cols, excluded), rows=[])
     except datasets.DataError as e:
         return e
 
@@ -109,8 +148,10 @@ def check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: Vi
 
 def _tokenizer_digest(path: str) -> str | None:
     """sha256 of a model directory's tokenizer.json, or None when it cannot be read here."""
-    f = Path(path) / "tokenizer.json"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+    try:
+        return hashlib.sha256(paths.read_bytes(Path(path) / "tokenizer.json")).hexdigest()
+    except OSError:
+        return None
 
 
 def check_tokenizers(spec: pb.JobSpec, v: Violations) -> None:
@@ -139,6 +180,9 @@ def check_tokenizers(spec: pb.JobSpec, v: Violations) -> None:
         )
 
 
+MAX_HEADER = 100 * 2**20  # safetensors caps its JSON header at 100 MB
+
+
 def model_modules(path: str) -> set[str] | None:
     """Names of the modules holding weights in a safetensors checkpoint (e.g. q_proj, lm_head),
     read from the files' JSON headers without loading a tensor. None when they cannot be read."""
@@ -147,10 +191,12 @@ def model_modules(path: str) -> set[str] | None:
     names: set[str] = set()
     for f in files:
         try:
-            with f.open("rb") as fh:
+            with paths.open_regular(f) as fh:
                 size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError):
+                header = json.loads(fh.read(min(size, MAX_HEADER)))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(header, dict):
             return None
         names |= {k.rsplit(".", 2)[-2] for k in header if k != "__metadata__" and k.count(".") >= 1}
     return names or None
@@ -179,8 +225,9 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
     for name in ("corpus", "test_corpus"):
         ref = getattr(spec.data, name)
         if ref.path:
-            ref.path = str(_resolve(ref.path, f"data.{name}.path", policy.data_roots))
-            found = _read_once("corpus", ref.path, datasets.ref_format(ref), datasets.Columns(), _version(ref.path))
+            ref.path = str(confine(ref.path, f"data.{name}.path", policy))
+            fmt, version = datasets.ref_format(ref), _version(ref.path)
+            found = _read_once("corpus", ref.path, fmt, datasets.Columns(), version, policy.excluded)
             if isinstance(found, datasets.DataError):
                 v.check(False, f"data.{name}.path", str(found))
     if spec.data.test_corpus.path:
@@ -209,9 +256,12 @@ def check_retrieval(spec: pb.JobSpec, kinds: set[str], policy: Policy, v: Violat
     if r.embedding_model and r.retriever not in DENSE_KINDS:
         v.check(False, "retrieval.embedding_model", "only the dense and hybrid retrievers embed")
     elif r.embedding_model:
-        model = _resolve(r.embedding_model, "retrieval.embedding_model", policy.data_roots + policy.model_roots)
+        roots = policy.data_roots + policy.model_roots
+        model = confine(r.embedding_model, "retrieval.embedding_model", policy, roots)
+        if model.is_dir():
+            check_tree(model, "retrieval.embedding_model", policy, roots, v)
         v.check(
-            (model / "modules.json").is_file(),
+            paths.is_regular(model / "modules.json"),
             "retrieval.embedding_model",
             f"{model} is not a sentence-transformers model directory (no modules.json)",
         )
@@ -223,7 +273,7 @@ TRACKERS = ("tensorboard", "mlflow", "none")
 
 def check_tracking(t: pb.TrackingSpec, policy: Policy, v: Violations) -> None:
     """report_to names known trackers ("none" alone); MLflow settings only with mlflow; a file:
-    tracking URI inside the server's data roots, or an http(s) server."""
+    tracking URI inside the server's data roots, or an http(s) server the operator allows."""
     for i, name in enumerate(t.report_to):
         v.check(name in TRACKERS, f"tracking.report_to[{i}]", f"{name!r} is not one of {', '.join(TRACKERS)}")
     v.check("none" not in t.report_to or len(t.report_to) == 1, "tracking.report_to", "'none' goes alone: no tracker")
@@ -232,11 +282,42 @@ def check_tracking(t: pb.TrackingSpec, policy: Policy, v: Violations) -> None:
         if getattr(t, field):
             v.check("mlflow" in t.report_to, f"tracking.{field}", "report_to does not include mlflow")
     if uri.startswith("file:"):
-        path = _resolve(uri.removeprefix("file:").removeprefix("//"), "tracking.mlflow_tracking_uri", policy.data_roots)
-        t.mlflow_tracking_uri = f"file:{path}"
+        where = uri.removeprefix("file:").removeprefix("//")
+        t.mlflow_tracking_uri = f"file:{confine(where, 'tracking.mlflow_tracking_uri', policy, must_exist=False)}"
+    elif uri.startswith(("http://", "https://")):
+        _check_mlflow_host(uri, policy.mlflow_hosts)
     elif uri:
-        v.check(
-            uri.startswith(("http://", "https://")),
-            "tracking.mlflow_tracking_uri",
-            f"{uri!r}: an http(s):// tracking server or a file: store",
-        )
+        v.check(False, "tracking.mlflow_tracking_uri", f"{uri!r}: an http(s):// tracking server or a file: store")
+
+
+# A host (name, IPv4, or [IPv6]) and an optional port, nothing else: no user info, no backslash,
+# nothing two URL parsers could read as different hosts.
+NETLOC = re.compile(r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+
+
+def _host_port(uri: str) -> tuple[str, int | None] | None:
+    """(host, port) an http(s) URL reaches, lower case, the scheme's port when none is given;
+    None for anything but a plain host and port."""
+    try:
+        parsed = urlsplit(uri)
+        if not uri.isprintable() or " " in uri or not NETLOC.match(parsed.netloc):
+            return None
+        return (parsed.hostname or "", parsed.port or {"http": 80, "https": 443}.get(parsed.scheme))
+    except ValueError:  # a port out of range, a broken [IPv6]
+        return None
+
+
+def _check_mlflow_host(uri: str, allowed: tuple[str, ...]) -> None:
+    """An http(s) tracking URI reaches only the hosts the operator allows (`serve --mlflow-uri-allow`,
+    host or host:port): a job would otherwise send requests wherever a tenant points it."""
+    found = _host_port(uri)
+    for entry in allowed:
+        m = NETLOC.match(entry)
+        host, port = (m.group(1).strip("[]").lower(), m.group(2)) if m else (None, None)
+        if found and found[0] == host and (not port or int(port[1:]) == found[1]):
+            return
+    shown = ", ".join(allowed) if allowed else "none (the operator allows one with stillroom serve --mlflow-uri-allow)"
+    raise PermissionDenied(
+        f"tracking.mlflow_tracking_uri: {uri[: paths.SHOWN]!r} is not an MLflow server this server allows; "
+        f"allowed hosts: {shown}"
+    )

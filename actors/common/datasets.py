@@ -3,12 +3,15 @@
 Formats: JSONL, Parquet, Arrow (IPC file or stream) and `datasets` save_to_disk directories.
 Row shapes: prompt/completion, chat `messages`, and prompt-only with reference columns.
 Imports only pyarrow and the API messages, so the control plane validates data with the same code the
-stages read it with.
+stages read it with. Every file is opened through paths.open_regular (a FIFO or device is refused,
+never opened), and a `datasets` directory's state.json may name only files in that directory.
 """
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from stillroom.actors.common import paths
 from stillroom.v1 import job_pb2 as pb
 
 FORMATS = ("jsonl", "parquet", "arrow", "hf_disk")
@@ -90,10 +94,11 @@ def detect_format(path: Path) -> str:
     raise DataError(path, f"cannot tell the format from the name; set format to one of {', '.join(FORMATS)}")
 
 
-def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
-    """Read a dataset and check its shape row by row. Raises DataError naming file and row."""
+def load(path: str | Path, fmt: str = "", cols: Columns = Columns(), excluded: Iterable[Path] = ()) -> Dataset:
+    """Read a dataset and check its shape row by row. Raises DataError naming file and row.
+    `excluded`: directories (the server's own) that a `datasets` directory's files may not be in."""
     path = Path(path)
-    fmt, rows = read_rows(path, fmt)
+    fmt, rows = read_rows(path, fmt, excluded)
     columns = sorted({k for r in rows for k in r})
     shape = detect_shape(path, columns, cols)
     for i, row in enumerate(rows, start=1):
@@ -103,16 +108,28 @@ def load(path: str | Path, fmt: str = "", cols: Columns = Columns()) -> Dataset:
     return Dataset(str(path), fmt, shape, columns, rows, cols)
 
 
-def read_rows(path: str | Path, fmt: str = "") -> tuple[str, list[dict[str, Any]]]:
+def read_rows(path: str | Path, fmt: str = "", excluded: Iterable[Path] = ()) -> tuple[str, list[dict[str, Any]]]:
     """(format, rows) of a file or `datasets` directory, whatever its columns."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file or directory")
     fmt = fmt or detect_format(path)
-    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow, "hf_disk": _read_hf_disk}
+    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow}
+    if fmt == "hf_disk":
+        return fmt, _read_hf_disk(path, tuple(excluded))
     if fmt not in readers:
         raise DataError(path, f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     return fmt, readers[fmt](path)
+
+
+def _open(path: Path):
+    """The file opened for reading through paths.open_regular; DataError if it cannot be."""
+    try:
+        return paths.open_regular(path)
+    except paths.NotRegularFile:
+        raise DataError(path, "not a regular file (a FIFO, device or socket is never read)") from None
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror or e}") from None
 
 
 def ref_format(ref) -> str:
@@ -200,44 +217,71 @@ def _text(value: Any) -> str:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    try:
-        with path.open("r", encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, f"invalid JSON: {e.msg} at column {e.colno}", row=n) from None
-                if not isinstance(row, dict):
-                    raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=n)
+    with _open(path) as f:
+        # Lines are split as bytes and decoded one by one, so a bad byte is reported with its row.
+        for n, raw in enumerate(f, start=1):
+            row = _json_row(path, raw, n)
+            if row is not None:
                 rows.append(row)
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not UTF-8 text: {e.reason}") from None
     return rows
 
 
-def _read_parquet(path: Path) -> list[dict[str, Any]]:
+def _json_row(path: Path, raw: bytes, n: int) -> dict[str, Any] | None:
+    """One JSONL line as an object (None for a blank line); DataError naming the row."""
     try:
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(path, f"not a readable Parquet file: {e}") from None
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not UTF-8 text: {e.reason} at byte {e.start + 1}", row=n) from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg} at column {e.colno}", row=n) from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise DataError(path, "JSON nested too deeply to read", row=n) from None
+    if not isinstance(row, dict):
+        raise DataError(path, f"expected a JSON object, got {type(row).__name__}", row=n)
+    return row
+
+
+# What reading a table and turning it into rows can raise on a malformed or hostile file.
+TABLE_ERRORS = (pa.ArrowException, OSError, ValueError, RecursionError)
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    with _open(path) as f:
+        try:
+            return pq.read_table(f).to_pylist()
+        except TABLE_ERRORS as e:
+            raise DataError(path, f"not a readable Parquet file: {e}") from None
 
 
 def _read_arrow(path: Path) -> list[dict[str, Any]]:
+    with _open(path) as f:
+        data = f.read()
     for opener in (ipc.open_file, ipc.open_stream):
         try:
-            with pa.memory_map(str(path)) as source:
-                return opener(source).read_all().to_pylist()
-        except (pa.ArrowException, OSError):
+            return opener(pa.BufferReader(data)).read_all().to_pylist()
+        except TABLE_ERRORS:
             continue
     raise DataError(path, "not a readable Arrow IPC file or stream")
 
 
-def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
-    """A `datasets` save_to_disk directory: state.json lists the Arrow stream files."""
+def _read_json_file(path: Path) -> Any:
+    with _open(path) as f:
+        try:
+            return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or nested too deeply
+            raise DataError(path, f"unreadable JSON: {e}") from None
+
+
+def _read_hf_disk(path: Path, excluded: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """A `datasets` save_to_disk directory: state.json lists the Arrow stream files, which must
+    all be files of this directory (checked before any is opened)."""
     if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = _read_json_file(path / "dataset_dict.json")
+        splits = [str(s) for s in splits.get("splits", [])] if isinstance(splits, dict) else []
         raise DataError(
             path, f"is a DatasetDict with splits {splits}; name one, e.g. {path / (splits or ['train'])[0]}"
         )
@@ -245,13 +289,27 @@ def _read_hf_disk(path: Path) -> list[dict[str, Any]]:
     if not state_file.exists():
         raise DataError(path, "a directory without state.json is not a `datasets` save_to_disk directory")
     try:
-        files = [f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(state_file, f"unreadable state.json: {e}") from None
+        names = [f["filename"] for f in _read_json_file(state_file)["_data_files"]]
+    except (KeyError, TypeError) as e:
+        raise DataError(state_file, f"unreadable state.json: {e!r}") from None
+    files = [_data_file(path, state_file, name, excluded) for name in names]
     rows: list[dict[str, Any]] = []
-    for name in files:
-        rows.extend(_read_arrow(path / name))
+    for f in files:
+        rows.extend(_read_arrow(f))
     return rows
+
+
+def _data_file(path: Path, state_file: Path, name: Any, excluded: tuple[Path, ...]) -> Path:
+    """A state.json `_data_files` entry as a file of the directory; DataError naming the entry."""
+    try:
+        if not isinstance(name, str):
+            raise paths.PathError("", str(name))
+        return paths.entry(path, name, excluded)
+    except paths.PathError:
+        shown = name if not isinstance(name, str) or len(name) <= paths.SHOWN else name[: paths.SHOWN] + "..."
+        raise DataError(
+            state_file, f"_data_files entry {shown!r} is not a file of this directory (a plain name, no '..' or link)"
+        ) from None
 
 
 def columns_of(ref) -> Columns:

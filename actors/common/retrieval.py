@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from stillroom.actors.common import paths
 from stillroom.actors.common.datasets import DataError, Example, read_rows
 
 DEFAULT_TOP_K = 3
@@ -64,10 +66,10 @@ class Settings:
         )
 
 
-def load_corpus(path: str | Path, fmt: str = "") -> list[Document]:
+def load_corpus(path: str | Path, fmt: str = "", excluded: Iterable[Path] = ()) -> list[Document]:
     """The corpus's documents. Raises DataError naming the file and row: a row without an `id` or
-    `text`, a duplicate id, an empty corpus."""
-    _, rows = read_rows(path, fmt)
+    `text`, a duplicate id, an empty corpus. `excluded`: as datasets.read_rows."""
+    _, rows = read_rows(path, fmt, excluded)
     if not rows:
         raise DataError(path, "the corpus has no documents")
     docs, seen = [], {}
@@ -85,11 +87,12 @@ def load_corpus(path: str | Path, fmt: str = "") -> list[Document]:
 
 
 def content_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of every file of a directory (names and bytes, in order)."""
+    """sha256 of a file's bytes, or of every file of a directory (names and bytes, in order).
+    Files are read through paths.read_bytes: a FIFO is refused (NotRegularFile), never waited on."""
     path, digest = Path(path), hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
         digest.update(str(f.relative_to(path) if path.is_dir() else "").encode())
-        digest.update(f.read_bytes())
+        digest.update(paths.read_bytes(f))
     return digest.hexdigest()
 
 

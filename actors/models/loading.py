@@ -9,13 +9,13 @@ the trainer and the generators build the same model.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from stillroom.actors.common import paths
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,13 +26,14 @@ def cache_root() -> Path:
 
 
 def locate(path: str) -> Path:
-    """The local file or directory a model path names."""
+    """The local file or directory a model path names. A `pkg://` file is resolved as the control
+    plane checked it (paths.package_file: inside the package's own directory, a regular file);
+    other paths arrive resolved and confined by the control plane's validation."""
     if path.startswith("pkg://"):
-        package, _, rel = path[len("pkg://") :].partition("/")
-        spec = importlib.util.find_spec(package)  # found without importing the package
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"package {package!r} is not installed")
-        return Path(next(iter(spec.submodule_search_locations))) / rel
+        found = paths.package_file(path, "model path")
+        if not paths.is_regular(found):
+            raise FileNotFoundError(f"{path}: the package has no such file")
+        return found
     return Path(path)
 
 

