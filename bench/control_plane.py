@@ -1,8 +1,9 @@
-"""Control plane: SubmitJob latency with 50 concurrent clients, WatchJob with 100 concurrent streams
-(events/s delivered), and the store's size per 10,000 events, against a real `stillroom serve`
-(embedded Ray, SQLite store) started here on a loopback port.
+"""Control plane: SubmitJob latency with 50 concurrent clients, alone and while another tenant holds
+200 open WatchJob streams; WatchJob with 100 concurrent streams (events/s delivered); and the store's
+size per 10,000 events, against a real `stillroom serve` (embedded Ray, SQLite store) started here on
+a loopback port.
 
-    .venv/bin/python -m bench.control_plane [--clients 50] [--submits 4] [--watchers 100]
+    .venv/bin/python -m bench.control_plane [--clients 50] [--submits 4] [--watchers 100] [--held-streams 200]
 
 The jobs are small audits (a few events each), so what is measured is the service, not training.
 """
@@ -33,14 +34,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path, token: str) -> tuple[subprocess.Popen, str]:
+def start_server(home: Path, token: str, noisy_token: str) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
     (home / "data").mkdir(parents=True)
     rows = [{"prompt": f"ticket {i} about billing", "completion": "refund"} for i in range(200)]
     (home / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {"STILLROOM_TOKENS": f"bench={token}", "PATH": str(BIN)}
-    cmd = [str(BIN / "stillroom"), "serve", "--address", address, "--home", str(home)]
-    cmd += ["--data-root", str(home / "data"), "--max-running-jobs", "4", "--max-queued-per-tenant", "100000"]
+    # "noisy" is paused (its jobs stay queued) and may hold 250 streams: its streams never end.
+    limits = {
+        "default": {"max_queued_jobs": 100000},
+        "tenants": {"noisy": {"max_running_jobs": 0, "max_watch_streams": 250}},
+    }
+    (home / "limits.yaml").write_text(json.dumps(limits))
+    env = {"STILLROOM_TOKENS": f"bench={token},noisy={noisy_token}", "PATH": str(BIN)}
+    cmd = [
+        str(BIN / "stillroom"),
+        "serve",
+        "--address",
+        address,
+        "--home",
+        str(home),
+        "--limits",
+        str(home / "limits.yaml"),
+    ]
+    cmd += ["--data-root", str(home / "data"), "--max-running-jobs", "4"]
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     while "listening on" not in (home / "server.log").read_text():
@@ -110,36 +126,66 @@ def watch_throughput(address: str, token: str, jobs: list[str], watchers: int) -
     return delivered, time.perf_counter() - started
 
 
+def hold_streams(address: str, token: str, n: int) -> list:
+    """`n` WatchJob streams of one tenant on a job that stays queued, each open on the server."""
+    from stillroom.services.client import Client
+    from stillroom.services.recipes import parse
+    from stillroom.v1 import job_service_pb2 as api
+
+    clients = [Client(address, token=token) for _ in range(8)]  # 8 channels
+    job = clients[0].submit(parse({"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {}}]})).job
+    streams = []
+    for i in range(n):
+        c = clients[i % len(clients)]
+        call = c.stub.WatchJob(api.WatchJobRequest(job_id=job.id), metadata=c.metadata)
+        next(call)  # the QUEUED event: open
+        streams.append(call)
+    return streams
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    ms = np.array(latencies) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--submits", type=int, default=4, help="jobs each client submits, one after another")
     ap.add_argument("--watchers", type=int, default=100)
     ap.add_argument("--client-processes", type=int, default=10, help="processes the clients are spread over")
+    ap.add_argument("--held-streams", type=int, default=200, help="streams another tenant holds in the second round")
     args = ap.parse_args()
     from stillroom.services.client import Client
 
-    token = secrets.token_hex(16)
+    token, noisy = secrets.token_hex(16), secrets.token_hex(16)
     home = Path(tempfile.mkdtemp(prefix="stillroom-bench-"))
-    proc, address = start_server(home, token)
+    proc, address = start_server(home, token, noisy)
     try:
         latencies, jobs = submit_latencies(address, token, args.clients, args.submits, args.client_processes)
+        streams = hold_streams(address, noisy, args.held_streams)
+        held, more = submit_latencies(address, token, args.clients, args.submits, args.client_processes)
         with Client(address, token=token) as c:
-            for job in jobs:
+            for job in jobs + more:
                 c.wait(job)
             events = sum(len(list(c.events(j))) for j in jobs)
+        for s in streams:
+            s.cancel()
         delivered, seconds = watch_throughput(address, token, jobs, args.watchers)
     finally:
         proc.terminate()
         proc.wait(60)
     store = sum(p.stat().st_size for p in home.glob("jobs.db*"))
-    ms = np.array(latencies) * 1e3
+    (p50, p99), (held_p50, held_p99) = _percentiles(latencies), _percentiles(held)
     row = {
         "submit_clients": args.clients,
         "client_processes": args.client_processes,
         "submits": len(latencies),
-        "submit_p50_ms": float(np.percentile(ms, 50)),
-        "submit_p99_ms": float(np.percentile(ms, 99)),
+        "submit_p50_ms": p50,
+        "submit_p99_ms": p99,
+        "held_streams": args.held_streams,
+        "submit_p50_ms_beside_held_streams": held_p50,
+        "submit_p99_ms_beside_held_streams": held_p99,
         "watch_streams": args.watchers,
         "events_delivered": delivered,
         "events_per_s": delivered / seconds,

@@ -25,7 +25,7 @@ class TenantLimits:
     """What one tenant may ask for. 0 in a job spec means "the default", so the ceilings apply to
     the values a stage will actually use."""
 
-    max_running_jobs: int = 2  # a tenant's jobs on the cluster at once (others wait their turn)
+    max_running_jobs: int = 2  # a tenant's jobs on the cluster at once (0: paused, its jobs stay queued)
     max_queued_jobs: int = 100  # jobs waiting to start
     max_watch_streams: int = 16  # open WatchJob streams
     max_steps: int = 100_000  # optim.max_steps of any stage
@@ -66,7 +66,8 @@ def _tenant(base: TenantLimits, body: dict, where: str) -> TenantLimits:
     for key, value in body.items():
         if key not in names:
             raise ValueError(f"{where}.{key}: not a limit (one of {', '.join(names)})")
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{where}.{key}: must be a number > 0, got {value!r}")
+        least = 0 if key == "max_running_jobs" else 1e-9  # 0 running jobs pauses a tenant
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{where}.{key}: must be a number {'>= 0' if least == 0 else '> 0'}, got {value!r}")
         changes[key] = float(value) if names[key] == "float" else int(value)
     return dataclasses.replace(base, **changes)
