@@ -95,7 +95,10 @@ def package_file(uri: str, field: str = "") -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"package {package!r} is not installed on the server")
     home = Path(next(iter(spec.submodule_search_locations))).resolve()
-    return confine(home / rel, (home,), (), field, must_exist=False)
+    try:
+        return confine(home / rel, (home,), (), field, must_exist=False)
+    except PathError:
+        raise PathError(field, uri, f"leads outside the directory of package {package!r}") from None
 
 
 def is_regular(path: str | Path) -> bool:
