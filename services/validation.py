@@ -281,6 +281,8 @@ def _grpo(s: pb.GrpoStage, p: str, v: Violations) -> None:
     v.number(s.max_staleness, f"{p}.max_staleness", lo=0)
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.temperature, f"{p}.temperature", lo=0)
+    greedy = s.HasField("temperature") and s.temperature == 0  # unset means 1
+    v.check(not greedy, f"{p}.temperature", "must be > 0: GRPO samples (greedy completions of a group are alike)")
     v.number(s.top_p, f"{p}.top_p", lo=0, hi=1, lo_open=True)
     v.number(s.prompts_per_step, f"{p}.prompts_per_step", lo=1)
     v.number(s.max_resample, f"{p}.max_resample", lo=1)

@@ -35,6 +35,18 @@ def test_grpo_group_size_field_path(data_root):
     assert v["stages[1].grpo.group_size"] == "must be >= 2"
 
 
+def test_grpo_temperature_zero_is_refused_and_unset_means_one(data_root):
+    """An explicit 0 (greedy: a group's completions alike, no signal) is refused; `temperature` is
+    `optional`, so leaving it out is told apart from 0 and means 1."""
+    rewards = [{"name": "json_valid"}]
+    doc = {"teacher": {"path": llama_teacher(data_root)}, "data": {"train": {"path": "train.jsonl"}}}
+    for temperature in (None, 0.7):
+        grpo = {"rewards": rewards} | ({} if temperature is None else {"temperature": temperature})
+        validate(parse(doc | {"stages": [{"audit": {}}, {"grpo": grpo}]}), Policy((data_root,)))
+    v = violations(doc | {"stages": [{"audit": {}}, {"grpo": {"rewards": rewards, "temperature": 0}}]}, data_root)
+    assert v == {"stages[1].grpo.temperature": "must be > 0: GRPO samples (greedy completions of a group are alike)"}
+
+
 @pytest.mark.parametrize(
     ("stage", "field", "message"),
     [
