@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
-from stillroom.actors.common.rewards import BUILTIN_NAMES, module_allowed
+from stillroom.actors.common.rewards import BUILTIN_NAMES, imported_problem, module_allowed
 from stillroom.actors.common.stages import AVAILABLE
 from stillroom.services.data_checks import (
     check_dataset,
@@ -23,6 +23,8 @@ from stillroom.services.data_checks import (
 )
 from stillroom.services.errors import InvalidArgument, PermissionDenied
 from stillroom.services.ladder_checks import check_evaluate_stages
+from stillroom.services.spec_limits import check_limits
+from stillroom.services.teacher_checks import check_distill_against_teacher
 from stillroom.services.violations import Policy, Violations
 from stillroom.v1 import job_pb2 as pb
 
@@ -55,11 +57,13 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
+    check_limits(out, policy.limits, v)
     _check_required(out, kinds, v)
     _check_adapter_chain(out, v)
     _check_files(out, kinds, policy, v)
     check_tokenizers(out, v)
     check_target_modules(out, v)
+    check_distill_against_teacher(out, v)
     if v.items:
         raise InvalidArgument(v.items)
     return out, warnings
@@ -217,7 +221,7 @@ def _rewards(rewards, p: str, v: Violations) -> None:
 
 
 def _reward_name(name: str, path: str, v: Violations) -> None:
-    """A built-in, `model:/path`, or `pkg.module:fn` from an allowed module that imports."""
+    """A built-in, `model:/path`, or `pkg.module:fn` from an allowed module that has such a callable."""
     if name in BUILTIN_NAMES:
         return
     if name.startswith("model:"):
@@ -233,11 +237,8 @@ def _reward_name(name: str, path: str, v: Violations) -> None:
         raise PermissionDenied(
             f"{path}: reward module {module!r} is not in the server's allow-list (stillroom serve --reward-module)"
         )
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    v.check(found, path, f"module {module!r} does not import on the server")
+    problem = imported_problem(module, fn)  # from its source: the module is not run here
+    v.check(problem is None, path, problem or "")
 
 
 def _qlora(adapter: int, optim: pb.OptimConfig, p: str, v: Violations) -> None:

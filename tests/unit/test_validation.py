@@ -488,16 +488,17 @@ def test_config_overrides_that_make_an_absurd_student_are_refused(data_root):
     teacher = llama_teacher(data_root)
     v = overrides_violations(data_root, teacher, hidden_size=10**12, num_hidden_layers=1)
     assert v["['hidden_size']"].startswith("makes a student of about ")
-    assert "parameters, more than the teacher's 115,008 (Llama-style estimate)" in v["['hidden_size']"]
+    assert "parameters, more than the teacher's 112,448 (Llama-style estimate)" in v["['hidden_size']"]
     v = overrides_violations(data_root, teacher, num_hidden_layers=10**6)
-    assert v["['num_hidden_layers']"].startswith("makes a student of about 98,")
+    assert v["['num_hidden_layers']"].startswith("makes a student of about 36,992,038,464 parameters")
     v = overrides_violations(data_root, teacher, intermediate_size=10**9, hidden_size=32)
     assert list(v) == ["['intermediate_size']"]  # the key that grew, not the one that shrank
-    v = overrides_violations(data_root, GGUF_TEACHER, hidden_size=10**12)
+    v = overrides_violations(data_root, GGUF_TEACHER, hidden_size=576 * 10**9)
     assert "more than the teacher's 134,515,008" in v["['hidden_size']"]
     # a smaller student of the teacher's kind is fine, a .gguf teacher's included
     ok = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}
     validate(parse(distill_doc(teacher, student_init={"config_overrides": ok})), Policy((data_root,)))
+    ok = {"num_hidden_layers": 4, "hidden_size": 288}  # 9 heads of 32
     validate(parse(distill_doc(GGUF_TEACHER, student_init={"config_overrides": ok})), Policy((data_root,)))
 
 
@@ -542,9 +543,9 @@ def reward_package(tmp_path, monkeypatch):
         "short = lambda prompts, completions, **_: [1.0] * len(completions)\n"
         "made = partial(length)\n"
         "try:\n"
-        "    import ujson as fast\n"
+        "    from ujson import loads as fast\n"
         "except ImportError:\n"
-        "    fast = None\n"
+        "    from json import loads as fast\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path / "mods"))
     return marker
@@ -586,3 +587,110 @@ def test_reward_function_must_be_a_callable_of_its_module(data_root, reward_pack
     # judged from the source: neither the module nor its package ran in the server
     assert not reward_package.exists()
     assert "teamrewards" not in sys.modules and "teamrewards.scoring" not in sys.modules
+
+
+def limited(doc: dict, root, **limits) -> dict[str, str]:
+    from stillroom.services.limits import TenantLimits
+
+    with pytest.raises(InvalidArgument) as e:
+        validate(parse(doc), Policy((root,), limits=TenantLimits(**limits)))
+    return dict(e.value.violations)
+
+
+def test_steps_tokens_rollouts_and_deadlines_within_the_tenants_limits(data_root):
+    rewards = [{"name": "json_valid"}]
+    doc = {
+        "teacher": {"path": llama_teacher(data_root)},
+        "data": {"train": {"path": "train.jsonl"}, "test": {"path": "eval.jsonl"}},
+        "timeout_s": 10**9,
+        "stages": [
+            {"sft": {"optim": {"max_steps": 1_000_000, "warmup_steps": 200_000}}},
+            {"grpo": {"rewards": rewards, "group_size": 64, "prompts_per_step": 128, "max_new_tokens": 100_000}},
+            {"distill": {"num_samples": 1000, "top_k": 8, "student_init": {"keep_every_nth_layer": 2}}},
+            {"evaluate": {"metrics": rewards, "max_new_tokens": 5000}},
+        ],
+    }
+    v = limited(doc, data_root)  # the built-in defaults
+    assert v["stages[0].sft.optim.max_steps"] == "1000000 is over this server's limit of 100000 (max_steps)"
+    assert v["stages[0].sft.optim.warmup_steps"] == "200000 is over this server's limit of 100000 (max_steps)"
+    assert v["stages[1].grpo.prompts_per_step"] == (
+        "group_size 64 x prompts_per_step 128 = 8192 completions per step is over this server's limit of 4096 "
+        "(max_rollouts_per_step)"
+    )
+    assert v["stages[1].grpo.max_new_tokens"] == "100000 is over this server's limit of 4096 (max_new_tokens)"
+    assert v["stages[2].distill.num_samples"] == (  # prompts_per_step at its default, 8
+        "num_samples 1000 x prompts_per_step 8 = 8000 completions per step is over this server's limit of 4096 "
+        "(max_rollouts_per_step)"
+    )
+    assert v["stages[3].evaluate.max_new_tokens"] == "5000 is over this server's limit of 4096 (max_new_tokens)"
+    assert v["timeout_s"] == "1000000000 is over this server's limit of 604800 (max_timeout_s)"
+    # a tenant's own, lower limits; the stages' defaults count (grpo: 20 steps, 64 new tokens)
+    small = {"stages": [{"grpo": {"rewards": rewards}}], "teacher": doc["teacher"], "data": doc["data"]}
+    v = limited(small, data_root, max_steps=10, max_new_tokens=32, max_rollouts_per_step=8)
+    assert v["stages[0].grpo.optim.max_steps"] == "the default 20 is over this server's limit of 10 (max_steps)"
+    assert v["stages[0].grpo.max_new_tokens"] == "the default 64 is over this server's limit of 32 (max_new_tokens)"
+    assert v["stages[0].grpo.prompts_per_step"].startswith(
+        "group_size 4 x prompts_per_step 4 = 16 completions per step"
+    )
+
+
+def test_a_job_without_a_deadline_gets_the_tenants_default(data_root):
+    from stillroom.services.limits import TenantLimits
+
+    doc = {"data": {"train": {"path": "train.jsonl"}}, "stages": [{"audit": {}}]}
+    spec, _ = validate(parse(doc), Policy((data_root,)))
+    assert spec.timeout_s == 24 * 3600
+    spec, _ = validate(parse(doc), Policy((data_root,), limits=TenantLimits(default_timeout_s=60)))
+    assert spec.timeout_s == 60
+    doc["timeout_s"] = 30
+    assert validate(parse(doc), Policy((data_root,)))[0].timeout_s == 30  # its own deadline is kept
+
+
+@pytest.mark.parametrize(
+    ("stage", "field", "bound"),
+    [
+        ({"sft": {"optim": {"epochs": 1001}}}, "stages[0].sft.optim.epochs", 1000),
+        ({"sft": {"optim": {"batch_size": 5000}}}, "stages[0].sft.optim.batch_size", 4096),
+        (
+            {"sft": {"optim": {"gradient_accumulation_steps": 2000}}},
+            "stages[0].sft.optim.gradient_accumulation_steps",
+            1024,
+        ),
+        ({"sft": {"lora": {"r": 4096}}}, "stages[0].sft.lora.r", 2048),
+        ({"sft": {"max_length": 10**6}}, "stages[0].sft.max_length", 131072),
+        ({"grpo": {"num_iterations": 101}}, "stages[0].grpo.num_iterations", 100),
+        ({"grpo": {"max_staleness": 1000}}, "stages[0].grpo.max_staleness", 100),
+        ({"grpo": {"max_resample": 10**6}}, "stages[0].grpo.max_resample", 100),
+        ({"distill": {"eval_prompts": 10**6}}, "stages[0].distill.eval_prompts", 100000),
+        ({"distill": {"max_ahead": 10**5}}, "stages[0].distill.max_ahead", 1000),
+        (
+            {"distill": {"student_init": {"keep_every_nth_layer": 10**5}}},
+            "stages[0].distill.student_init.keep_every_nth_layer",
+            1000,
+        ),
+        ({"evaluate": {"limit": 10**7}}, "stages[0].evaluate.limit", 1000000),
+    ],
+)
+def test_unbounded_counts_have_a_bound(data_root, stage, field, bound):
+    doc = {"teacher": {"path": llama_teacher(data_root)}, "data": {"train": {"path": "train.jsonl"}}, "stages": [stage]}
+    assert violations(doc, data_root)[field] == f"must be <= {bound} (this server's bound)"
+    grpo = {"grpo": {"rewards": [{"name": "json_valid", "timeout_s": 10**5}]}}
+    doc["stages"] = [grpo]
+    assert violations(doc, data_root)["stages[0].grpo.rewards[0].timeout_s"] == "must be <= 3600"
+
+
+def test_the_projects_own_recipes_are_within_the_default_limits():
+    from pathlib import Path
+
+    from stillroom.services.limits import TenantLimits
+    from stillroom.services.recipes import load
+    from stillroom.services.spec_limits import check_limits
+    from stillroom.services.violations import Violations
+
+    recipes = sorted(Path(__file__).resolve().parents[2].glob("examples/*.yaml"))
+    assert recipes
+    for path in recipes:
+        spec, _ = load(path)
+        v = Violations()
+        check_limits(spec, TenantLimits(), v)
+        assert v.items == [], path
