@@ -1,7 +1,12 @@
-"""The dispatcher: starts queued jobs on Ray in submission order, under a concurrency limit, and
-pulls each running job's events from its supervisor actor into the store.
+"""The dispatcher: starts queued jobs on Ray, fairly between tenants, under a global concurrency
+limit and each tenant's own (next_to_start), and pulls each running job's events from its
+supervisor actor into the store.
 
-One background thread; every tick: pull events -> pass on cancels -> start queued jobs.
+One background thread; every tick: pull events -> release jobs that ended -> pass on cancels ->
+enforce deadlines -> restart dead supervisors -> start queued jobs.
+A job is started by first claiming it in the store (QUEUED -> RUNNING, one transaction) and
+launching its supervisor only if the claim won, so a cancel is either before the start (the job is
+CANCELLED, nothing runs) or after it (CANCELLING, passed on to the supervisor): never lost between.
 A supervisor appends every event to its attempt's event file before anyone can pull it, so when
 it dies the events it wrote since the last pull are read from that file (salvaged), not lost.
 At start-up, reconcile() re-attaches to supervisors that outlived a server restart (or fails their
@@ -13,14 +18,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from stillroom.actors.runtime.cluster import NAMESPACE, release_job, supervisor_name
+from stillroom.actors.runtime.cluster import NAMESPACE, cluster_capacity, release_job, supervisor_name
 from stillroom.actors.runtime.eventlog import attempt_files, next_attempt_file, read_events
 from stillroom.actors.runtime.supervisor import launch_supervisor, resume_state
+from stillroom.services.limits import Limits
 from stillroom.services.resumption import warm_start
 from stillroom.services.store import ACTIVE, TERMINAL, Store
 from stillroom.v1 import job_pb2 as pb
@@ -38,6 +46,7 @@ class _Running:
 
 DEFAULT_RETRIES = 2  # JobSpec.max_retries when unset
 RESTART_NOTE = "the job's supervisor died"  # the LOG event of each restart: attempts are counted from them
+CAPACITY_TTL_S = 5.0  # how long the cluster's resources are remembered (each submit reads them)
 
 
 def salvage(store: Store, job_dir: Path, job_id: str, cursor: int) -> int:
@@ -55,6 +64,28 @@ def _event(state: int, message: str) -> pb.Event:
     return pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=state, message=message)
 
 
+def next_to_start(
+    queued: list[tuple[str, str]], running_by_tenant: Mapping[str, int], limits: Limits, free_slots: int
+) -> list[str]:
+    """Which queued jobs ((job id, tenant) in submission order) to start now, in order, with
+    `free_slots` free under the global limit: a tenant at its max_running_jobs waits; among the
+    others, the tenant with the fewest jobs running goes first, then the earliest submission."""
+    running = Counter(running_by_tenant)
+    waiting: dict[str, list[str]] = {}
+    for job_id, tenant in queued:
+        waiting.setdefault(tenant, []).append(job_id)
+    order = {job_id: i for i, (job_id, _) in enumerate(queued)}
+    chosen: list[str] = []
+    while len(chosen) < free_slots:
+        ready = [t for t, jobs in waiting.items() if jobs and running[t] < limits.of(t).max_running_jobs]
+        if not ready:
+            break
+        tenant = min(ready, key=lambda t: (running[t], order[waiting[t][0]]))
+        chosen.append(waiting[tenant].pop(0))
+        running[tenant] += 1
+    return chosen
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -66,8 +97,10 @@ class Dispatcher:
         cancel_grace_s: float = 30.0,
         retry_backoff_s: float = 10.0,
         dashboard_url: str = "",
+        limits: Limits | None = None,
     ):
         self.reward_modules = reward_modules
+        self.limits = limits or Limits()
         self.store, self.artifact_root = store, Path(artifact_root)
         self.max_running, self.poll_interval_s, self.cancel_grace_s = max_running, poll_interval_s, cancel_grace_s
         self._running: dict[str, _Running] = {}
@@ -77,6 +110,7 @@ class Dispatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._capacity: tuple[float, dict[str, float]] = (-CAPACITY_TTL_S, {})  # (read at, resources)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -116,6 +150,7 @@ class Dispatcher:
 
     def tick(self) -> None:
         self._pull()
+        self._release_ended()
         self._pass_on_cancels()
         self._enforce_deadlines()
         self._start_retries()
@@ -167,13 +202,43 @@ class Dispatcher:
                 )
                 self._finish(job_id)
 
+    def _release_ended(self) -> None:
+        """A job tracked here that the store says has ended (ended by a call, or its supervisor's
+        final event came after another end) is released: its supervisor killed, its slot freed."""
+        tracked = [*self._running, *self._retries]
+        if not tracked:
+            return
+        for job_id, (_, state) in self.store.tenant_states(tracked).items():
+            if state in TERMINAL:
+                log.warning("%s ended (%s) while tracked: released", job_id, pb.JobState.Name(state))
+                self._retries.pop(job_id, None)
+                self._finish(job_id)
+
     def _start_queued(self) -> None:
-        for job_id, _ in self.store.jobs_in([pb.JOB_STATE_QUEUED]):
-            if len(self._running) + len(self._retries) >= self.max_running:
-                return
+        busy = [*self._running, *self._retries]
+        free = self.max_running - len(busy)
+        if free <= 0:
+            return
+        queued = self.store.queued()
+        if not queued:
+            return
+        running = Counter(tenant for tenant, _ in self.store.tenant_states(busy).values())
+        for job_id in next_to_start(queued, running, self.limits, free):
+            self._start(job_id)
+
+    def _start(self, job_id: str) -> None:
+        """Claim the job, then launch it; a launch that fails ends the job FAILED with the reason."""
+        if not self.store.claim(job_id, f"started {supervisor_name(job_id)}"):
+            return  # cancelled meanwhile: nothing was launched
+        try:
             self._launch(job_id, self._warm_start(job_id))
-            self.store.append_events(job_id, [_event(pb.JOB_STATE_RUNNING, f"started {supervisor_name(job_id)}")])
-            log.info("started %s", job_id)
+        except Exception as e:  # noqa: BLE001 - the job fails; the dispatcher goes on
+            log.exception("could not start %s", job_id)
+            reason = f"the job could not start: {type(e).__name__}: {e}"
+            self.store.append_events(job_id, [_event(pb.JOB_STATE_FAILED, reason)])
+            self._release(job_id)
+            return
+        log.info("started %s", job_id)
 
     def _launch(self, job_id: str, resume: str = "") -> None:
         artifact_dir = self.artifact_root / job_id
@@ -259,6 +324,27 @@ class Dispatcher:
         """The job ended: nothing of it may stay on the cluster."""
         self._running.pop(job_id, None)
         release_job(job_id)
+
+    def _release(self, job_id: str) -> None:
+        """_finish, where the cluster may be the reason the job ended: a failure is logged, not raised."""
+        try:
+            self._finish(job_id)
+        except Exception:  # noqa: BLE001 - _kill_orphans and _release_ended retry later
+            log.exception("could not release %s", job_id)
+
+    def capacity(self) -> dict[str, float]:
+        """The cluster's resources ({resource: total, "max_node_<resource>": the most one node has}),
+        read at most every CAPACITY_TTL_S; {} (unknown) when the cluster cannot be asked."""
+        read_at, resources = self._capacity
+        if time.monotonic() - read_at < CAPACITY_TTL_S:
+            return resources
+        try:
+            resources = cluster_capacity()
+        except Exception:  # noqa: BLE001 - unknown capacity: submit checks skip it
+            log.exception("could not read the cluster's resources")
+            return {}
+        self._capacity = (time.monotonic(), resources)
+        return resources
 
     def actors(self, job_id: str) -> list[str]:
         """The job's named actors alive on the cluster now (as the Ray dashboard lists them)."""

@@ -25,10 +25,11 @@ S = pb.JobState
 TERMINAL = frozenset({S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED})
 ACTIVE = (S.JOB_STATE_RUNNING, S.JOB_STATE_CANCELLING)
 # Allowed job state transitions; an event asking for any other is dropped (e.g. a late FAILED
-# from a supervisor after the job was already CANCELLED).
+# from a supervisor after the job was already CANCELLED). A RUNNING job has a supervisor to stop,
+# so it is never CANCELLED directly, only through CANCELLING (which the dispatcher passes on).
 TRANSITIONS = {
     S.JOB_STATE_QUEUED: {S.JOB_STATE_RUNNING, S.JOB_STATE_CANCELLED, S.JOB_STATE_FAILED},
-    S.JOB_STATE_RUNNING: {S.JOB_STATE_CANCELLING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED},
+    S.JOB_STATE_RUNNING: {S.JOB_STATE_CANCELLING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED},
     S.JOB_STATE_CANCELLING: {S.JOB_STATE_CANCELLED, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED},
 }
 
@@ -228,6 +229,25 @@ class Store:
                 states,
             ).fetchall()
         return [(r["id"], r["supervisor_cursor"]) for r in rows]
+
+    def queued(self) -> list[tuple[str, str]]:
+        """(job id, tenant) of every QUEUED job, in submission order."""
+        with self._read() as db:
+            rows = db.execute("SELECT id, tenant FROM jobs WHERE state=? ORDER BY seq", (S.JOB_STATE_QUEUED,))
+            return [(r["id"], r["tenant"]) for r in rows.fetchall()]
+
+    def tenant_states(self, job_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """{job id: (tenant, state)} of these jobs."""
+        ids = list(job_ids)
+        with self._read() as db:
+            rows = db.execute(f"SELECT id, tenant, state FROM jobs WHERE id IN ({','.join('?' * len(ids))})", ids)
+            return {r["id"]: (r["tenant"], r["state"]) for r in rows.fetchall()}
+
+    def claim(self, job_id: str, message: str) -> bool:
+        """QUEUED -> RUNNING in one transaction: True if this call moved it (the caller may start
+        the job), False if it had left QUEUED (e.g. cancelled) and must not be started."""
+        event = pb.Event(type=pb.EVENT_TYPE_JOB_STATE, job_state=S.JOB_STATE_RUNNING, message=message)
+        return bool(self.append_events(job_id, [event]))  # TRANSITIONS: only QUEUED -> RUNNING
 
     def spec(self, job_id: str) -> pb.JobSpec:
         with self._read() as db:

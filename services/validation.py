@@ -12,6 +12,7 @@ import re
 
 from stillroom.actors.common.rewards import BUILTIN_NAMES, imported_problem, module_allowed
 from stillroom.actors.common.stages import AVAILABLE
+from stillroom.services.capacity import check_capacity
 from stillroom.services.data_checks import (
     check_dataset,
     check_retrieval,
@@ -57,6 +58,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
+    check_capacity(out, policy.capacity, v)
     check_limits(out, policy.limits, v)
     _check_required(out, kinds, v)
     _check_adapter_chain(out, v)

@@ -114,18 +114,56 @@ class Placement:
         return bundle or {"CPU": 0.01}  # a bundle may not be empty
 
 
-def check_fits(bundles: list[dict[str, float]]) -> None:
-    """Fail at once, with the numbers, when the roles ask for more than the whole cluster has
-    (Ray would wait forever for a placement group that can never be placed)."""
-    total = ray.cluster_resources()
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each alive node (its CPU, GPU, custom resources)."""
+    skip = ("memory", "object_store_memory")
+    return [
+        {k: v for k, v in node.get("Resources", {}).items() if k not in skip and not k.startswith("node:")}
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+
+
+def cluster_capacity() -> dict[str, float]:
+    """{resource: total over the alive nodes, "max_node_<resource>": the most one node has}, what
+    submit-time checks compare a job's roles with (services/capacity.py)."""
+    out: dict[str, float] = {}
+    for node in node_resources():
+        for name, amount in node.items():
+            out[name] = out.get(name, 0.0) + amount
+            out[f"max_node_{name}"] = max(out.get(f"max_node_{name}", 0.0), amount)
+    return out
+
+
+def describe(placements: dict[str, Placement]) -> str:
+    """e.g. "trainer: 2 x {'CPU': 1.0}; scorer: 1 x {'CPU': 1.0}", for messages."""
+    return "; ".join(f"{role}: {p.replicas} x {p.bundle()}" for role, p in placements.items())
+
+
+def check_fits(placements: dict[str, Placement]) -> None:
+    """Fail at once, naming the role and what it asked, when a replica fits on no node or the
+    roles together ask for more than the whole cluster has (Ray would wait forever for a
+    placement group that can never be placed)."""
+    nodes = node_resources()
+    for role, p in placements.items():
+        bundle = p.bundle()
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+            raise RuntimeError(
+                f"resources.{role}: one replica asks for {bundle}, but no node of the cluster has that much "
+                f"(nodes: {nodes})"
+            )
     wanted: dict[str, float] = {}
-    for bundle in bundles:
-        for name, amount in bundle.items():
-            wanted[name] = wanted.get(name, 0.0) + amount
-    short = {k: (v, total.get(k, 0.0)) for k, v in wanted.items() if v > total.get(k, 0.0) + 1e-9}
+    for p in placements.values():
+        for name, amount in p.bundle().items():
+            wanted[name] = wanted.get(name, 0.0) + amount * p.replicas
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in wanted}
+    short = {k: (v, total[k]) for k, v in wanted.items() if v > total[k] + 1e-9}
     if short:
         detail = ", ".join(f"{v:g} {k} wanted, {have:g} in the cluster" for k, (v, have) in short.items())
-        raise RuntimeError(f"the job's roles need more than the cluster has: {detail} (see the recipe's resources)")
+        raise RuntimeError(
+            f"the job's roles need more than the cluster has: {detail} ({describe(placements)}; "
+            "see the recipe's resources)"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -146,13 +184,16 @@ class RoleGroup:
         for role, p in placements.items():
             self.offsets[role] = len(bundles)
             bundles += [p.bundle() for _ in range(p.replicas)]
-        check_fits(bundles)
+        check_fits(placements)
         self.pg = placement_group(bundles, strategy="PACK", name=placement_name(job_id))
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
-            raise RuntimeError(f"the cluster could not place {bundles} within {timeout_s:g}s (busy?)") from None
+            raise RuntimeError(
+                f"the cluster could not place the roles ({describe(placements)}) within {timeout_s:g}s: "
+                "other work holds the resources they need"
+            ) from None
         self.actors: dict[str, list] = {}
 
     def _options(self, role: str, rank: int) -> dict:
