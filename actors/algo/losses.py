@@ -155,7 +155,7 @@ def grpo_loss(
     if beta:
         kl = k3_kl(logprobs, ref_logprobs)
         per_token = per_token + beta * kl
-        metrics["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+        metrics["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
     tokens = mask.sum().clamp(min=1)
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()

@@ -217,13 +217,16 @@ class Trainer:
         return logits.float(), t
 
     def _loss(self, t: dict[str, torch.Tensor], objective: Objective, num_items: float):
-        logits, t = self._forward(self.engine, t)
-        return objective.loss(logits, t, lambda temperature: self._reference_logprobs(t, temperature), num_items)
+        logits, cropped = self._forward(self.engine, t)
+        # the reference gets the whole rows (t, not cropped): it runs on the same sequence, prompt
+        # and positions included, and crops them at the same column as the policy's forward did
+        return objective.loss(logits, cropped, lambda temperature: self._reference_logprobs(t, temperature), num_items)
 
     @torch.no_grad()
     def _reference_logprobs(self, t: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs under the reference policy: under LoRA the base model with the adapter
-        disabled (no second copy); otherwise a frozen copy of the starting weights."""
+        """Log-probs under the reference policy on the whole rows t (uncropped), aligned with the
+        policy's cropped log-probs: under LoRA the base model with the adapter disabled (no second
+        copy); otherwise a frozen copy of the starting weights."""
         if self.uses_adapter:
             with self.engine.module.disable_adapter():
                 logits, t = self._forward(self.engine.module, t)

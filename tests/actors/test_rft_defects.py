@@ -1,0 +1,72 @@
+"""GRPO settings that must do what their names say (issue 26): the reference policy of the KL term
+sees the whole sequence, and gradient accumulation makes exactly one optimizer step per
+train_step, however few rows a rank has."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from stillroom.actors.algo.losses import tempered, token_logprobs
+from stillroom.actors.algo.objectives import GrpoObjective
+from stillroom.actors.models.loading import load_causal_lm
+from stillroom.actors.roles.trainer import Trainer, TrainerSpec
+from stillroom.actors.runtime.batches import make_batch, training_arrays
+
+
+def grpo_arrays(n: int = 3, seed: int = 0, vocab: int = 50) -> dict[str, np.ndarray]:
+    """n rows with prompts (5 to 8 tokens) and completions (2 to 7) of different lengths, small
+    advantages (no clipping of the gradient norm) and no old log-probs (on-policy: ratio 1)."""
+    rng = np.random.default_rng(seed)
+    batch = make_batch(
+        "b",
+        {
+            "prompt_ids": [rng.integers(1, vocab, int(rng.integers(5, 9))).tolist() for _ in range(n)],
+            "completion_ids": [rng.integers(1, vocab, int(rng.integers(2, 8))).tolist() for _ in range(n)],
+        },
+    )
+    arrays = training_arrays(batch, pad_id=0)
+    arrays.pop("old_logprobs", None)
+    arrays["advantages"] = rng.uniform(-0.02, 0.02, n).astype(np.float32)
+    return arrays
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A GRPO objective that keeps what its reference callable returned."""
+
+    inner: GrpoObjective
+    seen: list = field(default_factory=list)
+    needs_proximal = False
+
+    def loss(self, logits, t, reference, num_items=None):
+        def recorded(temperature: float) -> torch.Tensor:
+            self.seen.append(reference(temperature))
+            return self.seen[-1]
+
+        return self.inner.loss(logits, t, recorded, num_items)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_the_reference_sees_the_prompt_and_the_kl_of_a_fresh_policy_is_zero(tiny_model, adapter):
+    """beta > 0: at the first step the policy is the reference (a fresh LoRA adapter adds 0; full
+    fine-tuning starts from the same weights), so k3 KL is 0; and the reference's log-probs are
+    the base model's over the whole sequence, prompt and positions included."""
+    arrays = grpo_arrays()
+    lora = {"lora_r": 4, "target_modules": ("q_proj", "v_proj")} if adapter == "lora" else {}
+    trainer = Trainer(TrainerSpec(str(tiny_model), adapter=adapter, learning_rate=1e-2, master_port=29031, **lora))
+    objective = Recording(GrpoObjective("dapo", beta=0.1, temperature=0.7))
+    metrics = trainer.train_step(arrays, objective)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+
+    base = load_causal_lm(str(tiny_model))
+    ids = torch.tensor(arrays["input_ids"])
+    with torch.no_grad():
+        logits = base(input_ids=ids, attention_mask=torch.tensor(arrays["attention_mask"])).logits
+    whole = token_logprobs(tempered(logits, 0.7), ids)  # (B, T-1): every position of the full rows
+    start = int(np.flatnonzero(arrays["loss_mask"].any(0))[0])  # the first column any row has a loss at
+    assert start >= 4  # the prompt is there, so a reference that dropped it would differ
+    (reference,) = objective.seen
+    torch.testing.assert_close(reference, whole[:, start:], atol=1e-5, rtol=0)
