@@ -1,8 +1,8 @@
 """Generator: batched sampling with transformers from any model a job holds (the teacher being
 tuned, the frozen teacher, the student, every evaluated model), plus an optional PEFT adapter.
-Returns, per sample, the token ids, per-token log-probs and, on request, the top-k log-probs per
-token stored compactly (int32 ids, float16 log-probs). A plain class; runtime/cluster.py makes it
-a Ray actor.
+Returns, per sample, the token ids, per-token log-probs (at the sampling temperature) and, on
+request, the top-k log-probs per token (at temperature 1, the model's own) stored compactly (int32
+ids, float16 log-probs). A plain class; runtime/cluster.py makes it a Ray actor.
 """
 
 from __future__ import annotations
@@ -160,10 +160,14 @@ class Generator:
         )
         width = enc["input_ids"].shape[1]
         new = out.sequences[:, width:]
-        # The log-probs of the distribution sampled from: logits / T (output_logits are raw), so a
+        logits = torch.stack(out.logits, dim=1).float()  # output_logits are raw: before temperature
+        # The sampled tokens' log-probs are those of the distribution sampled from, logits / T, so a
         # trainer that divides by the same T computes the same numbers (TRL does likewise).
-        logp = torch.log_softmax(tempered(torch.stack(out.logits, dim=1).float(), params.temperature), dim=-1)
-        return self._rows(batch, prompt_ids, new, logp, params)
+        logp = torch.log_softmax(tempered(logits, params.temperature), dim=-1)
+        # The top-k for logit KD are the teacher's own (temperature-1) log-probs: the KD loss tempers
+        # them itself (losses.topk_buckets), so top-k at T would be tempered twice.
+        raw = logp if params.temperature in (0.0, 1.0) or not params.topk_logprobs else torch.log_softmax(logits, -1)
+        return self._rows(batch, prompt_ids, new, logp, raw, params)
 
     def _shared_prefix(self, enc, n: int):
         """The KV cache of every prompt but its last token, computed once and repeated n times, so
@@ -179,7 +183,8 @@ class Generator:
         cache.batch_repeat_interleave(n)
         return cache
 
-    def _rows(self, batch, prompt_ids, new, logp, params: SamplingParams) -> pa.RecordBatch:
+    def _rows(self, batch, prompt_ids, new, logp, raw, params: SamplingParams) -> pa.RecordBatch:
+        """One row per sample: `logp` (at T) gives the completion's log-probs, `raw` (at 1) its top-k."""
         stops = set(self.stop_ids)
         columns: dict[str, list] = {k: [] for k in GENERATED_COLUMNS}
         extra = {name: batch.column(name).to_pylist() for name in batch.schema.names if name not in columns}
@@ -206,7 +211,7 @@ class Generator:
         rb = make_batch(batch_id(batch), columns)
         if params.topk_logprobs:
             rb = with_columns(
-                rb, topk_columns([logp[i, :length] for i, length in enumerate(lengths)], params.topk_logprobs)
+                rb, topk_columns([raw[i, :length] for i, length in enumerate(lengths)], params.topk_logprobs)
             )
         return rb.replace_schema_metadata(batch.schema.metadata)
 

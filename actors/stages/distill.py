@@ -212,7 +212,12 @@ def teacher_metrics(replayed: int, batches: int, journal: Journal) -> dict[str, 
 
 def batch_key(teacher: str, sampling: SamplingParams, prompts: list[str]) -> str:
     """A content address for one batch of teacher output: same teacher, sampling and prompts, same id."""
-    h = hashlib.sha256(json.dumps([teacher, sampling.__dict__, prompts], sort_keys=True).encode())
+    key = [teacher, sampling.__dict__, prompts]
+    if sampling.temperature not in (0.0, 1.0):
+        # Journals written at such a T before the top-k were stored at temperature 1 hold tempered
+        # top-k: a new address, so a later job never replays them.
+        key.append("topk at temperature 1")
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     return "distill-" + h.hexdigest()[:24]
 
 
