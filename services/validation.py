@@ -218,6 +218,8 @@ def _optim(s: pb.OptimConfig, p: str, v: Violations, unused: dict[str, str] | No
 def _rewards(rewards, p: str, v: Violations) -> None:
     for j, r in enumerate(rewards):
         _reward_name(r.name, f"{p}[{j}].name", v)
+        if r.name.startswith("model:"):  # the scorer opens the path as confined here, not as written
+            r.name = "model:" + model_path(r.name.removeprefix("model:"), f"{p}[{j}].name", v.policy, v)
         v.number(r.weight, f"{p}[{j}].weight")
         v.number(r.timeout_s, f"{p}[{j}].timeout_s", lo=0, lo_open=True)
 
@@ -227,8 +229,7 @@ def _reward_name(name: str, path: str, v: Violations) -> None:
     if name in BUILTIN_NAMES:
         return
     if name.startswith("model:"):
-        model_path(name.removeprefix("model:"), path, v.policy, v)
-        return
+        return  # checked and resolved by _rewards (model_path)
     module, sep, fn = name.partition(":")
     if not sep or not module or not fn.isidentifier():
         v.check(

@@ -12,6 +12,10 @@ import datasets as hf
 import pytest
 from stillroom.actors.common import paths
 from stillroom.actors.common.datasets import DataError, load
+from stillroom.services.errors import PermissionDenied
+from stillroom.services.recipes import parse
+from stillroom.services.validation import validate
+from stillroom.services.violations import Policy
 
 from tests.conftest import write_jsonl
 
@@ -121,3 +125,20 @@ def test_a_datasets_directory_lists_only_its_own_files(tmp_path):
             load(path)
         assert f"state.json: _data_files entry {entry!r} is not a file of this directory" in str(e.value)
         assert "secret_column" not in str(e.value)
+
+
+def test_a_reward_model_is_opened_where_it_was_confined(layout):
+    """`model:` reward paths leave validation resolved, as the scorer will open them."""
+    root, home, _ = layout
+    (root / "rm").mkdir()
+    (root / "rm" / "config.json").write_text("{}")
+    doc = {
+        "teacher": {"path": "rm"},
+        "data": {"train": {"path": "train.jsonl"}},
+        "stages": [{"grpo": {"rewards": [{"name": "model:rm"}]}}],
+    }
+    out, _ = validate(parse(doc), Policy((root,), excluded=(home,)))
+    assert out.stages[0].grpo.rewards[0].name == f"model:{root / 'rm'}"
+    doc["stages"][0]["grpo"]["rewards"][0]["name"] = "model:.stillroom/artifacts/job-bob"
+    with pytest.raises(PermissionDenied, match=r"^stages\[0\].grpo.rewards\[0\].name: '.stillroom/artifacts/job-bob'"):
+        validate(parse(doc), Policy((root,), excluded=(home,)))
