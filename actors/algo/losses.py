@@ -51,12 +51,21 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def weighted_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_nll(
+    logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    num_items: float | None = None,
+) -> torch.Tensor:
     """Token-level negative log-likelihood, each sequence scaled by its weight, averaged over the
-    masked tokens. logprobs (B, T-1), loss_mask (B, T-1), weights (B,) or None -> scalar."""
+    masked tokens: this batch's, or with num_items (dapo_num_items) the whole step's, as HF's
+    Trainer divides by num_items_in_batch, so accumulation chunks and ranks of different sizes
+    make the same step as one batch. logprobs (B, T-1), loss_mask (B, T-1), weights (B,) or None."""
     nll = -logprobs
     if weights is not None:
         nll = nll * weights.to(nll.dtype).unsqueeze(-1)
+    if num_items:
+        return (nll * loss_mask.to(nll.dtype)).sum() / num_items
     return masked_mean(nll, loss_mask)
 
 
@@ -64,7 +73,7 @@ def weighted_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor, weights: torch
 
 
 def dapo_num_items(global_tokens: float, world_size: int, chunks: int) -> float:
-    """The normaliser of one rank's one accumulation chunk under DAPO, so that what data parallelism
+    """The normaliser of one rank's one accumulation chunk under DAPO (and NLL), so that what data parallelism
     and gradient accumulation average (world_size ranks x chunks) is sum(per-token loss) / the
     completion tokens of the whole global batch, however unevenly they fall on ranks and chunks."""
     return global_tokens / (world_size * chunks)

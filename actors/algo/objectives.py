@@ -34,12 +34,13 @@ def _no_reference(temperature: float = 1.0) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class NllObjective:
-    """SFT (and sequence-level KD): token NLL of the completions, each sequence scaled by t["weights"]."""
+    """SFT (and sequence-level KD): token NLL of the completions, each sequence scaled by
+    t["weights"], over the step's tokens (num_items) when the trainer gives them."""
 
     needs_proximal = False  # the trainer's own log-probs before the step: only off-policy GRPO uses them
 
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
-        return weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t.get("weights")), {}
+        return weighted_nll(token_logprobs(logits, t["input_ids"]), t["loss_mask"], t.get("weights"), num_items), {}
 
 
 @dataclass(frozen=True)

@@ -179,29 +179,42 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------
 
     def train_step(
-        self, arrays: dict[str, np.ndarray], objective: Objective = NLL, global_tokens: int = 0
+        self,
+        arrays: dict[str, np.ndarray],
+        objective: Objective = NLL,
+        global_tokens: int = 0,
+        fewest_rows: int | None = None,
     ) -> dict[str, float]:
-        """One optimizer step over this rank's rows (input_ids, attention_mask, loss_mask, weights;
-        for GRPO also advantages and old_logprobs), in gradient-accumulation chunks. global_tokens:
-        the completion tokens of the whole step on every rank (default: this rank's), for losses
-        that normalise by the global batch (DAPO)."""
+        """Exactly one optimizer step over this rank's rows (input_ids, attention_mask, loss_mask,
+        weights; for GRPO also advantages and old_logprobs), in gradient-accumulation chunks.
+        global_tokens: the completion tokens of the whole step on every rank (default: this rank's),
+        the normaliser of the losses that normalise by the global batch (DAPO, NLL). fewest_rows:
+        the fewest rows any rank has this step (default: this rank's), so every rank runs as many
+        chunks (under ZeRO-2/3 each chunk's backward is a collective)."""
         started = time.perf_counter()
         n = len(arrays["input_ids"])
-        chunks = max(1, min(n, self.spec.gradient_accumulation_steps))
+        chunks = accumulation_chunks(n if fewest_rows is None else fewest_rows, self.spec.gradient_accumulation_steps)
         bounds = np.linspace(0, n, chunks + 1).astype(int)
         totals: dict[str, float] = {}
         tokens = 0
         global_tokens = global_tokens or int(arrays["loss_mask"].sum()) * self.spec.world_size
         num_items = dapo_num_items(global_tokens, self.spec.world_size, chunks)
         self.engine.train()
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        stepped = self.engine.global_steps
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            # The boundary is ours, not DeepSpeed's micro-step count (gas): the last chunk reduces
+            # the gradients and steps the optimizer, however many chunks this step has.
+            self.engine.set_gradient_accumulation_boundary(i == chunks - 1)
             t = {k: torch.tensor(v[lo:hi], device=self.engine.device) for k, v in arrays.items()}
             loss, metrics = self._loss(t, objective, num_items)
-            self.engine.backward(loss)
+            # the step's loss is the chunks' mean: scaled by the true number of chunks, not by gas
+            self.engine.backward(loss / chunks, scale_wrt_gas=False)
             self.engine.step()
             for k, v in {"loss": loss.item(), **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v / chunks
             tokens += int(t["attention_mask"].sum())
+        if self.engine.global_steps != stepped + 1:
+            raise RuntimeError(f"train_step made {self.engine.global_steps - stepped} optimizer steps, not 1")
         self.step += 1
         seconds = time.perf_counter() - started
         record("train_tokens_per_s", tokens / max(seconds, 1e-9), tags_of(self.spec.name))
@@ -350,6 +363,12 @@ def forward_from_first_loss(model, t: dict[str, torch.Tensor]) -> tuple[torch.Te
     start = int(positions[0]) if len(positions) else 0
     logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], logits_to_keep=length - start).logits
     return logits, {k: v[:, start:] if v.dim() >= 2 else v for k, v in t.items()}
+
+
+def accumulation_chunks(rows: int, gradient_accumulation_steps: int) -> int:
+    """How many gradient-accumulation chunks a step of `rows` rows (per rank) runs in: at most
+    gradient_accumulation_steps, never more than the rows, at least 1."""
+    return max(1, min(rows, gradient_accumulation_steps))
 
 
 def latest_complete(checkpoint_dir: str) -> str | None:

@@ -21,8 +21,10 @@ def train_step(trainers: Group, arrays: dict[str, np.ndarray], objective: Object
         proximal = ray.get([t.logprobs.remote(s, objective.temperature) for t, s in zip(trainers, shards, strict=True)])
         shards = [{**s, "proximal_logprobs": p} for s, p in zip(shards, proximal, strict=True)]
     tokens = int(arrays["loss_mask"].sum())  # the global batch's completion tokens (DAPO normalises by them)
+    fewest = min(len(s["input_ids"]) for s in shards)  # every rank runs as many accumulation chunks
     for _ in range(iterations):
-        results = ray.get([t.train_step.remote(s, objective, tokens) for t, s in zip(trainers, shards, strict=True)])
+        calls = [t.train_step.remote(s, objective, tokens, fewest) for t, s in zip(trainers, shards, strict=True)]
+        results = ray.get(calls)
     merged = {
         "step": results[0]["step"],
         "tokens": sum(m["tokens"] for m in results),

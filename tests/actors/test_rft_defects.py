@@ -70,3 +70,35 @@ def test_the_reference_sees_the_prompt_and_the_kl_of_a_fresh_policy_is_zero(tiny
     assert start >= 4  # the prompt is there, so a reference that dropped it would differ
     (reference,) = objective.seen
     torch.testing.assert_close(reference, whole[:, start:], atol=1e-5, rtol=0)
+
+
+def adam_first_moments(trainer: Trainer) -> list[np.ndarray]:
+    """AdamW's exp_avg per parameter: 0.1 x the step's (unclipped) gradient after one step, so
+    unlike the weights (Adam's first step is ~lr x sign) it shows the gradient's scale."""
+    optimizer = trainer.engine.optimizer
+    return [optimizer.state[p]["exp_avg"].detach().cpu().numpy().copy() for p in optimizer.param_groups[0]["params"]]
+
+
+@pytest.mark.parametrize("objective", [GrpoObjective("dapo"), None], ids=["dapo", "nll"])
+@pytest.mark.parametrize("rows", [2, 4, 6], ids=["fewer_rows_than_gas", "rows_eq_gas", "more_rows_than_gas"])
+def test_one_train_step_is_one_optimizer_step_equal_to_one_chunk(tiny_model, rows, objective):
+    """gradient_accumulation_steps 4: n rows (fewer, as many, more) make exactly one optimizer step,
+    and it is the step of the same rows in one chunk: same gradient (Adam's first moment), same
+    weights, same loss. Before the fix, 2 rows took no step and left their gradients behind."""
+    arrays = grpo_arrays(rows, seed=rows)
+    out = {}
+    for gas in (1, 4):
+        trainer = Trainer(
+            TrainerSpec(
+                str(tiny_model), adapter="none", learning_rate=1e-4, gradient_accumulation_steps=gas, master_port=29032
+            )
+        )
+        metrics = trainer.train_step(arrays, *([objective] if objective else []))
+        assert trainer.engine.global_steps == 1 and metrics["step"] == 1
+        out[gas] = (metrics["loss"], trainer.weights(), adam_first_moments(trainer))
+    assert out[4][0] == pytest.approx(out[1][0], rel=1e-5, abs=1e-7)
+    for name, value in out[1][1].items():
+        np.testing.assert_allclose(out[4][1][name], value, atol=1e-6, err_msg=name)
+    assert any(np.abs(m).max() > 0 for m in out[1][2])
+    for chunked, whole in zip(out[4][2], out[1][2], strict=True):
+        np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-9)
