@@ -50,7 +50,7 @@ def model_path(path: str, field_path: str, policy: Policy, v: Violations) -> str
         except FileNotFoundError as e:
             v.check(False, field_path, str(e))
             return path
-        v.check(paths.is_regular(found), field_path, f"{path!r}: the package has no such file")
+        v.check(paths.is_regular(found), field_path, f"{path[: paths.SHOWN]!r}: the package has no such file")
         return path
     roots = policy.data_roots + policy.model_roots
     resolved = confine(path, field_path, policy, roots)
