@@ -13,36 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray
-from stillroom.actors.algo import filters
-from stillroom.actors.algo.objectives import KdObjective
 from stillroom.actors.common import datasets
-from stillroom.actors.models.loading import encode_examples, encode_prompt, inference_dtype, model_dir
+from stillroom.actors.models.loading import encode_examples, inference_dtype, model_dir
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
-from stillroom.actors.roles.scorer import failure_metrics, scorer_spec
-from stillroom.actors.runtime.batches import (
-    batch_id,
-    make_batch,
-    refill_batch,
-    replay,
-    rows_batch,
-    training_arrays,
-    with_columns,
-)
+from stillroom.actors.roles.scorer import scorer_spec
+from stillroom.actors.runtime.batches import batch_id, make_batch, replay, rows_batch, training_arrays
 from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import TrainLoop
-from stillroom.actors.runtime.loop_config import LoopConfig, Refill
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
 from stillroom.actors.runtime.trainers import eval_sums
-from stillroom.actors.stages.index import prompt_rows
+from stillroom.actors.stages.distill_samples import DistillConfig, prepare, without_passages
+from stillroom.actors.stages.index import prompt_rows, retrieved
 from stillroom.actors.stages.on_policy import on_policy_loop
 from stillroom.actors.stages.sft import step_order, train_rows
 from stillroom.actors.stages.wiring import (
@@ -58,77 +48,6 @@ from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    on_policy_fraction: float  # lambda: the share of steps that train on the student's own samples
-    on_policy_objective: KdObjective
-    num_samples: int
-    filter: str
-    min_reward: float
-    min_agreement: float
-    sampling: SamplingParams
-    objective: KdObjective
-    prompts_per_step: int
-    epochs: int
-    max_steps: int
-    eval_prompts: int
-    max_ahead: int | None
-    samples_per_step: int  # a step is refilled from further teacher generations until it has these
-    max_resample: int
-    min_kept_fraction: float
-    max_reward_failures: float  # the fraction of samples reward functions may fail on
-
-    @classmethod
-    def of(cls, p: pb.DistillStage) -> DistillConfig:
-        n, temperature = p.num_samples or 4, p.temperature or 1.0
-        sampling = SamplingParams(
-            n=n,
-            max_new_tokens=p.max_new_tokens or 64,
-            temperature=p.sampling_temperature if p.HasField("sampling_temperature") else 1.0,
-            topk_logprobs=p.top_k or 8,
-        )
-        alpha = p.alpha if p.HasField("alpha") else 0.5
-        objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)
-        on_policy = getattr(p, "lambda") or (1.0 if p.mode == "on_policy" else 0.0)
-        student_kd = KdObjective(0.0, p.kd_loss or "reverse_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)
-        return cls(
-            on_policy,
-            student_kd,
-            n,
-            p.filter or "majority_vote",
-            p.min_reward,
-            p.min_agreement,
-            sampling,
-            objective,
-            p.prompts_per_step or 8,
-            p.optim.epochs or 1,
-            p.optim.max_steps,
-            p.eval_prompts or 16,
-            p.max_ahead if p.HasField("max_ahead") else None,
-            p.samples_per_step or p.prompts_per_step or 8,
-            p.max_resample or 3,
-            p.min_kept_fraction,
-            p.max_reward_failure_fraction or 0.5,
-        )
-
-    def loop(self, prepare_batch, checkpoint_every: int, rows: list[dict], seed: int) -> LoopConfig:
-        """Offline distillation: no weight syncs (the teacher is frozen), max_ahead bounds generation;
-        a step the filter leaves short is refilled with further prompts from `rows`."""
-        return LoopConfig(
-            prepare=prepare_batch,
-            sampling=self.sampling,
-            objective=self.objective,
-            sync_every=0,
-            max_ahead=self.max_ahead,
-            refill=Refill(
-                self.samples_per_step / self.prompts_per_step,
-                self.max_resample,
-                partial(refill_batch, rows=rows, n=self.prompts_per_step, seed=seed),
-            ),
-            checkpoint_every=checkpoint_every,
-        )
-
-
 def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """The teacher labels prompts, the filter keeps what is worth learning, the student learns it
     (or its own samples, graded by the teacher); held-out KL before and after; save the student
@@ -139,6 +58,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     student = student_dir(spec, params, teacher, adapter, out)
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     rows = prompt_rows(ctx, spec, prompt_source(spec))  # with passages (and their ids), under `retrieval`
+    # the held-out KL's prompts, made as the training prompts are (before the roles: retrieval holds one)
+    eval_rows = [] if foreign is not None else held_out_rows(ctx, spec, cfg.eval_prompts)
     names = ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction)
     # Offline, the teacher generates while the student trains: each role its own threads. On-policy
     # steps take turns (sample, grade, train), each on every core.
@@ -162,16 +83,15 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         on_warning=ctx.warn,
     )
     loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
-    eval_prompts = [] if foreign is not None else held_out_prompts(spec, cfg.eval_prompts)
-    if eval_prompts:
-        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_prompts, cfg)})
+    if eval_rows:
+        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_rows, cfg, bare)})
     if cfg.on_policy_fraction:
         roles.start("student", GeneratorSpec(student, seed=spec.seed))
         on_policy_loop(loop, batches, cfg, ctx, spec.seed, params.optim.checkpoint_every or 10, prepare_batch)
     else:
         ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
-    if eval_prompts:
-        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_prompts, cfg)})
+    if eval_rows:
+        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_rows, cfg, bare)})
     save = partial(save_model, ctx, tokenizer_of=student, path=out / "student", kind="model")
     ctx.outputs["student_model"] = with_restarts(loop.trainers, save, "saving the student")
     ctx.offer_model("student", ctx.outputs["student_model"])
@@ -195,9 +115,16 @@ def journal_root(params: pb.DistillStage, ctx: StageContext) -> Path:
     return job_dir / ctx.stage / "journal"
 
 
-def held_out_prompts(spec: pb.JobSpec, n: int) -> list[str]:
+def held_out_rows(ctx: StageContext, spec: pb.JobSpec, n: int) -> list[dict]:
+    """The first n held-out rows as the stage's training prompts are made (prompt_rows): whatever
+    the split's shape (a conversation keeps its turns), with retrieved passages under `retrieval`."""
     ref = held_out(spec)
-    return [r["prompt"] for r in datasets.load_ref(ref).rows[:n]] if ref.path else []
+    if not ref.path:
+        return []
+    rows = datasets.load_ref(ref).examples()[:n]
+    if spec.HasField("retrieval") and rows:
+        rows = retrieved(ctx, spec, rows)
+    return [ex.prompt_row() for ex in rows]
 
 
 def teacher_metrics(replayed: int, batches: int, journal: Journal) -> dict[str, float]:
@@ -257,55 +184,6 @@ def kept_fraction(cfg: DistillConfig, report) -> FractionGuard:
     )
 
 
-def keep(batch: pa.RecordBatch, cfg: DistillConfig) -> tuple[list[int], dict[str, float]]:
-    """Indices of the samples the filter keeps, group by group (n samples per prompt)."""
-    n, rows = cfg.num_samples, batch.num_rows
-    rewards = batch.column("reward").to_pylist()
-    completions = batch.column("completion").to_pylist()
-    kept, agreement = [], []
-    for lo in range(0, rows, n):
-        chosen, agree = filters.select(
-            cfg.filter, rewards[lo : lo + n], completions[lo : lo + n], cfg.min_reward, cfg.min_agreement
-        )
-        kept += [lo + i for i in chosen]
-        if agree is not None:
-            agreement.append(agree)
-    metrics = {"distill/kept_fraction": len(kept) / max(rows, 1), "distill/kept": len(kept), "distill/samples": rows}
-    metrics.update(failure_metrics(batch))
-    if agreement:
-        metrics["distill/agreement"] = float(np.mean(agreement))
-    return kept, metrics
-
-
-def prepare(
-    batch: pa.RecordBatch, cfg: DistillConfig, student_tokenizer=None, bare_tokenizer=None
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Filter, then the student's arrays. With a student tokenizer (it differs from the teacher's),
-    the kept texts are tokenized again for the student and only sequence-level KD (CE) is possible.
-    With a bare tokenizer, the student's prompts are the questions without their passages."""
-    kept, metrics = keep(batch, cfg)
-    if not kept:
-        return {}, metrics
-    batch = batch.take(pa.array(kept))
-    if bare_tokenizer is not None and "query" in batch.schema.names:
-        batch = without_passages(batch, bare_tokenizer)
-    if student_tokenizer is not None:
-        texts = [
-            datasets.Example(p, c)
-            for p, c in zip(batch.column("prompt").to_pylist(), batch.column("completion").to_pylist(), strict=True)
-        ]
-        arrays = training_arrays(make_batch("retokenized", encode_examples(student_tokenizer, texts, 4096)), pad_id=0)
-        return arrays, metrics
-    return training_arrays(batch, pad_id=0), metrics
-
-
-def without_passages(batch: pa.RecordBatch, tokenizer) -> pa.RecordBatch:
-    """The samples with their prompts as the question alone (the `query` column retrieval kept):
-    the completion and its top-k stay as the teacher wrote them, aligned to the completion's tokens."""
-    queries = batch.column("query").to_pylist()
-    return with_columns(batch, {"prompt": queries, "prompt_ids": [encode_prompt(tokenizer, q) for q in queries]})
-
-
 def foreign_tokenizer(teacher: str, student: str):
     """The student's tokenizer when its vocabulary differs from the teacher's, else None."""
     t, s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
@@ -328,14 +206,17 @@ def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, adapter
     return str(target)
 
 
-def held_out_kl(loop: TrainLoop, prompts: list[str], cfg: DistillConfig) -> float:
-    """The student's forward KL to the teacher (over the teacher's top-k + tail) on held-out prompts,
-    on the teacher's own greedy answers."""
+def held_out_kl(loop: TrainLoop, rows: list[dict], cfg: DistillConfig, bare_tokenizer=None) -> float:
+    """The student's forward KL to the teacher (over the teacher's top-k + tail) on held-out rows,
+    on the teacher's own greedy answers; the student reads the prompts as it trained on them (without
+    their passages under student_without_passages)."""
     generator, trainers = loop.roles.actors["generator"][0], loop.roles.actors["trainer"]
     greedy = SamplingParams(
         n=1, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, topk_logprobs=cfg.sampling.topk_logprobs
     )
-    samples = ray.get(generator.generate.remote(make_batch("eval", {"prompt": prompts}), greedy))
+    samples = ray.get(generator.generate.remote(rows_batch("eval", rows), greedy))
+    if bare_tokenizer is not None and "query" in samples.schema.names:
+        samples = without_passages(samples, bare_tokenizer)
     arrays = training_arrays(samples, pad_id=0)
     total, count = eval_sums(trainers, "eval_kd", arrays)  # every rank: ZeRO-3 forwards are collective
     return total / max(count, 1)

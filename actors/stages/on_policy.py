@@ -1,13 +1,12 @@
 """The distill stage's on-policy loop (GKD, `mode: on_policy` / `lambda`): each step the student
 samples, the teacher grades every token, the student trains and its new weights go back to the
 generator it samples from; with probability 1 - lambda a step learns filtered teacher samples
-instead. Run by actors/stages/distill.py."""
+instead. Run by actors/stages/distill.py; what both use is in actors/stages/distill_samples.py."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +17,7 @@ from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.loop import TrainLoop
 from stillroom.actors.runtime.restarts import run_steps
 from stillroom.actors.runtime.trainers import train_step, weights
-
-if TYPE_CHECKING:
-    from stillroom.actors.stages.distill import DistillConfig
+from stillroom.actors.stages.distill_samples import DistillConfig
 
 
 def phase_seconds(started: float, sampled: float, trained: float, synced: float) -> dict[str, float]:

@@ -69,7 +69,8 @@ def test_distill_epochs_replay_the_teachers_batches_and_agreement_filters():
 
     import pyarrow as pa
     from stillroom.actors.runtime.batches import batch_id, make_batch, replay_of
-    from stillroom.actors.stages.distill import DistillConfig, keep, prompt_batches
+    from stillroom.actors.stages.distill import prompt_batches
+    from stillroom.actors.stages.distill_samples import DistillConfig, keep
     from stillroom.v1 import job_pb2 as pb
 
     rows = [{"prompt": f"ticket {i}"} for i in range(10)]
