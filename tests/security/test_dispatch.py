@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stillroom.actors.runtime.cluster import supervisor_name
+from stillroom.actors.runtime.cluster import Placement, check_fits, cluster_capacity, supervisor_name
 from stillroom.services.capacity import check_capacity
 from stillroom.services.dispatcher import next_to_start
 from stillroom.services.limits import Limits, TenantLimits
@@ -27,7 +27,7 @@ from stillroom.services.violations import Violations
 from stillroom.v1 import job_pb2 as pb
 
 from tests.conftest import audit_spec
-from tests.service.helpers import wait_for, wait_state
+from tests.service.helpers import slow_spec, wait_for, wait_state
 
 C = grpc.StatusCode
 STARTED = (pb.JOB_STATE_RUNNING, pb.JOB_STATE_CANCELLING, *TERMINAL)
@@ -68,6 +68,23 @@ def test_cancel_right_after_submit_20_times_frees_every_slot(start_server, data_
     # the server still answers, for every tenant
     assert _healthy(server.address)
     assert list(server.client("bob").list()) == []
+
+
+@pytest.mark.slow
+def test_a_tenant_at_its_running_limit_waits_while_another_starts(start_server, data_root, tmp_path):
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("tenants:\n  alice: {max_running_jobs: 1}\n")
+    server = start_server(data_root, "--max-running-jobs", "2", "--limits", str(limits))
+    alice, bob = server.client("alice"), server.client("bob")
+    spec = slow_spec(data_root, stages=30, rows=10_000)  # many short stages: long to run, quick to cancel
+    first, second = (alice.submit(spec, request_id=f"a{i}").job for i in range(2))
+    assert wait_state(alice, first.id, pb.JOB_STATE_RUNNING, timeout=60)
+    theirs = bob.submit(spec).job  # submitted last, started before alice's second: a slot is free for bob
+    assert wait_state(bob, theirs.id, STARTED, timeout=15)
+    assert alice.get(second.id).state == pb.JOB_STATE_QUEUED
+    for client, job in ((alice, first), (alice, second), (bob, theirs)):
+        client.cancel(job.id)
+        assert wait_state(client, job.id, TERMINAL, timeout=60)
 
 
 # -- start and cancel, one transition in the store ----------------------------------------------
@@ -205,3 +222,13 @@ def test_a_job_no_cluster_can_hold_is_refused_at_submit(start_server, data_root,
     recipe["resources"] = {"trainer": {"num_cpus": 1}}
     assert server.client("alice").validate(parse(recipe)) is not None  # the same job, sized to fit: accepted
     assert _healthy(server.address)
+
+
+@pytest.mark.slow
+def test_the_cluster_as_checks_see_it_and_a_replica_no_node_holds_fails_at_once(ray_client):
+    assert {k: v for k, v in cluster_capacity().items() if k in CAPACITY} == CAPACITY
+    with pytest.raises(RuntimeError, match=r"resources\.trainer: one replica asks for \{'CPU': 64"):
+        check_fits({"trainer": Placement(num_cpus=64)})
+    with pytest.raises(RuntimeError, match=r"4 CPU wanted, 3 in the cluster \(generator: 2 x \{'CPU': 2"):
+        check_fits({"generator": Placement(replicas=2, num_cpus=2)})
+    check_fits({"trainer": Placement(num_cpus=2), "scorer": Placement(custom=(("node_b", 1.0),))})
