@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stillroom.actors.runtime.cluster import Placement, check_fits, cluster_capacity, supervisor_name
 from stillroom.services.capacity import check_capacity
-from stillroom.services.dispatcher import next_to_start
+from stillroom.services.dispatcher import Dispatcher, next_to_start
 from stillroom.services.limits import Limits, TenantLimits
 from stillroom.services.recipes import parse
 from stillroom.services.store import TERMINAL, Store
@@ -125,6 +125,22 @@ def test_a_cancel_that_saw_the_job_queued_cannot_end_a_claimed_one(tmp_path):
     assert store.get_job("j1").state == pb.JOB_STATE_RUNNING
     assert store.append_events("j1", [_state(pb.JOB_STATE_CANCELLING)])
     assert store.get_job("j1").state == pb.JOB_STATE_CANCELLING
+
+
+@pytest.mark.slow
+def test_a_job_that_cannot_launch_fails_with_the_reason_and_frees_its_slot(tmp_path, ray_client):
+    store = Store(tmp_path / "jobs.db")
+    artifacts = tmp_path / "artifacts"
+    artifacts.write_text("a file where the artifact root should be: no job directory can be made")
+    dispatcher = Dispatcher(store, artifacts, max_running=1)
+    _job(store, "j1")
+    _job(store, "j2")
+    for job_id in ("j1", "j2"):  # one slot: j2 starts only if j1's failed launch gave it back
+        dispatcher.tick()
+        job = store.get_job(job_id)
+        assert job.state == pb.JOB_STATE_FAILED
+        assert job.error.reason.startswith("the job could not start: ")
+    assert dispatcher._running == {}
 
 
 # -- fairness between tenants ---------------------------------------------------------------------
