@@ -85,9 +85,12 @@ def encode_token(value: int) -> str:
 
 def decode_token(token: str, field: str = "page_token") -> int:
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        value = int(base64.urlsafe_b64decode(token.encode()).decode())
     except ValueError:
-        raise InvalidArgument([(field, "not a token this server issued")]) from None
+        value = -1
+    if not 0 <= value < 2**63:  # what SQLite's INTEGER holds; anything else was never issued here
+        raise InvalidArgument([(field, "not a token this server issued")])
+    return value
 
 
 class Store:
