@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -219,6 +220,18 @@ class Trainer:
         seconds = time.perf_counter() - started
         record("train_tokens_per_s", tokens / max(seconds, 1e-9), tags_of(self.spec.name))
         return {**totals, "tokens": tokens, "step_s": seconds, "step": self.step}
+
+    def skip_step(self) -> dict[str, float]:
+        """A step with nothing to train on (dynamic sampling found no group with reward signal, or
+        filters left no sample): no update, but it counts as a step, so the step number and the
+        learning-rate schedule move on as if it had been taken (the schedule still ends at
+        total_steps, checkpoints keep their numbers)."""
+        if self.engine.lr_scheduler is not None:
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                self.engine.lr_scheduler.step()
+        self.step += 1
+        return {"tokens": 0, "step_s": 0.0, "step": self.step}
 
     def _forward(self, model, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """forward_from_first_loss; under dtype bfloat16 its matmuls run in bfloat16 (autocast, as

@@ -6,7 +6,8 @@
 The train loop runs here (in the supervisor): it takes scored batches in batch-id order (so the
 data cursor means the same thing after a restart), shards each across the trainer ranks, syncs
 weights to the generators and checkpoints every few steps. A step that filters leave short is
-refilled with further prompts (Refill). Every batch sent stays outstanding until it comes back
+refilled with further prompts (Refill); one left with nothing makes no update but counts as a
+step (step number, learning-rate schedule, weight sync). Every batch sent stays outstanding until it comes back
 scored: a generator or scorer that dies is restarted by Ray, synced, served again, and the
 outstanding batches re-sent (from the journal where the teacher wrote them); a trainer that dies is
 replaced, with its whole group, from the newest complete checkpoint (runtime/restarts.py), and the
@@ -31,7 +32,7 @@ from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop_config import LoopConfig, LoopResult, Prepared
 from stillroom.actors.runtime.metrics import Sampler, record
 from stillroom.actors.runtime.restarts import TrainerGroup
-from stillroom.actors.runtime.trainers import save_checkpoint, train_step, weights
+from stillroom.actors.runtime.trainers import save_checkpoint, skip_step, train_step, weights
 
 
 class TrainLoop:
@@ -85,7 +86,19 @@ class TrainLoop:
             sampler.stop()
         self._close()
         self.result.duplicates_dropped = self._seen.dropped
+        self._warn_skipped(len(todo))
         return self.result
+
+    def _warn_skipped(self, steps: int) -> None:
+        """One warning that says how many steps had nothing to train on (each made no update)."""
+        skipped = sorted(set(self.result.skipped))
+        if skipped:
+            shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+            self.on_warning(
+                f"{len(skipped)} of {steps} steps had nothing to train on (no group with reward signal, or every "
+                f"sample filtered out, after every generation round): no update, but each counted as a step "
+                f"(step number, learning-rate schedule and weight sync moved on): {shown}"
+            )
 
     def _generated(self, batch: pa.RecordBatch) -> bool:
         """Whether the generators will sample this batch (neither another epoch's replay nor in the
@@ -267,9 +280,10 @@ class TrainLoop:
         if refill:
             metrics["sampling/rounds"] = float(len(parts))
             if _rows(arrays) < need:
+                what = "training on what there is" if _rows(arrays) else "the step makes no update but counts"
                 self.on_warning(
                     f"{batch_id(batch)}: {_rows(arrays)} of {need} rows to train on after {len(parts)} "
-                    "generation rounds (the filters left the rest out); training on what there is"
+                    f"generation rounds (the filters left the rest out); {what}"
                 )
         synced = self.cfg.sync_every and "policy_version" in batch.schema.names  # else there is no policy to lag
         versions = [v for b in parts for v in b.column("policy_version").to_pylist()] if synced else []
@@ -300,11 +314,16 @@ class TrainLoop:
                 replay = batches[:-1]
 
     def _step(self, step: Prepared) -> None:
-        if not step.arrays:  # nothing in this batch is worth learning from (e.g. every sample filtered out)
-            self.result.trained.append(step.batch_id)
-            self.on_metrics(step.metrics)
-            return
-        done = train_step(self.roles.actors["trainer"], step.arrays, self.cfg.objective, self.cfg.num_iterations)
+        """Train on one step's arrays. A step with none (every sample filtered out, no group with
+        reward signal) makes no update but still counts as a step: the trainers' step number and
+        learning-rate schedule move on, and so does the policy version the feeder waits for
+        (with max_staleness 0, a step that did not count would hold the next batch back forever)."""
+        trainers = self.roles.actors["trainer"]
+        if step.arrays:
+            done = train_step(trainers, step.arrays, self.cfg.objective, self.cfg.num_iterations)
+        else:
+            done = skip_step(trainers, self.cfg.num_iterations)
+            self.result.skipped.append(step.batch_id)
         done["batch_id"] = step.batch_id
         staleness = len(self.result.steps) - float(np.mean(step.versions)) if step.versions else 0.0
         self.result.trained.append(step.batch_id)
@@ -315,6 +334,7 @@ class TrainLoop:
                 **step.metrics,
                 **named,
                 "train/step": done["step"],
+                **({} if step.arrays else {"train/skipped": 1.0}),
                 "policy/staleness": staleness,
                 "train/tokens_per_s": done["tokens"] / max(done["step_s"], 1e-9),
             }

@@ -66,7 +66,8 @@ class LoopConfig:
 @dataclass
 class LoopResult:
     trained: list[str] = field(default_factory=list)  # batch ids, in training order (replays included)
-    steps: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # one per step trained, those with no rows too
+    skipped: list[str] = field(default_factory=list)  # batch ids of the steps with no rows: no update
     syncs: list[float] = field(default_factory=list)  # seconds per weight sync
     trainer_restarts: int = 0
     role_restarts: dict[str, int] = field(default_factory=dict)  # generator / scorer deaths recovered

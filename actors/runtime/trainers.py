@@ -35,6 +35,14 @@ def train_step(trainers: Group, arrays: dict[str, np.ndarray], objective: Object
     return merged
 
 
+def skip_step(trainers: Group, iterations: int = 1) -> dict:
+    """A step with no rows to train on: every rank counts `iterations` steps (its step number and
+    learning-rate schedule move on) without an update. Returns step, tokens 0, step_s 0."""
+    for _ in range(iterations):
+        results = ray.get([t.skip_step.remote() for t in trainers])
+    return results[0]
+
+
 def eval_sums(trainers: Group, method: str, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
     """(sum, count) of a held-out measure (`eval_loss`, `eval_kd`) over every rank's share."""
     parts = [getattr(t, method).remote(shard(arrays, r, len(trainers))) for r, t in enumerate(trainers)]

@@ -291,12 +291,36 @@ def order_rows_only(batch):
     return training_arrays(batch.take(pa.array(kept)), pad_id=0), {"kept": len(kept)}
 
 
-def test_a_short_step_is_refilled_from_further_generations(ray_client, tiny_model, tmp_path):
+def run_within(loop: TrainLoop, batches: list, timeout: float, stop: threading.Event):
+    """loop.run(batches) on a thread; fails (and cancels the loop) if it does not end in time."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = loop.run(batches)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            out["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        stop.set()  # the loop raises InterruptedError at its next poll
+        thread.join(60)
+        pytest.fail(f"the train loop did not finish {len(batches)} steps within {timeout:.0f} s")
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+@pytest.mark.parametrize("max_staleness", [None, 0])
+def test_a_short_step_is_refilled_from_further_generations(ray_client, tiny_model, tmp_path, max_staleness):
     """Each step needs 2 rows per prompt (4); its own samples give 2, so one refill of 2 further
     prompts (journaled under <step>+1) tops it up. A step the filter never keeps anything of is
-    refilled up to the bound and trained as it is, with a warning that says so."""
-    group = roles("job-refill", tiny_model, trainers=1)
-    metrics, warnings = [], []
+    refilled up to the bound and makes no update, with a warning that says so; it still counts as
+    a step, so with max_staleness 0 the step after it is fed (it used to wait for ever)."""
+    group = roles(f"job-refill{max_staleness}", tiny_model, trainers=1)
+    metrics, warnings, stop = [], [], threading.Event()
     extra = [{"prompt": f"refill {i}", "answer": "a"} for i in range(8)]
     loop = TrainLoop(
         group,
@@ -306,22 +330,29 @@ def test_a_short_step_is_refilled_from_further_generations(ray_client, tiny_mode
             prepare=order_rows_only,
             sampling=SamplingParams(n=2, max_new_tokens=4),
             refill=Refill(2.0, 3, partial(refill_batch, rows=extra, n=2, seed=0)),
+            max_staleness=max_staleness,
             poll_s=0.05,
         ),
         on_metrics=metrics.append,
+        cancelled=stop.is_set,
         on_warning=warnings.append,
     )
     try:
-        result = loop.run(prompts(3))
+        result = run_within(loop, prompts(4), timeout=240, stop=stop)
     finally:
         group.close()
-    assert result.trained == ["b000", "b001", "b002"]
-    assert [m["sampling/rounds"] for m in metrics if "sampling/rounds" in m] == [2.0, 2.0, 3.0]
-    assert [m["kept"] for m in metrics if "kept" in m] == [6, 6]  # 2 own + 4 refill rows
-    assert set(loop.journal.ids()) >= {"b000+1", "b001+1", "b002+1", "b002+2"}
+    assert result.trained == ["b000", "b001", "b002", "b003"]
+    assert [s["step"] for s in result.steps] == [1, 2, 3, 4] and result.skipped == ["b002"]
+    assert [m["sampling/rounds"] for m in metrics if "sampling/rounds" in m] == [2.0, 2.0, 3.0, 2.0]
+    assert [m["kept"] for m in metrics if "kept" in m] == [6, 6, 6]  # 2 own + 4 refill rows
+    assert [m["train/step"] for m in metrics if "train/skipped" in m] == [3]
+    assert set(loop.journal.ids()) >= {"b000+1", "b001+1", "b002+1", "b002+2", "b003+1"}
     assert warnings == [
         "b002: 0 of 4 rows to train on after 3 generation rounds (the filters left the rest out); "
-        "training on what there is"
+        "the step makes no update but counts",
+        "1 of 4 steps had nothing to train on (no group with reward signal, or every sample filtered out, "
+        "after every generation round): no update, but each counted as a step (step number, learning-rate "
+        "schedule and weight sync moved on): b002",
     ]
 
 

@@ -1,10 +1,11 @@
 """GRPO settings that must do what their names say (issue 26): the reference policy of the KL term
-sees the whole sequence, and gradient accumulation makes exactly one optimizer step per
-train_step, however few rows a rank has."""
+sees the whole sequence, gradient accumulation makes exactly one optimizer step per train_step,
+however few rows a rank has, and dynamic sampling with no signal still finishes its steps."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,17 @@ import torch
 from stillroom.actors.algo.losses import tempered, token_logprobs
 from stillroom.actors.algo.objectives import GrpoObjective
 from stillroom.actors.models.loading import load_causal_lm
+from stillroom.actors.roles.generator import GeneratorSpec
+from stillroom.actors.roles.scorer import RewardSpec, ScorerSpec
 from stillroom.actors.roles.trainer import Trainer, TrainerSpec
 from stillroom.actors.runtime.batches import make_batch, training_arrays
+from stillroom.actors.runtime.cluster import Placement, RoleGroup
+from stillroom.actors.runtime.journal import Journal
+from stillroom.actors.runtime.loop import TrainLoop
+from stillroom.actors.stages.grpo import GrpoConfig, prompt_batches
+from stillroom.v1 import job_pb2 as pb
+
+from tests.actors.test_pipeline import run_within
 
 
 def grpo_arrays(n: int = 3, seed: int = 0, vocab: int = 50) -> dict[str, np.ndarray]:
@@ -102,3 +112,58 @@ def test_one_train_step_is_one_optimizer_step_equal_to_one_chunk(tiny_model, row
     assert any(np.abs(m).max() > 0 for m in out[1][2])
     for chunked, whole in zip(out[4][2], out[1][2], strict=True):
         np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-9)
+
+
+def test_a_skipped_step_moves_the_schedule_and_the_step_but_not_the_weights(tiny_model):
+    """skip_step (a step with no rows): linear schedule over 4 steps, after 2 skipped ones the
+    learning rate is half, the step number 2, and the weights those of the start."""
+    spec = TrainerSpec(str(tiny_model), adapter="none", learning_rate=1e-2, lr_scheduler_type="linear", total_steps=4)
+    spec = replace(spec, master_port=29033)
+    trainer = Trainer(spec)
+    before = trainer.weights()
+    assert [trainer.skip_step()["step"] for _ in range(2)] == [1, 2]
+    assert trainer.learning_rate() == pytest.approx(0.5e-2) and trainer.step == 2
+    for name, value in trainer.weights().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_grpo_with_no_signal_at_max_staleness_0_finishes_its_steps(ray_client, tiny_model, tmp_path):
+    """Dynamic sampling under a constant reward: no group ever has signal, so every step is
+    resampled max_resample times and makes no update. Each still counts as a step, so with
+    max_staleness 0 (the feeder waits for each step's weights) the stage ends after its 3 steps,
+    the trainer at step 3, with a warning that says how many steps had nothing to train on."""
+    params = pb.GrpoStage(
+        group_size=2, prompts_per_step=2, max_new_tokens=4, dynamic_sampling=True, max_resample=2, max_staleness=0
+    )
+    params.optim.max_steps = 3
+    cfg = GrpoConfig.of(params)
+    rows = [{"prompt": f"ticket {i} billing", "answer": "a"} for i in range(6)]
+    group = RoleGroup(
+        "job-nosignal",
+        {"generator": Placement(1, 0.5), "scorer": Placement(1, 0.25), "trainer": Placement(1, 0.5)},
+    )
+    group.start("generator", GeneratorSpec(str(tiny_model), lora_r=4, target_modules=("q_proj", "v_proj")))
+    group.start("scorer", ScorerSpec((RewardSpec("length_penalty", args=(("max_chars", "1000"),)),)))  # always 0
+    spec = TrainerSpec(
+        str(tiny_model), lora_r=4, target_modules=("q_proj", "v_proj"), checkpoint_dir=str(tmp_path / "ckpt")
+    )
+    metrics, warnings, stop = [], [], threading.Event()
+    loop = TrainLoop(
+        group,
+        spec,
+        Journal(tmp_path / "journal"),
+        replace(cfg.loop(rows, seed=0), poll_s=0.05),
+        on_metrics=metrics.append,
+        cancelled=stop.is_set,
+        on_warning=warnings.append,
+    )
+    try:
+        result = run_within(loop, prompt_batches(rows, cfg, seed=0), timeout=240, stop=stop)
+    finally:
+        group.close()
+    assert result.trained == ["grpo/000000", "grpo/000001", "grpo/000002"]
+    assert result.skipped == result.trained and [s["step"] for s in result.steps] == [1, 2, 3]
+    assert [m["frac_reward_zero_std"] for m in metrics if "frac_reward_zero_std" in m] == [1.0] * 3
+    assert [m["train/step"] for m in metrics if "train/skipped" in m] == [1, 2, 3]
+    assert warnings[-1].startswith("3 of 3 steps had nothing to train on")
