@@ -45,3 +45,83 @@ def test_student_from_config_shares_the_tokenizer(six_layer_teacher, tmp_path):
     )
     with pytest.raises(ValueError, match="no field 'nonsense'"):
         from_config(six_layer_teacher, tmp_path / "bad", nonsense=1)
+
+
+def test_block_influence_against_hand_worked_numbers():
+    """1 - the mean over tokens of cos(input, output): tokens (1,0)->(1,0) and (0,1)->(1,0) have
+    cosines 1 and 0 (BI 0.5); (1,0)->(-1,0) and (0,1)->(1,1) have -1 and 1/sqrt(2)."""
+    from stillroom.actors.models.students import block_influence
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert block_influence(x, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.5)
+    assert block_influence(x, torch.tensor([[-1.0, 0.0], [1.0, 1.0]])) == pytest.approx(1 - (-1 + 2**-0.5) / 2)
+    assert block_influence(x, 3 * x) == pytest.approx(0.0)  # a layer that only rescales: nothing to lose
+
+
+def test_importance_layers_keep_the_most_influential_and_the_last():
+    from stillroom.actors.models.students import importance_layers
+
+    assert importance_layers([0.1, 0.5, 0.05, 0.3, 0.2, 0.01], 4) == [1, 3, 4, 5]
+    assert importance_layers([0.2, 0.2, 0.1, 0.0], 3) == [0, 1, 3]  # a tie: the earlier layer
+    assert importance_layers([0.3, 0.1, 0.2], 3) == [0, 1, 2]
+
+
+def near_identity(teacher_dir, tmp_path, quiet: tuple[int, ...]):
+    """The teacher with the layers `quiet` made near-identity (their attention and MLP outputs
+    scaled by 1e-3: the residual passes almost untouched), the others loud (weights x 8, so each
+    turns the hidden state); saved beside it."""
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            scale = 1e-3 if i in quiet else 8.0
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+    out = tmp_path / "shaped-teacher"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return out
+
+
+def held_out_kl(teacher_dir, student_dir, prompts: list[list[int]]) -> float:
+    """KL(teacher || student) over the full vocabulary, per token of the held-out prompts."""
+    t = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    s = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in prompts:
+            lt = torch.log_softmax(t(torch.tensor([ids])).logits[0].double(), -1)
+            ls = torch.log_softmax(s(torch.tensor([ids])).logits[0].double(), -1)
+            total, count = total + float((lt.exp() * (lt - ls)).sum()), count + len(ids)
+    return total / count
+
+
+def test_layer_influence_measures_what_enters_and_leaves_each_layer(six_layer_teacher, tmp_path):
+    """Measured by hooks, equal to the model's own hidden states (input of layer i = hidden state i,
+    its output = hidden state i + 1, for every layer but the last, whose output HF normalises), and
+    a near-identity layer scores near 0."""
+    from stillroom.actors.models.students import block_influence, layer_influence
+
+    shaped = near_identity(six_layer_teacher, tmp_path, quiet=(2,))
+    model = AutoModelForCausalLM.from_pretrained(shaped).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    bi = layer_influence(model, prompts)
+    with torch.no_grad():
+        hidden = [model(torch.tensor([p]), output_hidden_states=True).hidden_states for p in prompts]
+    for i in range(5):
+        a, b = (torch.cat([h[j][0] for h in hidden]) for j in (i, i + 1))
+        assert bi[i] == pytest.approx(block_influence(a, b), abs=1e-6)
+    assert bi[2] < 1e-3 < min(bi[:2] + bi[3:])
+
+
+def test_importance_chosen_layers_start_closer_to_the_teacher_than_every_nth(six_layer_teacher, tmp_path):
+    """A teacher whose layers 0, 2 and 4 barely change the hidden state: every 2nd layer keeps
+    exactly those ([0, 2, 4, 5]) and drops the two that work; Block Influence measured on some
+    prompts keeps 1, 3 and 5 (and one quiet layer), and starts at a far lower held-out KL."""
+    shaped = near_identity(six_layer_teacher, tmp_path, quiet=(0, 2, 4))
+    sample = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14], [20, 21, 22, 23, 24]]
+    held = [[30, 31, 32, 33, 34, 35], [40, 41, 42], [7, 17, 27, 37, 47]]
+    nth = from_teacher_layers(shaped, tmp_path / "nth", every=2)
+    chosen = from_teacher_layers(shaped, tmp_path / "chosen", every=2, prompts=sample)
+    assert nth == [0, 2, 4, 5] and chosen[1:] == [1, 3, 5] and len(chosen) == 4
+    kl_nth, kl_chosen = held_out_kl(shaped, tmp_path / "nth", held), held_out_kl(shaped, tmp_path / "chosen", held)
+    assert kl_chosen < 0.01 * kl_nth and kl_nth > 5e-3, (kl_chosen, kl_nth)  # measured: 3e-10 vs 0.014

@@ -306,7 +306,7 @@ class GrpoStage(_message.Message):
     def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ...) -> None: ...
 
 class StudentInit(_message.Message):
-    __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides")
+    __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides", "layer_choice", "importance_prompts")
     class ConfigOverridesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -317,13 +317,31 @@ class StudentInit(_message.Message):
     KEEP_EVERY_NTH_LAYER_FIELD_NUMBER: _ClassVar[int]
     FROM_TUNED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     keep_every_nth_layer: int
     from_tuned: bool
     config_overrides: _containers.ScalarMap[str, int]
-    def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    layer_choice: str
+    importance_prompts: int
+    def __init__(self, keep_every_nth_layer: _Optional[int] = ..., from_tuned: _Optional[bool] = ..., config_overrides: _Optional[_Mapping[str, int]] = ..., layer_choice: _Optional[str] = ..., importance_prompts: _Optional[int] = ...) -> None: ...
+
+class DistillUntil(_message.Message):
+    __slots__ = ("metric", "patience", "max_steps", "eval_every", "min_delta")
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    metric: str
+    patience: int
+    max_steps: int
+    eval_every: int
+    min_delta: float
+    def __init__(self, metric: _Optional[str] = ..., patience: _Optional[int] = ..., max_steps: _Optional[int] = ..., eval_every: _Optional[int] = ..., min_delta: _Optional[float] = ...) -> None: ...
 
 class DistillStage(_message.Message):
-    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction", "max_reward_failure_fraction", "student_without_passages", "sampling_temperature")
+    __slots__ = ("mode", "num_samples", "rewards", "filter", "min_reward", "top_k", "alpha", "kd_loss", "jsd_beta", "temperature", "max_new_tokens", "optim", "reuse_journal_of", "student_init", "eval_prompts", "prompts_per_step", "baseline", "min_agreement", "max_ahead", "scale_by_t2", "samples_per_step", "max_resample", "min_kept_fraction", "max_reward_failure_fraction", "student_without_passages", "sampling_temperature", "until")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +369,7 @@ class DistillStage(_message.Message):
     MAX_REWARD_FAILURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     STUDENT_WITHOUT_PASSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
     mode: str
     num_samples: int
     rewards: _containers.RepeatedCompositeFieldContainer[RewardFunction]
@@ -377,10 +396,11 @@ class DistillStage(_message.Message):
     max_reward_failure_fraction: float
     student_without_passages: bool
     sampling_temperature: float
-    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., student_without_passages: _Optional[bool] = ..., sampling_temperature: _Optional[float] = ..., **kwargs) -> None: ...
+    until: DistillUntil
+    def __init__(self, mode: _Optional[str] = ..., num_samples: _Optional[int] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., filter: _Optional[str] = ..., min_reward: _Optional[float] = ..., top_k: _Optional[int] = ..., alpha: _Optional[float] = ..., kd_loss: _Optional[str] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., reuse_journal_of: _Optional[str] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., eval_prompts: _Optional[int] = ..., prompts_per_step: _Optional[int] = ..., baseline: _Optional[bool] = ..., min_agreement: _Optional[float] = ..., max_ahead: _Optional[int] = ..., scale_by_t2: _Optional[bool] = ..., samples_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., min_kept_fraction: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., student_without_passages: _Optional[bool] = ..., sampling_temperature: _Optional[float] = ..., until: _Optional[_Union[DistillUntil, _Mapping]] = ..., **kwargs) -> None: ...
 
 class EvaluateStage(_message.Message):
-    __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target", "rungs")
+    __slots__ = ("metrics", "max_new_tokens", "limit", "gates", "few_shot", "target", "rungs", "min_retained")
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +408,7 @@ class EvaluateStage(_message.Message):
     FEW_SHOT_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     RUNGS_FIELD_NUMBER: _ClassVar[int]
+    MIN_RETAINED_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[RewardFunction]
     max_new_tokens: int
     limit: int
@@ -395,7 +416,8 @@ class EvaluateStage(_message.Message):
     few_shot: int
     target: EvalTarget
     rungs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ..., few_shot: _Optional[int] = ..., target: _Optional[_Union[EvalTarget, _Mapping]] = ..., rungs: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_retained: float
+    def __init__(self, metrics: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., limit: _Optional[int] = ..., gates: _Optional[_Iterable[_Union[EvalGate, _Mapping]]] = ..., few_shot: _Optional[int] = ..., target: _Optional[_Union[EvalTarget, _Mapping]] = ..., rungs: _Optional[_Iterable[str]] = ..., min_retained: _Optional[float] = ...) -> None: ...
 
 class EvalTarget(_message.Message):
     __slots__ = ("metric", "min")
