@@ -4,7 +4,8 @@ the policy-update split (`<metric>@update`) has that split. Pure: reads only the
 
 from __future__ import annotations
 
-from stillroom.actors.common.stages import UPDATE, job_models, metric_names
+from stillroom.actors.common.ladder import RETAINED
+from stillroom.actors.common.stages import MEASURED, UPDATE, job_models, metric_names
 from stillroom.services.violations import Violations
 from stillroom.v1 import job_pb2 as pb
 
@@ -27,19 +28,25 @@ def _check_rungs(e: pb.EvaluateStage, made: list[str], p: str, v: Violations) ->
 
 
 def _check_gates(e: pb.EvaluateStage, made: list[str], scored: list[str], p: str, v: Violations) -> None:
-    """Each gate compares two rungs the stage scores on a metric it measures."""
+    """Each gate compares two rungs the stage scores on a metric it measures, or one rung with
+    `min` (no baseline); retained/<metric> (a student's fraction of its teacher's) on student rungs."""
     metrics = metric_names(e.metrics)
+    kept = {RETAINED + m for m in metrics - set(MEASURED)}
     for j, gate in enumerate(e.gates):
         g = f"{p}.gates[{j}]"
-        for role in ("model", "baseline"):
+        for role in ("model", "baseline") if gate.baseline else ("model",):
             name = getattr(gate, role)
             if name not in made:
                 v.check(False, f"{g}.{role}", f"{name!r} is not a model of this job ({', '.join(made)})")
             else:
                 v.check(name in scored, f"{g}.{role}", f"{name!r} is not among {p}.rungs")
         v.check(gate.model != gate.baseline, f"{g}.baseline", "must differ from model")
-        v.check(gate.metric in metrics, f"{g}.metric", f"must be one of {', '.join(sorted(metrics))}")
+        if gate.metric in kept:
+            v.check(gate.model.startswith("student"), f"{g}.metric", f"{gate.metric} is measured on student rungs")
+        else:
+            v.check(gate.metric in metrics, f"{g}.metric", f"must be one of {', '.join(sorted(metrics | kept))}")
         v.number(gate.min_margin, f"{g}.min_margin")
+        v.number(gate.min, f"{g}.min")
     if e.target.metric or e.target.min:
         v.check(e.target.metric in metrics, f"{p}.target.metric", f"must be one of {', '.join(sorted(metrics))}")
         v.number(e.target.min, f"{p}.target.min")

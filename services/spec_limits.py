@@ -76,6 +76,7 @@ def check_limits(spec: pb.JobSpec, limits: TenantLimits, v: Violations) -> None:
         elif kind == "distill":
             _check_rollouts(s, "num_samples", DISTILL_DEFAULTS, p, limits, v)
             _over(s.samples_per_step, limits.max_rollouts_per_step, "max_rollouts_per_step", f"{p}.samples_per_step", v)
+            _over(s.until.max_steps, limits.max_steps, "max_steps", f"{p}.until.max_steps", v)
 
 
 def _within(value: float, most: float) -> bool:

@@ -22,6 +22,7 @@ from stillroom.services.data_checks import (
     check_tracking,
     model_path,
 )
+from stillroom.services.distill_checks import check_distill
 from stillroom.services.errors import InvalidArgument, PermissionDenied
 from stillroom.services.ladder_checks import check_evaluate_stages
 from stillroom.services.spec_limits import check_limits
@@ -327,6 +328,7 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     _rewards(s.rewards, f"{p}.rewards", v)
     _optim(s.optim, f"{p}.optim", v, {"batch_size": "each step is prompts_per_step prompts x num_samples"})
+    check_distill(s, p, v)  # until, student_init.layer_choice (services/distill_checks.py)
 
 
 def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
@@ -335,6 +337,7 @@ def _evaluate(s: pb.EvaluateStage, p: str, v: Violations) -> None:
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     v.number(s.limit, f"{p}.limit", lo=1)
     v.check(0 <= s.few_shot <= 16, f"{p}.few_shot", "must be between 0 and 16 examples")
+    v.number(s.min_retained, f"{p}.min_retained", lo=0, hi=1)
 
 
 def _check_baselines(spec: pb.JobSpec, v: Violations) -> None:

@@ -19,6 +19,12 @@ Series = dict[str, dict[str, list[tuple[float, float]]]]  # stage -> metric -> [
 
 # What each plot panel shows: a metric belongs to the first panel whose words its name contains.
 PANELS = {"loss": ("loss",), "reward": ("reward", "json_", "accuracy"), "KL": ("kl",)}
+# The distill stage's second panel: what a student is judged by (held-out KL per evaluation, the
+# fraction of teacher samples its filter kept, the retained quality), not counters.
+DISTILL_PANELS = {
+    "loss": ("loss",),
+    "student vs teacher": ("eval/kl", "eval/", "kept_fraction", "retained/"),
+}
 EVAL_COLUMNS = ("json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes")
 
 
@@ -48,9 +54,9 @@ def evaluation(values: Series) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for metrics in values.values():
         for name, points in metrics.items():
-            parts = name.split("/")
-            if len(parts) == 3 and parts[0] == "eval":
-                table.setdefault(parts[1], {})[parts[2]] = points[-1][1]
+            parts = name.split("/")  # eval/<rung>/<metric>, the metric perhaps retained/<metric>
+            if len(parts) >= 3 and parts[0] == "eval":
+                table.setdefault(parts[1], {})["/".join(parts[2:])] = points[-1][1]
     return table
 
 
@@ -76,17 +82,23 @@ def _cell(column: str, value: float | None) -> str:
     return f"{value:.3f}"
 
 
-def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: Path) -> bool:
-    """One PNG for a stage: a panel each for loss, reward and KL (those it has). False when the
-    stage has none of them."""
-    panels = {title: {} for title in PANELS}
+def panels_of(metrics: dict[str, list[tuple[float, float]]], kinds: dict = PANELS) -> dict[str, dict]:
+    """title -> the curves it draws: each metric with two points or more in the first panel whose
+    words its name contains; evaluation rows (eval/<rung>/<metric>) belong in the table."""
+    panels = {title: {} for title in kinds}
     for name, points in metrics.items():
-        if len(points) < 2 or (name.startswith("eval/") and name.count("/") == 2):
-            continue  # a single point is not a curve; evaluation rows belong in the table
-        title = next((t for t, words in PANELS.items() if any(w in name.lower() for w in words)), None)
+        if len(points) < 2 or (name.startswith("eval/") and name.count("/") >= 2):
+            continue
+        title = next((t for t, words in kinds.items() if any(w in name.lower() for w in words)), None)
         if title:
             panels[title][name] = points
-    panels = {t: m for t, m in panels.items() if m}
+    return {t: m for t, m in panels.items() if m}
+
+
+def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: Path, kinds: dict = PANELS) -> bool:
+    """One PNG for a stage: a panel each for loss, reward and KL (those it has; a distill stage's:
+    loss, and the student against its teacher). False when the stage has none of them."""
+    panels = panels_of(metrics, kinds)
     if not panels:
         return False
     import matplotlib
@@ -149,7 +161,8 @@ def render(job_id: str, spec: pb.JobSpec, events: list[pb.Event], out_dir: Path)
     audit = audit_summary(spec, values)
     if audit:
         lines += ["", "## Audit", "", audit]
-    plots = [s for s in values if plot_stage(s, values[s], out_dir / "plots" / f"{s}.png")]
+    kinds = {s.name: DISTILL_PANELS if s.WhichOneof("kind") == "distill" else PANELS for s in spec.stages}
+    plots = [s for s in values if plot_stage(s, values[s], out_dir / "plots" / f"{s}.png", kinds.get(s, PANELS))]
     if plots:
         lines += ["", "## Training curves", ""]
         lines += [f"![{s}](plots/{s}.png)" for s in plots]

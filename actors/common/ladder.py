@@ -58,3 +58,52 @@ def recommend(results: dict[str, dict[str, float]], metric: str, minimum: float)
         f"{results[r].get('build_s', 0.0) - results[best].get('build_s', 0.0):+.0f} s more to make"
         for r in costlier
     ]
+
+
+RETAINED = "retained/"  # retained/<metric>: a student rung's metric / its teacher rung's
+
+
+def teacher_rung(rung: str, lineage: dict[str, list[str]]) -> str | None:
+    """The rung a student rung was distilled from, as it runs (same suffix): the model whose
+    lineage is the student's without its last stage (base_teacher when that is empty). None for a
+    rung that is no student, or whose teacher is unknown."""
+    model = rung_model(rung)
+    if not model.startswith("student") or model not in lineage:
+        return None
+    made_by = lineage[model][:-1]
+    if not made_by:
+        return "base_teacher" + rung[len(model) :]
+    found = [m for m, stages in lineage.items() if stages == made_by and not m.startswith("student")]
+    return found[0] + rung[len(model) :] if found else None
+
+
+def retained(results: dict[str, dict[str, float]], lineage: dict[str, list[str]], metrics: list[str]) -> dict:
+    """student rung -> {retained/<metric>: student / teacher} for each metric both rungs have
+    (a teacher at 0 or below leaves it out: nothing to keep a fraction of)."""
+    out: dict[str, dict[str, float]] = {}
+    for rung in results:
+        teacher = teacher_rung(rung, lineage)
+        if teacher is None or teacher not in results:
+            continue
+        for m in metrics:
+            s, t = results[rung].get(m, math.nan), results[teacher].get(m, math.nan)
+            if not (math.isnan(s) or math.isnan(t)) and t > 0:
+                out.setdefault(rung, {})[RETAINED + m] = s / t
+    return out
+
+
+def retained_warnings(results: dict[str, dict[str, float]], lineage: dict[str, list[str]], minimum: float) -> list[str]:
+    """A line for each distilled student rung's retained/<metric> below `minimum`, saying by how much."""
+    lines = []
+    for rung, metrics in results.items():
+        teacher = teacher_rung(rung, lineage)
+        if rung_model(rung) != "student" or teacher is None:
+            continue
+        for name, value in metrics.items():
+            if name.startswith(RETAINED) and value < minimum:
+                m = name.removeprefix(RETAINED)
+                lines.append(
+                    f"{rung} keeps {value:.0%} of {teacher}'s {m} ({metrics[m]:.3f} vs {results[teacher][m]:.3f}), "
+                    f"{minimum - value:.0%} short of min_retained {minimum:g}"
+                )
+    return lines

@@ -17,8 +17,17 @@ import numpy as np
 import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
-from stillroom.actors.common.ladder import FEW_SHOT, RAG, build_seconds, recommend, rung_model, with_shots
-from stillroom.actors.common.stages import MEASURED, UPDATE
+from stillroom.actors.common.ladder import (
+    FEW_SHOT,
+    RAG,
+    build_seconds,
+    recommend,
+    retained,
+    retained_warnings,
+    rung_model,
+    with_shots,
+)
+from stillroom.actors.common.stages import MEASURED, UPDATE, metric_names
 from stillroom.actors.models.loading import inference_dtype, model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
@@ -70,7 +79,20 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             ctx.metrics({f"eval/{rung}/{k}": v for k, v in metrics.items()})
         roles.stop("generator")
         ctx.progress(done + 1, len(models), "models")
+    report_retained(params, ctx, results, lineage)
     write_report(params, ctx, results, {split: len(v[""]) for split, v in splits.items()})
+
+
+def report_retained(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], lineage: dict) -> None:
+    """Each student rung's retained/<metric> (its metric / its teacher's) into its results and the
+    job's metrics; a warning event for each below min_retained (default 0.8), saying by how much."""
+    names = sorted(metric_names(params.metrics) - set(MEASURED))
+    for rung, kept in retained(results, lineage, names).items():
+        results[rung].update(kept)
+        ctx.metrics({f"eval/{rung}/{k}": v for k, v in kept.items()})
+    minimum = params.min_retained if params.HasField("min_retained") else 0.8
+    for line in retained_warnings(results, lineage, minimum) if minimum > 0 else []:
+        ctx.warn(line)
 
 
 def held_out_splits(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> dict[str, dict[str, list]]:
@@ -163,7 +185,11 @@ def recommendation(target: pb.EvalTarget, results: dict[str, dict]) -> str:
 
 
 def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str]:
-    """(passed, what was compared and by how much)."""
+    """(passed, what was compared and by how much). Without a baseline: model's metric >= gate.min."""
+    if not gate.baseline:
+        a = results.get(gate.model, {}).get(gate.metric, float("nan"))
+        ok = a >= gate.min
+        return ok, f"{gate.model} {gate.metric} {a:.3f} ({'at least' if ok else 'below'} {gate.min:g})"
     for name in (gate.model, gate.baseline):
         if name not in results:
             return False, f"{name} was not evaluated (models: {', '.join(results)})"

@@ -428,16 +428,18 @@ class EvalTarget(_message.Message):
     def __init__(self, metric: _Optional[str] = ..., min: _Optional[float] = ...) -> None: ...
 
 class EvalGate(_message.Message):
-    __slots__ = ("model", "baseline", "metric", "min_margin")
+    __slots__ = ("model", "baseline", "metric", "min_margin", "min")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     MIN_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
     model: str
     baseline: str
     metric: str
     min_margin: float
-    def __init__(self, model: _Optional[str] = ..., baseline: _Optional[str] = ..., metric: _Optional[str] = ..., min_margin: _Optional[float] = ...) -> None: ...
+    min: float
+    def __init__(self, model: _Optional[str] = ..., baseline: _Optional[str] = ..., metric: _Optional[str] = ..., min_margin: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
 class ExportStage(_message.Message):
     __slots__ = ("merge_adapter", "dtype")
