@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 from stillroom.actors.common import datasets
-from stillroom.actors.models.loading import encode_examples, inference_dtype, model_dir
+from stillroom.actors.models.loading import encode_examples, encode_prompt, inference_dtype, model_dir
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
@@ -30,8 +30,9 @@ from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import TrainLoop
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
-from stillroom.actors.runtime.trainers import eval_sums
+from stillroom.actors.runtime.trainers import eval_sums, save_checkpoint, weights
 from stillroom.actors.stages.distill_samples import DistillConfig, prepare, without_passages
+from stillroom.actors.stages.distill_until import BUDGET, KL, STEPS, Until, stop_message, train_until
 from stillroom.actors.stages.index import prompt_rows, retrieved
 from stillroom.actors.stages.on_policy import on_policy_loop
 from stillroom.actors.stages.sft import step_order, train_rows
@@ -47,20 +48,29 @@ from stillroom.actors.stages.wiring import (
 from stillroom.v1 import job_pb2 as pb
 from transformers import AutoTokenizer
 
+# How student_init picks the layers it keeps, unless it says (measured: see README, issue 27).
+DEFAULT_LAYER_CHOICE = "importance"
+
 
 def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     """The teacher labels prompts, the filter keeps what is worth learning, the student learns it
-    (or its own samples, graded by the teacher); held-out KL before and after; save the student
-    (and, with `baseline`, its twin trained on the labelled rows alone)."""
+    (or its own samples, graded by the teacher) until a held-out measure stops improving (or for
+    the steps optim sets); held-out KL before and after; save the student (and, with `baseline`,
+    its twin trained on the labelled rows alone)."""
     cfg = DistillConfig.of(params)
     teacher, adapter = tuned_policy(ctx, spec)
     out = ctx.artifact_dir / ctx.stage
-    student = student_dir(spec, params, teacher, adapter, out)
-    foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     rows = prompt_rows(ctx, spec, prompt_source(spec))  # with passages (and their ids), under `retrieval`
+    student = student_dir(spec, params, teacher, adapter, out, rows, ctx.log)
+    foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     # the held-out KL's prompts, made as the training prompts are (before the roles: retrieval holds one)
     eval_rows = [] if foreign is not None else held_out_rows(ctx, spec, cfg.eval_prompts)
-    names = ("generator", "scorer", "trainer") + ("student",) * bool(cfg.on_policy_fraction)
+    per_pass = -(-len(rows) // cfg.prompts_per_step)
+    until = Until.of(params, per_pass)
+    if until:  # the budget: as many passes as max_steps needs, every pass after the first replayed
+        cfg = replace(cfg, max_steps=until.max_steps, epochs=-(-until.max_steps // per_pass))
+    student_role = bool(cfg.on_policy_fraction) or bool(until and until.metric != KL)
+    names = ("generator", "scorer", "trainer") + ("student",) * student_role
     # Offline, the teacher generates while the student trains: each role its own threads. On-policy
     # steps take turns (sample, grade, train), each on every core.
     overlap = cfg.max_ahead != 0 and not cfg.on_policy_fraction
@@ -69,29 +79,37 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
     )
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
+    if student_role:
+        roles.start("student", GeneratorSpec(student, seed=spec.seed))
     batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
     bare = AutoTokenizer.from_pretrained(teacher) if params.student_without_passages else None
     prepare_batch = partial(prepare, cfg=cfg, student_tokenizer=foreign, bare_tokenizer=bare)
-    loop = TrainLoop(
-        roles,
-        trainer,
-        Journal(journal_root(params, ctx)),
-        cfg.loop(prepare_batch, params.optim.checkpoint_every or 10, rows, spec.seed),
-        on_metrics=kept_fraction(cfg, reward_failures(step_reporter(ctx, len(batches)), cfg.max_reward_failures)),
-        cancelled=ctx.is_cancelled,
-        on_warning=ctx.warn,
-    )
-    loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
-    if eval_rows:
-        ctx.metrics({"eval/kl_before": held_out_kl(loop, eval_rows, cfg, bare)})
-    if cfg.on_policy_fraction:
-        roles.start("student", GeneratorSpec(student, seed=spec.seed))
-        on_policy_loop(loop, batches, cfg, ctx, spec.seed, params.optim.checkpoint_every or 10, prepare_batch)
-    else:
-        ctx.metrics(teacher_metrics(loop.run(batches).replayed, len(batches), loop.journal))
-    if eval_rows:
-        ctx.metrics({"eval/kl_after": held_out_kl(loop, eval_rows, cfg, bare)})
+    every = params.optim.checkpoint_every or 10
+    guard = kept_fraction(cfg, reward_failures(step_reporter(ctx, len(batches)), cfg.max_reward_failures))
+
+    def new_loop() -> TrainLoop:
+        return TrainLoop(
+            roles,
+            trainer,
+            Journal(journal_root(params, ctx)),
+            cfg.loop(prepare_batch, every, rows, spec.seed),
+            on_metrics=guard,
+            cancelled=ctx.is_cancelled,
+            on_warning=ctx.warn,
+        )
+
+    loop = new_loop()
+    start = loop.start_trainers()  # the student, before any training: the "before" of the held-out KL
+    probe = teacher_answers(loop, eval_rows, cfg, bare) if eval_rows else None
+    if probe is not None:
+        ctx.metrics({"eval/kl_before": held_out_kl(loop.trainers, probe)})
+    chunks = Chunks(loop, new_loop, batches, cfg, ctx, spec.seed, every, prepare_batch)
+    train_to_outcome(chunks, until, start, len(batches), measure_of(until, loop, probe, eval_rows, cfg), ctx)
+    if not cfg.on_policy_fraction:
+        ctx.metrics(teacher_metrics(chunks.replayed, chunks.trained, loop.journal))
+    if probe is not None:
+        ctx.metrics({"eval/kl_after": held_out_kl(loop.trainers, probe)})
     save = partial(save_model, ctx, tokenizer_of=student, path=out / "student", kind="model")
     ctx.outputs["student_model"] = with_restarts(loop.trainers, save, "saving the student")
     ctx.offer_model("student", ctx.outputs["student_model"])
@@ -100,8 +118,63 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         group = TrainerGroup(
             roles, replace(trainer, checkpoint_dir=str(out / "baseline-checkpoints")), on_restart=ctx.warn
         )
-        train_baseline(group, student, spec, cfg, len(batches), ctx, params.optim.checkpoint_every or 10)
+        train_baseline(group, student, spec, cfg, chunks.trained or len(batches), ctx, every)
         ctx.offer_model("student_baseline", save_model(ctx, group.actors, student, out / "student-baseline", "model"))
+
+
+class Chunks:
+    """Training steps done..end-1, offline (a fresh TrainLoop per chunk: its queues and serve loops
+    start and end with it; the trainer group is shared) or on-policy; a checkpoint at each chunk's
+    end, so a later chunk's restart never loses an earlier chunk's steps."""
+
+    def __init__(self, loop: TrainLoop, new_loop, batches, cfg: DistillConfig, ctx: StageContext, seed, every, prepare):
+        self.loop, self.new_loop, self.group, self.batches = loop, new_loop, loop.trainers, batches
+        self.cfg, self.ctx, self.seed, self.every, self.prepare = cfg, ctx, seed, every, prepare
+        self.replayed = self.trained = 0
+
+    def __call__(self, done: int, end: int) -> None:
+        self.group.cursor = done  # where the loop (or run_steps) starts
+        if self.cfg.on_policy_fraction:
+            on_policy_loop(self.loop, self.batches, self.cfg, self.ctx, self.seed, self.every, self.prepare, upto=end)
+        else:
+            loop = self.loop if self.loop is not None else self.new_loop()
+            loop.trainers, self.loop = self.group, None
+            result = loop.run(self.batches[:end])
+            self.replayed += result.replayed
+            if end % self.every:
+                with_restarts(self.group, lambda actors: save_checkpoint(actors, end), "a checkpoint")
+        self.trained = end
+
+
+def train_to_outcome(chunks: Chunks, until: Until | None, start: int, total: int, measure, ctx: StageContext) -> None:
+    """Train until the held-out measure plateaus (or the budget), or the fixed steps; say why it
+    stopped (a log event and distill/stop_reason/<reason> = 1)."""
+    if until is None:
+        chunks(start, total)
+        reason, plateau = STEPS, None
+    elif measure is None:
+        ctx.warn(
+            f"distill.until: no held-out {until.metric} to measure (no data.test / data.eval, or a student "
+            f"with its own tokenizer): trained for until.max_steps {until.max_steps}"
+        )
+        chunks(start, total)
+        reason, plateau = BUDGET, None
+    else:
+        reason, plateau = train_until(
+            chunks, measure, until, start, ctx.metrics, ctx.artifact_dir / ctx.stage / "until.json"
+        )
+    ctx.metrics({f"distill/stop_reason/{reason}": 1.0, "distill/steps": float(chunks.trained)})
+    ctx.log(stop_message(reason, plateau, chunks.trained))
+
+
+def measure_of(until: Until | None, loop: TrainLoop, probe, rows: list[dict], cfg: DistillConfig):
+    """The held-out measure until watches: the KL on the teacher's answers, or a reward's mean over
+    the student's greedy answers; None when there is nothing to measure it on."""
+    if until is None or not rows:
+        return None
+    if until.metric == KL:
+        return None if probe is None else (lambda: held_out_kl(loop.trainers, probe))
+    return lambda: held_out_reward(loop, rows, cfg, until.metric)
 
 
 def prompt_source(spec: pb.JobSpec) -> pb.DatasetRef:
@@ -190,9 +263,12 @@ def foreign_tokenizer(teacher: str, student: str):
     return None if t.get_vocab() == s.get_vocab() else s
 
 
-def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, adapter: str, out: Path) -> str:
+def student_dir(
+    spec: pb.JobSpec, params: pb.DistillStage, teacher: str, adapter: str, out: Path, rows: list[dict], log=print
+) -> str:
     """The student: a path, or made from the teacher (a subset of its layers, from the base or the
-    tuned teacher) or from the teacher's config made smaller."""
+    tuned teacher: by measured importance on the first of `rows`, or every n-th) or from the
+    teacher's config made smaller."""
     if spec.student.path:
         return str(model_dir(spec.student))
     target = out / "student-init"
@@ -200,26 +276,56 @@ def student_dir(spec: pb.JobSpec, params: pb.DistillStage, teacher: str, adapter
         init = params.student_init
         if init.keep_every_nth_layer:
             tuned = adapter if init.from_tuned else ""
-            from_teacher_layers(teacher, target, every=init.keep_every_nth_layer, adapter=tuned)
+            prompts = importance_prompts(teacher, rows, init)
+            keep = from_teacher_layers(teacher, target, every=init.keep_every_nth_layer, adapter=tuned, prompts=prompts)
+            how = f"by Block Influence on {len(prompts)} of the stage's prompts" if prompts else "every n-th"
+            log(f"student: the teacher's layers {keep} ({how})")
         else:
             from_config(teacher, target, **dict(init.config_overrides))
     return str(target)
 
 
-def held_out_kl(loop: TrainLoop, rows: list[dict], cfg: DistillConfig, bare_tokenizer=None) -> float:
-    """The student's forward KL to the teacher (over the teacher's top-k + tail) on held-out rows,
-    on the teacher's own greedy answers; the student reads the prompts as it trained on them (without
-    their passages under student_without_passages)."""
-    generator, trainers = loop.roles.actors["generator"][0], loop.roles.actors["trainer"]
+def importance_prompts(teacher: str, rows: list[dict], init: pb.StudentInit) -> list[list[int]]:
+    """The token ids of the prompts the layers' importance is measured on (none: every n-th)."""
+    if (init.layer_choice or DEFAULT_LAYER_CHOICE) != "importance":
+        return []
+    tok = AutoTokenizer.from_pretrained(teacher)
+    return [
+        encode_prompt(tok, r.get("prompt", ""), messages=r.get("messages"))
+        for r in rows[: init.importance_prompts or 16]
+    ]
+
+
+def teacher_answers(loop: TrainLoop, rows: list[dict], cfg: DistillConfig, bare_tokenizer=None) -> dict:
+    """The teacher's greedy answers to held-out rows, with its top-k, as the student's arrays (the
+    student reads the prompts as it trained on them: without their passages under
+    student_without_passages). Made once: the teacher is frozen."""
+    generator = loop.roles.actors["generator"][0]
     greedy = SamplingParams(
         n=1, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, topk_logprobs=cfg.sampling.topk_logprobs
     )
     samples = ray.get(generator.generate.remote(rows_batch("eval", rows), greedy))
     if bare_tokenizer is not None and "query" in samples.schema.names:
         samples = without_passages(samples, bare_tokenizer)
-    arrays = training_arrays(samples, pad_id=0)
-    total, count = eval_sums(trainers, "eval_kd", arrays)  # every rank: ZeRO-3 forwards are collective
+    return training_arrays(samples, pad_id=0)
+
+
+def held_out_kl(group: TrainerGroup, arrays: dict) -> float:
+    """The student's forward KL to the teacher (over the teacher's top-k + tail) on its held-out
+    answers (teacher_answers); every rank computes (ZeRO-3 forwards are collective)."""
+    total, count = with_restarts(group, lambda actors: eval_sums(actors, "eval_kd", arrays), "the held-out KL")
     return total / max(count, 1)
+
+
+def held_out_reward(loop: TrainLoop, rows: list[dict], cfg: DistillConfig, name: str) -> float:
+    """The mean of reward `name` over the student's greedy answers to held-out rows: its current
+    weights go to the student generator first."""
+    student, scorer = loop.roles.actors["student"][0], loop.roles.actors["scorer"][0]
+    ray.get(student.load_weights.remote(with_restarts(loop.trainers, weights, "the student's weights"), 0))
+    greedy = SamplingParams(n=1, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0)
+    scored = ray.get(scorer.score.remote(student.generate.remote(rows_batch("eval", rows), greedy)))
+    values = [v for v in scored.column(f"rewards/{name}").to_pylist() if v is not None]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def train_baseline(

@@ -33,12 +33,14 @@ def on_policy_loop(
     seed: int,
     every: int,
     prepare: Callable[[pa.RecordBatch], tuple[dict[str, np.ndarray], dict[str, float]]],
+    upto: int | None = None,
 ) -> None:
     """GKD: each step trains either on the student's own samples, graded token by token by the
     teacher (probability lambda: the coins are drawn up front, so a restart draws the same), or on
     filtered teacher samples; the student's new weights then go to the generator that samples
     from it. Synchronous by nature: the next samples need them. Checkpoints every `every` steps;
-    `prepare` filters a teacher step's samples into the student's arrays, as offline."""
+    `prepare` filters a teacher step's samples into the student's arrays, as offline. Trains
+    from the trainer group's cursor up to step `upto` (default: every batch), a checkpoint there."""
     roles = loop.roles.actors
     own = SamplingParams(n=cfg.num_samples, max_new_tokens=cfg.sampling.max_new_tokens, temperature=1.0)
     coins = np.random.default_rng(seed).random(len(batches)) < cfg.on_policy_fraction
@@ -74,4 +76,4 @@ def on_policy_loop(
         ctx.progress(i + 1, len(batches), "steps")
 
     sync(loop.trainers.start())
-    run_steps(loop.trainers, len(batches), step, every, on_resume=sync)
+    run_steps(loop.trainers, len(batches) if upto is None else upto, step, every, on_resume=sync)

@@ -125,3 +125,24 @@ def test_importance_chosen_layers_start_closer_to_the_teacher_than_every_nth(six
     assert nth == [0, 2, 4, 5] and chosen[1:] == [1, 3, 5] and len(chosen) == 4
     kl_nth, kl_chosen = held_out_kl(shaped, tmp_path / "nth", held), held_out_kl(shaped, tmp_path / "chosen", held)
     assert kl_chosen < 0.01 * kl_nth and kl_nth > 5e-3, (kl_chosen, kl_nth)  # measured: 3e-10 vs 0.014
+
+
+def test_the_distill_stage_measures_importance_on_its_own_prompts_by_default(six_layer_teacher, tmp_path):
+    """student_init with keep_every_nth_layer and no layer_choice: the layers by importance on the
+    first 16 of the stage's prompts (a conversation read with its turns); every_nth: the old way."""
+    from stillroom.actors.stages.distill import importance_prompts, student_dir
+    from stillroom.v1 import job_pb2 as pb
+
+    rows = [{"prompt": f"ticket {i} about billing"} for i in range(20)]
+    rows[0] = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    init = pb.StudentInit(keep_every_nth_layer=2)
+    assert len(importance_prompts(str(six_layer_teacher), rows, init)) == 16
+    init.importance_prompts = 4
+    assert len(importance_prompts(str(six_layer_teacher), rows, init)) == 4
+    assert importance_prompts(str(six_layer_teacher), rows, pb.StudentInit(layer_choice="every_nth")) == []
+    logged = []
+    shaped = near_identity(six_layer_teacher, tmp_path, quiet=(0, 2, 4))
+    params = pb.DistillStage(student_init=pb.StudentInit(keep_every_nth_layer=2))
+    student_dir(pb.JobSpec(), params, str(shaped), "", tmp_path / "out", rows, logged.append)
+    assert logged[0].startswith("student: the teacher's layers [") and "by Block Influence on 16" in logged[0]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "student-init").config.num_hidden_layers == 4

@@ -298,7 +298,8 @@ def test_distill_lowers_held_out_kl_and_a_second_job_reuses_the_teacher(start_se
     done = c.wait(second.id)
     assert done.state == pb.JOB_STATE_SUCCEEDED, done.error.reason
     assert metric_series(c, second.id, "teacher/generated_batches") == [0.0]  # it paid for no teacher generation
-    assert metric_series(c, second.id, "teacher/replayed_batches") == [12.0]
+    # (it trains until its held-out KL plateaus: every pass replays the journal, the first included)
+    assert metric_series(c, second.id, "teacher/replayed_batches") == metric_series(c, second.id, "distill/steps")
 
 
 def test_distill_refusals(start_server, sft_data, tiny_model, tmp_path):
@@ -383,7 +384,10 @@ def test_on_policy_distillation_lowers_held_out_kl(start_server, sft_data, tiny_
     """GKD with lambda 0.5: half the steps on the student's own samples graded by the teacher
     (reverse KL), half on filtered teacher samples."""
     c = start_server(sft_data, "--model-root", str(tiny_model)).client()
-    spec = distill_spec(tiny_model, sft_first=True, mode="on_policy", **{"lambda": 0.5, "kd_loss": "reverse_kl"})
+    optim = {"learning_rate": 0.005, "epochs": 1}  # a fixed number of steps: one pass
+    spec = distill_spec(
+        tiny_model, sft_first=True, mode="on_policy", optim=optim, **{"lambda": 0.5, "kd_loss": "reverse_kl"}
+    )
     spec.resources.student.num_cpus = 0.25
     spec.stages.add(name="export").export.dtype = "float32"
     done = c.wait(c.submit(spec).job.id)

@@ -48,7 +48,10 @@ def test_sft_survives_a_trainer_killed_mid_stage(start_server, sft_data, tiny_mo
 def test_on_policy_distillation_survives_a_trainer_killed_mid_stage(start_server, sft_data, tiny_model, ray_client):
     c = start_server(sft_data, "--model-root", str(tiny_model)).client()
     spec = distill_spec(
-        tiny_model, mode="on_policy", optim={"learning_rate": 0.005, "checkpoint_every": 3}, **{"lambda": 0.5}
+        tiny_model,
+        mode="on_policy",
+        optim={"learning_rate": 0.005, "checkpoint_every": 3, "epochs": 1},
+        **{"lambda": 0.5},
     )
     spec.resources.student.num_cpus = 0.25
     job = c.submit(spec).job
