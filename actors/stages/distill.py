@@ -65,22 +65,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     foreign = foreign_tokenizer(teacher, student)  # a student with its own vocabulary: text-level KD only
     # the held-out KL's prompts, made as the training prompts are (before the roles: retrieval holds one)
     eval_rows = [] if foreign is not None else held_out_rows(ctx, spec, cfg.eval_prompts)
-    per_pass = -(-len(rows) // cfg.prompts_per_step)
-    until = Until.of(params, per_pass)
-    if until:  # the budget: as many passes as max_steps needs, every pass after the first replayed
-        cfg = replace(cfg, max_steps=until.max_steps, epochs=-(-until.max_steps // per_pass))
-    student_role = bool(cfg.on_policy_fraction) or bool(until and until.metric != KL)
-    names = ("generator", "scorer", "trainer") + ("student",) * student_role
-    # Offline, the teacher generates while the student trains: each role its own threads. On-policy
-    # steps take turns (sample, grade, train), each on every core.
-    overlap = cfg.max_ahead != 0 and not cfg.on_policy_fraction
-    roles = ctx.roles(spec.resources, names, overlap=overlap)
-    roles.start(
-        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
-    )
-    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
-    if student_role:
-        roles.start("student", GeneratorSpec(student, seed=spec.seed))
+    cfg, until = budget(params, cfg, rows)
+    roles = start_roles(ctx, spec, params, cfg, until, (teacher, adapter, student))
     batches = prompt_batches(rows, teacher + adapter, cfg, spec.seed)
     trainer = trainer_spec(student, params.optim, out, spec.seed, default_lr=5e-4, total_steps=len(batches))
     bare = AutoTokenizer.from_pretrained(teacher) if params.student_without_passages else None
@@ -120,6 +106,35 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
         )
         train_baseline(group, student, spec, cfg, chunks.trained or len(batches), ctx, every)
         ctx.offer_model("student_baseline", save_model(ctx, group.actors, student, out / "student-baseline", "model"))
+
+
+def budget(params: pb.DistillStage, cfg: DistillConfig, rows: list[dict]) -> tuple[DistillConfig, Until | None]:
+    """The stopping rule, and the settings its budget needs: as many passes over the prompts as
+    until.max_steps takes, every pass after the first replayed from the journal."""
+    per_pass = -(-len(rows) // cfg.prompts_per_step)
+    until = Until.of(params, per_pass)
+    if until:
+        cfg = replace(cfg, max_steps=until.max_steps, epochs=-(-until.max_steps // per_pass))
+    return cfg, until
+
+
+def start_roles(ctx: StageContext, spec: pb.JobSpec, params: pb.DistillStage, cfg: DistillConfig, until, models):
+    """The teacher's generator and the scorer; the student's generator when it samples (on-policy)
+    or is measured by a reward (until.metric). `models`: (teacher, its adapter, student)."""
+    teacher, adapter, student = models
+    student_role = bool(cfg.on_policy_fraction) or bool(until and until.metric != KL)
+    names = ("generator", "scorer", "trainer") + ("student",) * student_role
+    # Offline, the teacher generates while the student trains: each role its own threads. On-policy
+    # steps take turns (sample, grade, train), each on every core.
+    overlap = cfg.max_ahead != 0 and not cfg.on_policy_fraction
+    roles = ctx.roles(spec.resources, names, overlap=overlap)
+    roles.start(
+        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
+    )
+    roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
+    if student_role:
+        roles.start("student", GeneratorSpec(student, seed=spec.seed))
+    return roles
 
 
 class Chunks:

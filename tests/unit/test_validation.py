@@ -313,7 +313,7 @@ def test_evaluation_gates_name_models_the_job_makes_and_metrics_it_measures(data
         "(base_teacher, teacher_sft, student)",
         "stages[2].evaluate.gates[2].baseline": "must differ from model",  # (the last of its two violations)
         "stages[2].evaluate.gates[2].metric": "must be one of build_s, json_valid, json_valid@update, parameters, "
-        "seconds_per_prompt, size_bytes, tokens_per_s",
+        "retained/json_valid, retained/json_valid@update, seconds_per_prompt, size_bytes, tokens_per_s",
     }
 
 
