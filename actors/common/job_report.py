@@ -158,6 +158,11 @@ def render(job_id: str, spec: pb.JobSpec, events: list[pb.Event], out_dir: Path)
     table = evaluation(values)
     if table:
         lines += ["", "## Evaluation (held-out split)", "", eval_table(table)]
+    warned = [
+        f"- {e.stage}: {e.message.removeprefix('warning: ')}" for e in events if e.message.startswith("warning: ")
+    ]
+    if warned:
+        lines += ["", "## Warnings", "", *warned]
     audit = audit_summary(spec, values)
     if audit:
         lines += ["", "## Audit", "", audit]

@@ -79,20 +79,23 @@ def run(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> None:
             ctx.metrics({f"eval/{rung}/{k}": v for k, v in metrics.items()})
         roles.stop("generator")
         ctx.progress(done + 1, len(models), "models")
-    report_retained(params, ctx, results, lineage)
-    write_report(params, ctx, results, {split: len(v[""]) for split, v in splits.items()})
+    short = report_retained(params, ctx, results, lineage)
+    write_report(params, ctx, results, {split: len(v[""]) for split, v in splits.items()}, short)
 
 
-def report_retained(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], lineage: dict) -> None:
+def report_retained(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], lineage: dict) -> list[str]:
     """Each student rung's retained/<metric> (its metric / its teacher's) into its results and the
-    job's metrics; a warning event for each below min_retained (default 0.8), saying by how much."""
+    job's metrics; a warning event for each below min_retained (default 0.8), saying by how much.
+    Returns the warnings."""
     names = sorted(metric_names(params.metrics) - set(MEASURED))
     for rung, kept in retained(results, lineage, names).items():
         results[rung].update(kept)
         ctx.metrics({f"eval/{rung}/{k}": v for k, v in kept.items()})
     minimum = params.min_retained if params.HasField("min_retained") else 0.8
-    for line in retained_warnings(results, lineage, minimum) if minimum > 0 else []:
+    short = retained_warnings(results, lineage, minimum) if minimum > 0 else []
+    for line in short:
         ctx.warn(line)
+    return short
 
 
 def held_out_splits(params: pb.EvaluateStage, spec: pb.JobSpec, ctx: StageContext) -> dict[str, dict[str, list]]:
@@ -145,9 +148,11 @@ def stage_costs(spec: pb.JobSpec, ctx: StageContext) -> tuple[dict[str, float], 
     return ctx.outputs.get("stage_seconds", {}), [s.name for s in spec.stages if s.WhichOneof("kind") == "index"]
 
 
-def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], rows: dict[str, int]) -> None:
-    """eval/report.json and report.md (the table, the recommended rung, the gates); the stage
-    fails if a gate does not hold."""
+def write_report(
+    params: pb.EvaluateStage, ctx: StageContext, results: dict[str, dict], rows: dict[str, int], short: list[str] = ()
+) -> None:
+    """eval/report.json and report.md (the table, the recommended rung, the gates, the students
+    that keep too little of their teachers: `short`); the stage fails if a gate does not hold."""
     out = ctx.artifact_dir / ctx.stage
     out.mkdir(parents=True, exist_ok=True)
     verdicts = [gate_verdict(g, results) for g in params.gates]
@@ -160,6 +165,7 @@ def write_report(params: pb.EvaluateStage, ctx: StageContext, results: dict[str,
         + eval_table(results)
         + (f"\n{advice}\n" if advice else "")
         + "".join(f"\n- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in verdicts)
+        + "".join(f"\n- WARNING: {text}" for text in short)
     )
     ctx.artifact(out / "report.json", "report")
     ctx.artifact(out / "report.md", "report")

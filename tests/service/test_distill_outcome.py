@@ -5,6 +5,8 @@ as a warning event when below min_retained."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from stillroom.v1 import job_pb2 as pb
 
 from tests.service.helpers import metric_series
@@ -14,7 +16,8 @@ from tests.service.test_stages import distill_spec
 def test_distill_trains_until_the_held_out_kl_plateaus_and_evaluate_says_what_it_kept(
     start_server, sft_data, tiny_model
 ):
-    c = start_server(sft_data, "--model-root", str(tiny_model)).client()
+    server = start_server(sft_data, "--model-root", str(tiny_model))
+    c = server.client()
     spec = distill_spec(tiny_model, sft_first=True, alpha=0.0, max_ahead=0)
     spec.stages[-1].distill.until.CopyFrom(pb.DistillUntil(patience=1, eval_every=6, max_steps=48))
     evaluate = spec.stages.add(name="evaluate").evaluate
@@ -48,4 +51,6 @@ def test_distill_trains_until_the_held_out_kl_plateaus_and_evaluate_says_what_it
     assert kept == [student / teacher]
     warned = [e.message for e in events if e.message.startswith("warning: student keeps")]
     assert bool(warned) == (kept[0] < 1.0), (warned, kept)
+    report = Path(server.home, "artifacts", done.id, "evaluate", "report.md").read_text()
+    assert ("WARNING: student keeps" in report) == bool(warned)
     assert c.get(done.id).id == done.id  # the server still answers

@@ -158,3 +158,16 @@ def test_until_retained_and_layer_choice_are_validated_with_field_paths(data_roo
     good = {"until": {"metric": "json_valid", "patience": 2}, "rewards": [{"name": "json_valid"}]}
     gate = {"model": "student", "metric": "retained/json_exact", "min": 0.8}
     validate(parse(_doc(data_root, good, {"metrics": [{"name": "json_exact"}], "gates": [gate]})), Policy((data_root,)))
+
+
+def test_the_job_report_lists_the_warnings_a_student_that_keeps_too_little_among_them(tmp_path):
+    from stillroom.actors.common.job_report import render
+
+    line = "student keeps 0% of teacher_sft's json_exact (0.000 vs 0.850), 80% short of min_retained 0.8"
+    events = [
+        pb.Event(type=pb.EVENT_TYPE_METRICS, stage="evaluate", metrics={"eval/student/retained/json_exact": 0.0}),
+        pb.Event(type=pb.EVENT_TYPE_LOG, stage="evaluate", message="warning: " + line),
+    ]
+    text = render("job-1", pb.JobSpec(), events, tmp_path).read_text()
+    assert f"## Warnings\n\n- evaluate: {line}" in text
+    assert "| student | 0.000 |" in text  # retained/json_exact, in the evaluation table
