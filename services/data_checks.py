@@ -35,7 +35,7 @@ def confine(path: str, field_path: str, policy: Policy, roots: tuple[Path, ...] 
     """paths.confine with the server's roots (data roots unless `roots`) and excluded directories;
     PermissionDenied naming the field."""
     try:
-        return paths.confine(path, roots or policy.data_roots, policy.excluded, field_path, must_exist)
+        return paths.confine(path, roots or policy.data_roots, policy.excluded, field_path, must_exist, policy.granted)
     except paths.PathError as e:
         raise PermissionDenied(str(e)) from None
 
@@ -83,7 +83,7 @@ def check_tree(root: Path, field_path: str, policy: Policy, roots: tuple[Path, .
                 return
             entry = Path(top) / name
             try:
-                paths.confine(entry, roots, policy.excluded, field_path, must_exist=False)
+                paths.confine(entry, roots, policy.excluded, field_path, must_exist=False, granted=policy.granted)
             except paths.PathError:
                 shown = str(entry.relative_to(root))[: paths.SHOWN]
                 raise PermissionDenied(f"{field_path}: {shown!r} in it leads outside the data roots") from None

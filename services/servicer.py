@@ -23,6 +23,7 @@ from stillroom.services.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from stillroom.services.job_refs import resolve_job_refs
 from stillroom.services.limits import Limits
 from stillroom.services.store import ACTIVE, TERMINAL, Store, decode_token, encode_token
 from stillroom.services.validation import Policy, validate, validate_request
@@ -105,9 +106,14 @@ class JobService(api_grpc.JobServiceServicer):
         self.changes: StoreChanges | None = None  # set by the server once its event loop runs
         self.shutting_down = threading.Event()
 
-    def _policy(self, tenant: str) -> Policy:
-        """The server's policy with this tenant's ceilings and the cluster's capacity now."""
-        return dataclasses.replace(self.policy, limits=self.limits.of(tenant), capacity=self.dispatcher.capacity())
+    def _validate(self, spec: pb.JobSpec, tenant: str) -> tuple[pb.JobSpec, list[str]]:
+        """validate() under the server's policy with this tenant's ceilings, the cluster's capacity
+        now, and the artifact directories of the tenant's own jobs its spec names (job://)."""
+        spec, granted = resolve_job_refs(spec, tenant, self.store, self.dispatcher.artifact_root)
+        policy = dataclasses.replace(
+            self.policy, limits=self.limits.of(tenant), capacity=self.dispatcher.capacity(), granted=granted
+        )
+        return validate(spec, policy)
 
     def SubmitJob(self, request: api.SubmitJobRequest, context) -> api.SubmitJobResponse:
         principal = context.principal
@@ -115,7 +121,7 @@ class JobService(api_grpc.JobServiceServicer):
             raise PermissionDenied(f"tenant {principal.tenant!r}: this token is read-only")
         labels = dict(request.labels)
         validate_request(request.request_id, labels)
-        spec, _ = validate(request.spec, self._policy(principal.tenant))
+        spec, _ = self._validate(request.spec, principal.tenant)
         self._check_reused_journals(spec, principal.tenant)
         self._check_resume_from(spec, principal.tenant)
         job, created = self.store.create_job(
@@ -163,7 +169,7 @@ class JobService(api_grpc.JobServiceServicer):
             )
 
     def ValidateJob(self, request: api.ValidateJobRequest, context) -> api.ValidateJobResponse:
-        _, warnings = validate(request.spec, self._policy(context.principal.tenant))
+        _, warnings = self._validate(request.spec, context.principal.tenant)
         self._check_reused_journals(request.spec, context.principal.tenant)
         self._check_resume_from(request.spec, context.principal.tenant)
         return api.ValidateJobResponse(warnings=warnings)

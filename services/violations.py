@@ -23,6 +23,9 @@ class Policy:
     # The server's own files (home, job store, artifact root): never a tenant's data or model,
     # whatever the roots contain.
     excluded: tuple[Path, ...] = ()
+    # The artifact directories of the calling tenant's own jobs that its spec names as job://
+    # (services/job_refs.py): readable although the artifact root is excluded.
+    granted: tuple[Path, ...] = ()
     # Hosts (host or host:port) a job's MLflow client may be pointed at over http(s).
     mlflow_hosts: tuple[str, ...] = ()
     # The calling tenant's ceilings (the servicer fills them in per call).

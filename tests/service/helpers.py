@@ -61,8 +61,13 @@ def alive_actors(ray_client, job_id: str) -> list:
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.name.startswith(job_id)]
 
 
-def metric_series(client, job_id: str, name: str) -> list[float]:
-    return [e.metrics[name] for e in client.events(job_id) if e.type == pb.EVENT_TYPE_METRICS and name in e.metrics]
+def metric_series(client, job_id: str, name: str, stage: str | None = None) -> list[float]:
+    """Every value of one metric the job reported (of one stage, when named), in order."""
+    return [
+        e.metrics[name]
+        for e in client.events(job_id)
+        if e.type == pb.EVENT_TYPE_METRICS and name in e.metrics and stage in (None, e.stage)
+    ]
 
 
 def journal_bytes_per_token(journal: Path) -> float:
