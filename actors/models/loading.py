@@ -205,8 +205,42 @@ def training_dtype(asked: str) -> tuple[str, str]:
     return asked, ""
 
 
+def generation_dtype(asked: str, frozen: bool) -> str:
+    """A generator's dtype, decided in the generator's own process (the supervisor holds no GPU): as
+    asked, else inference_dtype() for a frozen model (it only generates: a teacher, an evaluated
+    model) and float32 for a policy being trained (its log-probs enter importance ratios)."""
+    return asked or (inference_dtype() if frozen else "float32")
+
+
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def given_gpus() -> list[str]:
+    """The GPUs this process was given: CUDA_VISIBLE_DEVICES, as Ray sets it from the role's
+    num_gpus (empty for none); [] where it is unset or empty."""
+    return [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+
+
+def gpu_problem() -> str:
+    """Why torch cannot use the GPUs this process was given; "" when it can, or none were given."""
+    if not given_gpus() or torch.cuda.is_available():
+        return ""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f"torch {torch.__version__} here is a CPU-only build: install a CUDA build on the GPU nodes"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable device: is the NVIDIA driver there?"
+
+
+def role_device(role: str) -> str:
+    """The device of a role, chosen in its own process: cuda where it has a GPU torch can use, else
+    cpu. A role given a GPU that torch cannot use fails at once, naming itself, rather than compute
+    on the CPU while its GPU sits idle."""
+    problem = gpu_problem()
+    if problem:
+        raise RuntimeError(
+            f"{role} was given GPU {','.join(given_gpus())} (CUDA_VISIBLE_DEVICES) but cannot use it: {problem}"
+        )
+    return device()
 
 
 def load_causal_lm(path: str, dtype: str = "float32", quantize_4bit: bool = False, trainable: bool = False):

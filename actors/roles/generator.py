@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,9 +20,10 @@ from stillroom.actors.common.datasets import decode_turns
 from stillroom.actors.models.loading import (
     DTYPES,
     compute_threads,
-    device,
     encode_prompt,
+    generation_dtype,
     load_causal_lm,
+    role_device,
     stop_ids,
     use_cores,
     with_new_adapter,
@@ -45,7 +46,7 @@ class GeneratorSpec:
     target_modules: tuple[str, ...] = ()
     quantize_4bit: bool = False  # a QLoRA policy: the same nf4 base the trainer trains on
     frozen: bool = False  # no weight syncs will come: merge the adapter into the base for speed
-    dtype: str = "float32"
+    dtype: str = ""  # "": the generator picks, on its own hardware (loading.generation_dtype)
     seed: int = 0
 
 
@@ -136,8 +137,10 @@ class StepLogprobs:
 
 class Generator:
     def __init__(self, spec: GeneratorSpec):
-        self.spec, self.version = spec, 0
-        self.device = device()
+        # Device and dtype are chosen here, in the role's own process, on the hardware it was given.
+        self.device = role_device(spec.name)
+        self.spec = spec = replace(spec, dtype=generation_dtype(spec.dtype, spec.frozen))
+        self.version = 0
         use_cores()
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         self.tokenizer.padding_side = "left"
@@ -158,7 +161,7 @@ class Generator:
         torch.manual_seed(spec.seed)
 
     def __repr__(self) -> str:
-        return f"Generator({self.spec.name}, policy version {self.version}, {compute_threads()})"
+        return f"Generator({self.spec.name}, policy version {self.version}, {self.spec.dtype}, {compute_threads()})"
 
     def serve(self, inbox: Channel, outbox: Channel, params: SamplingParams, journal_dir: str = "") -> int:
         """Generate for every prompt batch in the inbox until END; journal each result before
