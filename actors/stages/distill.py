@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 from stillroom.actors.common import datasets
-from stillroom.actors.models.loading import encode_examples, encode_prompt, inference_dtype, model_dir
+from stillroom.actors.models.loading import encode_examples, encode_prompt, model_dir
 from stillroom.actors.models.students import from_config, from_teacher_layers
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
@@ -128,9 +128,8 @@ def start_roles(ctx: StageContext, spec: pb.JobSpec, params: pb.DistillStage, cf
     # steps take turns (sample, grade, train), each on every core.
     overlap = cfg.max_ahead != 0 and not cfg.on_policy_fraction
     roles = ctx.roles(spec.resources, names, overlap=overlap)
-    roles.start(
-        "generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, dtype=inference_dtype(), seed=spec.seed)
-    )
+    # the frozen teacher picks its dtype on its own hardware (bfloat16 where it multiplies it natively)
+    roles.start("generator", GeneratorSpec(teacher, adapter_path=adapter, frozen=True, seed=spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))
     if student_role:
         roles.start("student", GeneratorSpec(student, seed=spec.seed))

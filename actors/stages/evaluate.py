@@ -18,17 +18,20 @@ import ray
 from stillroom.actors.common import datasets
 from stillroom.actors.common.job_report import eval_table
 from stillroom.actors.common.ladder import (
+    CI_LOW,
     FEW_SHOT,
     RAG,
     build_seconds,
+    proportion_interval,
     recommend,
     retained,
     retained_warnings,
     rung_model,
     with_shots,
+    with_split,
 )
 from stillroom.actors.common.stages import MEASURED, UPDATE, metric_names
-from stillroom.actors.models.loading import inference_dtype, model_dir
+from stillroom.actors.models.loading import model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.runtime.batches import rows_batch
@@ -42,10 +45,10 @@ from stillroom.v1 import job_pb2 as pb
 def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
     """The models to compare: what the job started from, and every model its stages produced
     (registered under the names stillroom.actors.common.stages.produced_models gives them)."""
-    dtype = inference_dtype()
-    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, dtype=dtype, seed=spec.seed)}
+    # each generator picks its dtype on its own hardware (bfloat16 where it multiplies it natively)
+    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, seed=spec.seed)}
     for name, (path, adapter) in ctx.outputs.get("models", {}).items():
-        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, dtype=dtype, seed=spec.seed)
+        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, seed=spec.seed)
     return models
 
 
@@ -138,7 +141,7 @@ def score_model(
                 continue
             metrics = evaluate_model(generator, scorer, rows, greedy, on_retry=on_retry)
             if split:  # decoding speed and size are the model's: measured once, on data.test
-                metrics = {k + split: v for k, v in metrics.items() if k not in MEASURED}
+                metrics = {with_split(k, split): v for k, v in metrics.items() if k not in MEASURED}
             out.setdefault(name + suffix, {}).update(metrics)
     return out
 
@@ -191,18 +194,23 @@ def recommendation(target: pb.EvalTarget, results: dict[str, dict]) -> str:
 
 
 def gate_verdict(gate: pb.EvalGate, results: dict[str, dict]) -> tuple[bool, str]:
-    """(passed, what was compared and by how much). Without a baseline: model's metric >= gate.min."""
+    """(passed, what was compared and by how much). Without a baseline: model's metric >= gate.min.
+    With use_ci_low the model is judged by its metric's 95% lower bound (<metric>/ci_low); a
+    metric without an interval (not a mean of 0/1 scores) fails the gate, saying so."""
+    shown = gate.metric + CI_LOW if gate.use_ci_low else gate.metric
+    if gate.use_ci_low and gate.model in results and shown not in results[gate.model]:
+        return False, f"{gate.model} {gate.metric} has no 95% interval (its per-row scores are not all 0 or 1)"
     if not gate.baseline:
-        a = results.get(gate.model, {}).get(gate.metric, float("nan"))
+        a = results.get(gate.model, {}).get(shown, float("nan"))
         ok = a >= gate.min
-        return ok, f"{gate.model} {gate.metric} {a:.3f} ({'at least' if ok else 'below'} {gate.min:g})"
+        return ok, f"{gate.model} {shown} {a:.3f} ({'at least' if ok else 'below'} {gate.min:g})"
     for name in (gate.model, gate.baseline):
         if name not in results:
             return False, f"{name} was not evaluated (models: {', '.join(results)})"
-    a, b = results[gate.model].get(gate.metric, float("nan")), results[gate.baseline].get(gate.metric, float("nan"))
+    a, b = results[gate.model].get(shown, float("nan")), results[gate.baseline].get(gate.metric, float("nan"))
     ok = a - b > gate.min_margin
     return ok, (
-        f"{gate.model} {gate.metric} {a:.3f} vs {gate.baseline} {b:.3f}: {a - b:+.3f} "
+        f"{gate.model} {shown} {a:.3f} vs {gate.baseline} {gate.metric} {b:.3f}: {a - b:+.3f} "
         f"({'beats' if ok else 'does not beat'} it by more than {gate.min_margin:g})"
     )
 
@@ -230,6 +238,8 @@ def evaluate_model(
                 v for v in scored.column(name).to_pylist() if v is not None
             )
     metrics = {name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()}
+    for name, v in scores.items():  # 0/1 scores (exact match...): a 95% Wilson interval of the mean
+        metrics |= proportion_interval(name, v)
     metrics["tokens_per_s"] = tokens / max(seconds, 1e-9)  # greedy decoding at this batch size
     metrics["seconds_per_prompt"] = seconds / max(len(rows), 1)
     metrics["parameters"] = float(ray.get(generator.num_parameters.remote()))
