@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -174,6 +175,15 @@ def _endpoint() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
+@ray.remote(num_cpus=0, max_calls=1)  # its own process, gone after: torch and CUDA are not left behind
+def _gpu_probe() -> tuple[str, str]:
+    """What a role placed where this runs sees: (CUDA_VISIBLE_DEVICES as Ray set it, why torch
+    cannot use those GPUs or "")."""
+    from stillroom.actors.models.loading import gpu_problem  # torch: imported in the probe only
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES", ""), gpu_problem()
+
+
 class RoleGroup:
     """A job's role actors in one placement group. Owned by the supervisor: killing the supervisor
     takes the actors and the placement group with it."""
@@ -196,29 +206,60 @@ class RoleGroup:
             ) from None
         self.actors: dict[str, list] = {}
 
+    def _strategy(self, role: str, rank: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offsets[role] + rank)
+
     def _options(self, role: str, rank: int) -> dict:
         p = self.placements[role]
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.offsets[role] + rank)
         return {
             "name": actor_name(self.job_id, role, rank),
             "namespace": NAMESPACE,
             "num_cpus": p.num_cpus,
             "num_gpus": p.num_gpus,
-            "scheduling_strategy": strategy,
+            "scheduling_strategy": self._strategy(role, rank),
             "max_concurrency": CONCURRENCY[role],
             # Read by models.loading.use_cores in the actor (Ray's own OMP_NUM_THREADS follows num_cpus).
             "runtime_env": {"env_vars": {THREADS_ENV: str(p.threads)}},
             **RESTARTS[role],
         }
 
+    def visible_gpus(self, role: str, timeout_s: float = 120) -> list[tuple[str, str]]:
+        """Per replica of `role`, what it would see in its bundle: (CUDA_VISIBLE_DEVICES, why torch
+        cannot use those GPUs or "")."""
+        p = self.placements[role]
+        probes = [
+            _gpu_probe.options(num_gpus=p.num_gpus, scheduling_strategy=self._strategy(role, rank)).remote()
+            for rank in range(p.replicas)
+        ]
+        try:
+            return ray.get(probes, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"resources.{role}: its GPUs could not be checked within {timeout_s:g}s") from None
+
+    def check_gpus(self, role: str) -> None:
+        """Before a role that asks for GPUs starts: fail at once, naming it, where torch in its bundle
+        cannot use the GPUs Ray gives it (a CPU-only torch, no driver), rather than let its actors
+        die in their constructors and surface later as an actor error mid-stage."""
+        p = self.placements[role]
+        if not p.num_gpus:
+            return
+        for rank, (visible, problem) in enumerate(self.visible_gpus(role)):
+            if problem:
+                name = actor_name(self.job_id, role, rank)
+                raise RuntimeError(
+                    f"resources.{role}.num_gpus is {p.num_gpus:g}, but {name} cannot use the GPU it was given "
+                    f"(CUDA_VISIBLE_DEVICES={visible}): {problem}"
+                )
+
     def start(self, role: str, spec) -> list:
-        """One actor per replica; each gets its own copy of `spec` with its name (and rank)."""
+        """One actor per replica; each gets its own copy of `spec` with its name (and rank). A role
+        given GPUs it cannot use fails here (check_gpus)."""
+        self.check_gpus(role)
         cls = ray.remote(_role_class(role))
         handles = []
         n = self.placements[role].replicas
         if role == "trainer":
-            strategy = self._options(role, 0)["scheduling_strategy"]
-            addr, port = ray.get(_endpoint.options(scheduling_strategy=strategy).remote())
+            addr, port = ray.get(_endpoint.options(scheduling_strategy=self._strategy(role, 0)).remote())
             spec = replace(spec, world_size=n, master_addr=addr, master_port=port)
         for rank in range(n):
             extra = {"rank": rank} if role == "trainer" else {}

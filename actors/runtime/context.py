@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 
 from stillroom.actors.common.stages import produced_models
-from stillroom.actors.runtime.cluster import DEFAULT_CPUS, Placement, RoleGroup
+from stillroom.actors.runtime.cluster import DEFAULT_CPUS, Placement, RoleGroup, cluster_capacity
 from stillroom.actors.runtime.eventlog import EventLog
 from stillroom.v1 import job_pb2 as pb
+
+MODEL_ROLES = ("generator", "student", "trainer")  # the roles that run a model: they want a GPU where there is one
 
 
 class Cancelled(Exception):
@@ -54,9 +56,22 @@ class StageContext:
         roles compute at the same time, so each gets its own threads). This supervisor owns it; it
         is closed when the stage ends, however it ends."""
         placements = {r: Placement.of(getattr(resources, r), DEFAULT_CPUS.get(r, 1.0), overlap) for r in roles}
+        self._warn_idle_gpus(placements)
         group = RoleGroup(self.job_id, placements)
         self._groups.append(group)
         return group
+
+    def _warn_idle_gpus(self, placements: dict[str, Placement]) -> None:
+        """num_gpus defaults to 0, so on a GPU cluster a recipe that names none runs every model on
+        CPU without a word: say so, naming the roles and the fix."""
+        gpus = cluster_capacity().get("GPU", 0.0)
+        idle = [r for r in MODEL_ROLES if r in placements and not placements[r].num_gpus]
+        if gpus and idle:
+            fields = ", ".join(f"resources.{r}.num_gpus" for r in idle)
+            self.warn(
+                f"the cluster has {gpus:g} GPU(s), but {fields} unset (0): {', '.join(idle)} run on CPU in stage "
+                f"{self.stage}; give each num_gpus: 1 in the recipe's resources"
+            )
 
     def close(self) -> None:
         for group in self._groups:
