@@ -126,15 +126,15 @@ def _read_once(kind: str, path: str, fmt: str, cols: datasets.Columns, version: 
         return e
 
 
-def check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: Violations) -> None:
-    """A built-in reward that compares with a reference column needs that column in the prompts
-    (a `completion` column reaches reward functions as `reference`)."""
-    if train is None:
-        return
-    columns = {"reference" if c == "completion" else c for c in train.columns}
+def check_reward_columns(spec: pb.JobSpec, loaded: dict[str, datasets.Dataset | None], v: Violations) -> None:
+    """A built-in reward that compares with a reference column needs that column in the split the
+    stage's prompts come from (`loaded`: split -> dataset; a `completion` column reaches reward
+    functions as `reference`): unlabelled prompts have no answer to compare with."""
     for i, stage in enumerate(spec.stages):
-        if stage.WhichOneof("kind") != "grpo":
+        split = stage.grpo.prompts or "train"
+        if stage.WhichOneof("kind") != "grpo" or loaded.get(split) is None:
             continue
+        columns = {"reference" if c == "completion" else c for c in loaded[split].columns}
         for j, r in enumerate(stage.grpo.rewards):
             column = reference_column(r.name, dict(r.args))
             if column is None:
@@ -142,7 +142,8 @@ def check_reward_columns(spec: pb.JobSpec, train: datasets.Dataset | None, v: Vi
             v.check(
                 column in columns,
                 f"stages[{i}].grpo.rewards[{j}].args['column']",
-                f"the train data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})",
+                f"the {split} data has no column {column!r} for {r.name} (it has {', '.join(sorted(columns))})"
+                + (": a reward on unlabelled prompts must judge without a gold answer" if split != "train" else ""),
             )
 
 

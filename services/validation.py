@@ -25,6 +25,7 @@ from stillroom.services.data_checks import (
 from stillroom.services.distill_checks import check_distill
 from stillroom.services.errors import InvalidArgument, PermissionDenied
 from stillroom.services.ladder_checks import check_evaluate_stages
+from stillroom.services.prompt_checks import PROMPT_SPLITS, check_prompt_splits
 from stillroom.services.spec_limits import check_limits
 from stillroom.services.teacher_checks import check_distill_against_teacher
 from stillroom.services.violations import Policy, Violations
@@ -97,12 +98,9 @@ def _check_required(out: pb.JobSpec, kinds: set[str], v: Violations) -> None:
             )
     _check_baselines(out, v)
     check_evaluate_stages(out, v)
-    if kinds & NEEDS_TRAIN:
-        v.check(
-            bool(out.data.train.path),
-            "data.train.path",
-            f"required by the {', '.join(sorted(kinds & NEEDS_TRAIN))} stage(s)",
-        )
+    needs = check_prompt_splits(out, NEEDS_TRAIN, v)
+    if needs:
+        v.check(bool(out.data.train.path), "data.train.path", f"required by the {', '.join(sorted(needs))} stage(s)")
 
 
 def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations) -> None:
@@ -125,7 +123,7 @@ def _check_files(out: pb.JobSpec, kinds: set[str], policy: Policy, v: Violations
                 f"data.{split}.path",
                 "sft needs answers: a completion column or chat messages ending with the assistant's turn",
             )
-    check_reward_columns(out, loaded.get("train"), v)
+    check_reward_columns(out, loaded, v)
     check_retrieval(out, kinds, policy, v)
     check_tracking(out.tracking, policy, v)
 
@@ -296,6 +294,7 @@ def _grpo(s: pb.GrpoStage, p: str, v: Violations) -> None:
     v.number(s.importance_sampling_cap, f"{p}.importance_sampling_cap", lo=1)
     v.number(s.max_reward_failure_fraction, f"{p}.max_reward_failure_fraction", lo=0, hi=1)
     v.check(len(s.rewards) > 0, f"{p}.rewards", "GRPO needs at least one reward function")
+    v.choice(s.prompts, f"{p}.prompts", PROMPT_SPLITS)
     _rewards(s.rewards, f"{p}.rewards", v)
     _lora(s.lora, f"{p}.lora", v)
     per_step = "each step is prompts_per_step prompts x group_size completions"

@@ -127,7 +127,8 @@ def run(params: pb.GrpoStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     cfg = GrpoConfig.of(params)
     out = ctx.artifact_dir / ctx.stage
     policy = policy_trainer(params, cfg, spec, ctx)
-    rows = prompt_rows(ctx, spec, spec.data.train)  # with passages, under `retrieval`
+    # data.train, or data.unlabeled under `prompts: unlabeled`; with passages, under `retrieval`
+    rows = prompt_rows(ctx, spec, getattr(spec.data, params.prompts or "train"))
     roles = ctx.roles(spec.resources, overlap=cfg.max_staleness > 0)  # overlapping roles: own threads
     roles.start("generator", sampler_of(policy, spec.seed))
     roles.start("scorer", scorer_spec(params.rewards, ctx.reward_modules))

@@ -256,7 +256,7 @@ class RewardFunction(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., timeout_s: _Optional[float] = ..., args: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GrpoStage(_message.Message):
-    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step", "max_resample", "importance_sampling_level", "mask_truncated_completions", "importance_sampling_mode", "importance_sampling_cap", "max_reward_failure_fraction")
+    __slots__ = ("group_size", "loss_type", "beta", "epsilon", "epsilon_high", "num_iterations", "scale_rewards", "max_staleness", "max_new_tokens", "temperature", "top_p", "rewards", "adapter", "lora", "optim", "dynamic_sampling", "prompts_per_step", "max_resample", "importance_sampling_level", "mask_truncated_completions", "importance_sampling_mode", "importance_sampling_cap", "max_reward_failure_fraction", "prompts")
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
     BETA_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,7 @@ class GrpoStage(_message.Message):
     IMPORTANCE_SAMPLING_MODE_FIELD_NUMBER: _ClassVar[int]
     IMPORTANCE_SAMPLING_CAP_FIELD_NUMBER: _ClassVar[int]
     MAX_REWARD_FAILURE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     group_size: int
     loss_type: str
     beta: float
@@ -303,7 +304,8 @@ class GrpoStage(_message.Message):
     importance_sampling_mode: str
     importance_sampling_cap: float
     max_reward_failure_fraction: float
-    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ...) -> None: ...
+    prompts: str
+    def __init__(self, group_size: _Optional[int] = ..., loss_type: _Optional[str] = ..., beta: _Optional[float] = ..., epsilon: _Optional[float] = ..., epsilon_high: _Optional[float] = ..., num_iterations: _Optional[int] = ..., scale_rewards: _Optional[str] = ..., max_staleness: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., rewards: _Optional[_Iterable[_Union[RewardFunction, _Mapping]]] = ..., adapter: _Optional[_Union[AdapterType, str]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optim: _Optional[_Union[OptimConfig, _Mapping]] = ..., dynamic_sampling: _Optional[bool] = ..., prompts_per_step: _Optional[int] = ..., max_resample: _Optional[int] = ..., importance_sampling_level: _Optional[str] = ..., mask_truncated_completions: _Optional[bool] = ..., importance_sampling_mode: _Optional[str] = ..., importance_sampling_cap: _Optional[float] = ..., max_reward_failure_fraction: _Optional[float] = ..., prompts: _Optional[str] = ...) -> None: ...
 
 class StudentInit(_message.Message):
     __slots__ = ("keep_every_nth_layer", "from_tuned", "config_overrides", "layer_choice", "importance_prompts")
@@ -428,18 +430,20 @@ class EvalTarget(_message.Message):
     def __init__(self, metric: _Optional[str] = ..., min: _Optional[float] = ...) -> None: ...
 
 class EvalGate(_message.Message):
-    __slots__ = ("model", "baseline", "metric", "min_margin", "min")
+    __slots__ = ("model", "baseline", "metric", "min_margin", "min", "use_ci_low")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
     MIN_MARGIN_FIELD_NUMBER: _ClassVar[int]
     MIN_FIELD_NUMBER: _ClassVar[int]
+    USE_CI_LOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     baseline: str
     metric: str
     min_margin: float
     min: float
-    def __init__(self, model: _Optional[str] = ..., baseline: _Optional[str] = ..., metric: _Optional[str] = ..., min_margin: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
+    use_ci_low: bool
+    def __init__(self, model: _Optional[str] = ..., baseline: _Optional[str] = ..., metric: _Optional[str] = ..., min_margin: _Optional[float] = ..., min: _Optional[float] = ..., use_ci_low: _Optional[bool] = ...) -> None: ...
 
 class ExportStage(_message.Message):
     __slots__ = ("merge_adapter", "dtype")
