@@ -1,6 +1,7 @@
 """Checks of the evaluate stages against the rest of the job: the rungs they score exist, gates
-compare two of them on a metric the stage measures, a target names such a metric, and a metric on
-the policy-update split (`<metric>@update`) has that split. Pure: reads only the spec."""
+compare two of them on a metric the stage measures (by its 95% lower bound only where it has an
+interval), a target names such a metric, and a metric on the policy-update split (`<metric>@update`)
+has that split. Pure: reads only the spec."""
 
 from __future__ import annotations
 
@@ -45,11 +46,30 @@ def _check_gates(e: pb.EvaluateStage, made: list[str], scored: list[str], p: str
             v.check(gate.model.startswith("student"), f"{g}.metric", f"{gate.metric} is measured on student rungs")
         else:
             v.check(gate.metric in metrics, f"{g}.metric", f"must be one of {', '.join(sorted(metrics | kept))}")
+        _check_ci_low(gate, g, v)
         v.number(gate.min_margin, f"{g}.min_margin")
         v.number(gate.min, f"{g}.min")
     if e.target.metric or e.target.min:
         v.check(e.target.metric in metrics, f"{p}.target.metric", f"must be one of {', '.join(sorted(metrics))}")
         v.number(e.target.min, f"{p}.target.min")
+
+
+# Built-in metrics whose per-row scores are graded, not 0/1: their mean has no Wilson interval.
+GRADED = ("json_fields", "length_penalty")
+
+
+def _check_ci_low(gate: pb.EvalGate, g: str, v: Violations) -> None:
+    """use_ci_low needs a metric the stage gives a 95% interval: a mean of per-row 0/1 scores (a
+    function's name; what a module's function scores is known only when it has run)."""
+    if not gate.use_ci_low:
+        return
+    base = gate.metric.removesuffix(UPDATE)
+    v.check(
+        not (base in MEASURED or base in GRADED or base.startswith(RETAINED)),
+        f"{g}.use_ci_low",
+        f"{gate.metric} has no 95% interval: only a metric that is a mean of per-row 0/1 scores has one "
+        "(exact_match, numeric_match, json_exact, json_valid, regex_format, or such a function of a module)",
+    )
 
 
 def _check_update_metrics(spec: pb.JobSpec, e: pb.EvaluateStage, p: str, v: Violations) -> None:

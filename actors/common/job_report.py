@@ -10,6 +10,7 @@ job's artifacts when the job ends and the CLI renders the same thing client-side
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,14 +18,27 @@ from stillroom.v1 import job_pb2 as pb
 
 Series = dict[str, dict[str, list[tuple[float, float]]]]  # stage -> metric -> [(step, value)]
 
-# What each plot panel shows: a metric belongs to the first panel whose words its name contains.
+# What each plot panel shows: a metric belongs to the first panel one of whose patterns its name
+# (lower-cased) matches (re.search: a plain word matches where the name contains it).
 PANELS = {"loss": ("loss",), "reward": ("reward", "json_", "accuracy"), "KL": ("kl",)}
+# A grpo stage's panels, one scale each, as TRL users read them: the mean reward (and each
+# function's), its spread within groups, the fraction of groups with no signal, the KL to the
+# reference, the clipped fractions. Exact names: the failure counters (rewards/samples,
+# rewards/<fn>/errors...) would squash the reward into a flat line at the bottom of its axis.
+GRPO_PANELS = {
+    "reward": (r"^reward$", r"^rewards/[^/]+/mean$"),
+    "reward_std": (r"^reward_std$",),
+    "frac_reward_zero_std": (r"^frac_reward_zero_std$",),
+    "KL": (r"^kl$",),
+    "clip ratio": (r"^clip_ratio/",),
+}
 # The distill stage's second panel: what a student is judged by (held-out KL per evaluation, the
 # fraction of teacher samples its filter kept, the retained quality), not counters.
 DISTILL_PANELS = {
     "loss": ("loss",),
     "student vs teacher": ("eval/kl", "eval/", "kept_fraction", "retained/"),
 }
+STAGE_PANELS = {"distill": DISTILL_PANELS, "grpo": GRPO_PANELS}
 EVAL_COLUMNS = ("json_exact", "json_fields", "json_valid", "tokens_per_s", "parameters", "size_bytes")
 
 
@@ -61,13 +75,28 @@ def evaluation(values: Series) -> dict[str, dict[str, float]]:
 
 
 def eval_table(report: dict[str, dict[str, float]]) -> str:
-    """The side-by-side Markdown table: one row per model, the usual columns first."""
+    """The side-by-side Markdown table: one row per model, the usual columns first; a metric with
+    a 95% interval (<metric>/ci_low, /ci_high) shows it in its own cell: `0.62 [0.52, 0.71]`."""
     names = {k for r in report.values() for k in r}
+    names -= {n for n in names if _interval_of(n) in names}
     columns = [c for c in EVAL_COLUMNS if c in names] + sorted(names - set(EVAL_COLUMNS))
     lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for model, r in report.items():
-        lines.append(f"| {model} | " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |")
+        lines.append(f"| {model} | " + " | ".join(_with_interval(c, r) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _interval_of(name: str) -> str | None:
+    """The metric whose interval bound `name` is (json_exact/ci_low -> json_exact), else None."""
+    head, _, tail = name.rpartition("/")
+    return head if tail in ("ci_low", "ci_high") and head else None
+
+
+def _with_interval(column: str, row: dict[str, float]) -> str:
+    low, high = row.get(column + "/ci_low"), row.get(column + "/ci_high")
+    if column not in row or low is None or high is None or math.isnan(low) or math.isnan(high):
+        return _cell(column, row.get(column))
+    return f"{row[column]:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def _cell(column: str, value: float | None) -> str:
@@ -89,7 +118,7 @@ def panels_of(metrics: dict[str, list[tuple[float, float]]], kinds: dict = PANEL
     for name, points in metrics.items():
         if len(points) < 2 or (name.startswith("eval/") and name.count("/") >= 2):
             continue
-        title = next((t for t, words in kinds.items() if any(w in name.lower() for w in words)), None)
+        title = next((t for t, words in kinds.items() if any(re.search(w, name.lower()) for w in words)), None)
         if title:
             panels[title][name] = points
     return {t: m for t, m in panels.items() if m}
@@ -106,8 +135,12 @@ def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: 
     matplotlib.use("Agg")  # files only; no display on a cluster node
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, curves) in zip(axes.flat, panels.items(), strict=False):  # axes past the panels stay hidden
         for name, points in sorted(curves.items()):
             ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=name)
         ax.set_title(f"{stage}: {title}")
@@ -166,7 +199,7 @@ def render(job_id: str, spec: pb.JobSpec, events: list[pb.Event], out_dir: Path)
     audit = audit_summary(spec, values)
     if audit:
         lines += ["", "## Audit", "", audit]
-    kinds = {s.name: DISTILL_PANELS if s.WhichOneof("kind") == "distill" else PANELS for s in spec.stages}
+    kinds = {s.name: STAGE_PANELS.get(s.WhichOneof("kind"), PANELS) for s in spec.stages}
     plots = [s for s in values if plot_stage(s, values[s], out_dir / "plots" / f"{s}.png", kinds.get(s, PANELS))]
     if plots:
         lines += ["", "## Training curves", ""]

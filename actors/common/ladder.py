@@ -107,3 +107,38 @@ def retained_warnings(results: dict[str, dict[str, float]], lineage: dict[str, l
                     f"{minimum - value:.0%} short of min_retained {minimum:g}"
                 )
     return lines
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+CI_LOW, CI_HIGH = "/ci_low", "/ci_high"  # <metric>/ci_low, <metric>/ci_high: its 95% Wilson interval
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (successes of n): centre (p + z²/2n) / (1 + z²/n),
+    half-width z sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n). Unlike p ± z sqrt(p(1-p)/n) it stays in
+    [0, 1] and is not zero-width at 0 or n successes. (nan, nan) for n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    p, z2 = successes / n, z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion_interval(name: str, scores: list[float]) -> dict[str, float]:
+    """{<name>/ci_low, <name>/ci_high} when `scores` are per-row 0/1 outcomes (exact match, valid
+    JSON: their mean is a proportion, so Wilson applies); {} for graded scores (a fraction of
+    fields right, a length penalty), whose mean is no proportion."""
+    if not scores or any(s not in (0.0, 1.0) for s in scores):
+        return {}
+    low, high = wilson(sum(scores), len(scores))
+    return {name + CI_LOW: low, name + CI_HIGH: high}
+
+
+def with_split(metric: str, split: str) -> str:
+    """A metric's name on a split: json_exact/ci_low on @update -> json_exact@update/ci_low."""
+    for tail in (CI_LOW, CI_HIGH):
+        if metric.endswith(tail):
+            return metric.removesuffix(tail) + split + tail
+    return metric + split
