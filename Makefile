@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 # make demo QUICK=1: the same job, a few minutes long (examples/tickets_quick.yaml)
+# make demo TASK=arith: GRPO from the base model on arithmetic (examples/arith_grpo.yaml)
 demo: $(STAMP)
-	QUICK=$(QUICK) examples/demo.sh
+	QUICK=$(QUICK) TASK=$(TASK) examples/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not long" --durations=25

@@ -10,14 +10,19 @@ HOME_DIR=.stillroom/demo
 ADDRESS=127.0.0.1:${STILLROOM_DEMO_PORT:-50151}
 DEFAULT=examples/tickets_pipeline.yaml
 [ -n "${QUICK:-}" ] && DEFAULT=examples/tickets_quick.yaml
+# TASK=arith (make demo TASK=arith): examples/arith_grpo.yaml, its data from examples/arith/generate.py
+TASK=${TASK:-tickets}
+[ "$TASK" != tickets ] && DEFAULT=examples/${TASK}_grpo.yaml
 RECIPE=${1:-$DEFAULT}
 mkdir -p "$HOME_DIR"
 
-$BIN/python -m examples.tickets.generate --out examples/tickets/data
+$BIN/python -m "examples.$TASK.generate" --out "examples/$TASK/data"
 export STILLROOM_TOKEN=${STILLROOM_TOKEN:-$($BIN/python -c 'import secrets; print(secrets.token_hex(16))')}
 export STILLROOM_TOKENS="demo=$STILLROOM_TOKEN" STILLROOM_ADDRESS=$ADDRESS
+# reward functions of examples/ (--reward-module examples) import from this checkout, in the server and its workers
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-$BIN/stillroom serve --address "$ADDRESS" --home "$HOME_DIR" --data-root . > "$HOME_DIR/server.log" 2>&1 &
+$BIN/stillroom serve --address "$ADDRESS" --home "$HOME_DIR" --data-root . --reward-module examples > "$HOME_DIR/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
