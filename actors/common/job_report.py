@@ -126,7 +126,8 @@ def panels_of(metrics: dict[str, list[tuple[float, float]]], kinds: dict = PANEL
 
 def plot_stage(stage: str, metrics: dict[str, list[tuple[float, float]]], path: Path, kinds: dict = PANELS) -> bool:
     """One PNG for a stage: a panel each for loss, reward and KL (those it has; a distill stage's:
-    loss, and the student against its teacher). False when the stage has none of them."""
+    loss, and the student against its teacher; a grpo stage's: GRPO_PANELS), three to a row. False
+    when the stage has none of them."""
     panels = panels_of(metrics, kinds)
     if not panels:
         return False

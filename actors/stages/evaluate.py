@@ -1,7 +1,8 @@
 """The `evaluate` stage: the ladder side by side on held-out data (data.test, else data.eval):
 the base teacher (alone, few-shot, with retrieval), each tuned teacher and the student (alone and
-with retrieval); per rung each metric (any reward function) as a mean, decoding tokens/s, size and
-the seconds its stages took to make it. With a target, the cheapest rung that meets it is
+with retrieval); per rung each metric (any reward function) as a mean (with its 95% Wilson interval,
+<metric>/ci_low and /ci_high, where every row scored 0 or 1), decoding tokens/s, size and the
+seconds its stages took to make it. With a target, the cheapest rung that meets it is
 recommended. Writes eval/report.json and eval/report.md.
 """
 
