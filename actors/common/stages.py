@@ -57,7 +57,14 @@ MEASURED = ("tokens_per_s", "seconds_per_prompt", "parameters", "size_bytes", "b
 UPDATE = "@update"  # a metric's suffix on data.test_updated (the rows labelled by the updated corpus)
 
 
+def metric_label(name: str) -> str:
+    """The name a reward function's scores go by in the evaluation report, as the scorer labels
+    them (roles/scorer.py): a built-in's name, a module function's own (pkg.mod:fn -> fn), a reward
+    model's last path part."""
+    return name.split(":")[-1].rsplit("/", 1)[-1]
+
+
 def metric_names(metrics) -> set[str]:
-    """What gates and targets may name: each metric (RewardFunction), also on the update split,
-    and what is MEASURED."""
-    return {m.name + split for m in metrics for split in ("", UPDATE)} | set(MEASURED)
+    """What gates and targets may name: each metric (RewardFunction) by its label, also on the
+    update split, and what is MEASURED."""
+    return {metric_label(m.name) + split for m in metrics for split in ("", UPDATE)} | set(MEASURED)

@@ -200,3 +200,23 @@ def test_advantages_are_what_the_plot_reads():
     m = grpo_step_metrics(1, [0, 1, 0, 0, 1, 1, 1, 1])
     assert m["reward"] == pytest.approx(0.625) and m["frac_reward_zero_std"] == 0.5
     assert m["reward_std"] == pytest.approx(np.mean([np.std([0, 1, 0, 0], ddof=1), 0.0]))
+
+
+def test_gates_name_a_module_metric_as_the_report_does():
+    """The scorer reports examples.arith.reward:correct as `correct`: a gate on that name is
+    accepted (it was refused, and one on the full name accepted, then read nan and failed the job)."""
+    from stillroom.services.ladder_checks import check_evaluate_stages
+    from stillroom.services.violations import Violations
+
+    def gate_problems(metric: str) -> dict[str, str]:
+        evaluate = pb.EvaluateStage(metrics=[pb.RewardFunction(name="examples.arith.reward:correct")])
+        evaluate.gates.add(model="teacher_grpo", baseline="base_teacher", metric=metric, min_margin=0.05)
+        stages = [pb.Stage(name="grpo", grpo=pb.GrpoStage()), pb.Stage(name="evaluate", evaluate=evaluate)]
+        v = Violations()
+        check_evaluate_stages(pb.JobSpec(stages=stages), v)
+        return dict(v.items)
+
+    assert gate_problems("correct") == {}
+    assert gate_problems("examples.arith.reward:correct")["stages[1].evaluate.gates[0].metric"].startswith(
+        "must be one of build_s, correct, correct@update, parameters"
+    )
