@@ -10,6 +10,7 @@ rank is done; resume picks the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,6 +31,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import (
+    DTYPES,
     compute_threads,
     load_causal_lm,
     training_dtype,
@@ -311,14 +313,32 @@ class Trainer:
     # -- weights --------------------------------------------------------------------------------
 
     def weights(self) -> dict[str, np.ndarray]:
-        """The trainable weights as numpy copies: the adapter (peft names) under LoRA, else every
-        parameter. Copies, never ZeRO views: under ZeRO-1/2 pickling a view ships its whole flat
-        buffer, once per tensor. Under ZeRO-3 every rank must call this (it gathers the partitions)."""
+        """This rank's trainable weights as float32 numpy copies (the adapter, peft names, under
+        LoRA; else every parameter), for inspection and digests. Under ZeRO-3 every rank must call
+        this: it gathers the trainable partitions (only those)."""
+        with _gathered(self.engine.module, self._trainable(), self.spec.zero_stage):
+            return {k: v.detach().float().cpu().numpy().copy() for k, v in self._named_trainable().items()}
+
+    def ship_weights(self, dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """What a weight sync sends the generators, and what it cost. Rank 0 alone ships the
+        trainable weights (as weights() names them) cast to the generators' `dtype` (bfloat16 as its
+        raw bits in int16 arrays: numpy has none); the other ranks ship {}. Under ZeRO-3 every rank
+        must call this: it gathers the trainable parameters alone, never the frozen base. Always
+        copies: a ZeRO-1/2 view would pickle its whole flat buffer, once per tensor. Info: bytes
+        shipped; gathered: the parameter elements this rank gathered for it (0 without ZeRO-3)."""
+        with _gathered(self.engine.module, self._trainable(), self.spec.zero_stage) as gathered:
+            tensors = self._named_trainable() if self.spec.rank == 0 else {}
+            shipped = {k: _wire(v, DTYPES[dtype]) for k, v in tensors.items()}
+            return shipped, {"bytes": sum(a.nbytes for a in shipped.values()), "gathered": gathered()}
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def _named_trainable(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by the names a generator loads them under (peft's under LoRA)."""
         module = self.engine.module
-        if self.spec.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _state(module, self.uses_adapter)
-        return _state(module, self.uses_adapter)
+        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        return get_peft_model_state_dict(module, state_dict=named) if self.uses_adapter else named
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Forward pass in eval mode. input_ids (B, T) -> logits (B, T, V) float32."""
@@ -391,9 +411,23 @@ def latest_complete(checkpoint_dir: str) -> str | None:
     return tags[-1] if tags else None
 
 
-def _state(module: torch.nn.Module, adapter_only: bool) -> dict[str, np.ndarray]:
-    if adapter_only:
-        tensors = get_peft_model_state_dict(module)
-    else:
-        tensors = dict(module.named_parameters())
-    return {name: t.detach().float().cpu().numpy().copy() for name, t in tensors.items()}
+@contextlib.contextmanager
+def _gathered(module: torch.nn.Module, params: list[torch.nn.Parameter], zero_stage: int):
+    """Under ZeRO-3, `params` (only these) gathered whole on every rank for the block. Yields a
+    count of what the gather cost this rank: the elements of every parameter of `module` that was
+    partitioned away before and is whole now (the frozen base too, were it gathered)."""
+    if zero_stage != 3:
+        yield lambda: 0
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    away = [p for p in module.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield lambda: sum(p.ds_numel for p in away if p.ds_status == ZeroParamStatus.AVAILABLE)
+
+
+def _wire(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A numpy copy of `t` in `dtype` (never a view of ZeRO's flat buffer); bfloat16 as its raw
+    bits (int16)."""
+    t = t.detach().to("cpu", dtype, copy=True).contiguous()
+    return (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()

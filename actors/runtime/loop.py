@@ -32,7 +32,7 @@ from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop_config import LoopConfig, LoopResult, Prepared
 from stillroom.actors.runtime.metrics import Sampler, record
 from stillroom.actors.runtime.restarts import TrainerGroup
-from stillroom.actors.runtime.trainers import save_checkpoint, skip_step, train_step, weights
+from stillroom.actors.runtime.trainers import save_checkpoint, skip_step, sync, train_step
 
 
 class TrainLoop:
@@ -218,7 +218,7 @@ class TrainLoop:
         actor = self.roles.actors[role][index]
         _when_back(actor, timeout=self.cfg.restart_timeout_s, what=f"{role} {index}")
         if role == "generator" and self.cfg.sync_every:
-            ray.get(actor.load_weights.remote(weights(self.roles.actors["trainer"]), len(self.result.steps)))
+            sync(self.roles.actors["trainer"], [actor], len(self.result.steps))
         self._serve(role, index)
         lost = [b for bid, b in list(self._outstanding.items()) if bid not in self._pending]
         for batch in lost:
@@ -352,21 +352,17 @@ class TrainLoop:
             self._synced.notify_all()
 
     def _sync_weights(self) -> None:
-        """Trainer -> generators: the adapter under LoRA, else full weights, as numpy copies."""
-        started = time.perf_counter()
-        trainers = self.roles.actors["trainer"]
-        ref = ray.put(weights(trainers))
+        """Trainer -> generators: the adapter under LoRA, else full weights, in the generators'
+        dtype, shipped by rank 0 as one object reference (trainers.sync); its bytes and seconds
+        are the job's sync/bytes and sync/seconds."""
         version = len(self.result.steps)
-        for loaded in [g.load_weights.remote(ref, version) for g in self.roles.actors["generator"]]:
-            try:
-                ray.get(loaded)
-            except RayActorError:
-                pass  # a generator that died: its serve loop's end says so, and recovery syncs it
-        seconds = time.perf_counter() - started
-        self._advance(len(self.result.steps))
-        self.result.syncs.append(seconds)
-        record("weight_sync_s", seconds, {"job_id": self.roles.job_id, "role": "trainer", "rank": "0"})
-        self.on_metrics({"sync/seconds": seconds, "policy/version": version})
+        metrics = sync(self.roles.actors["trainer"], self.roles.actors["generator"], version)
+        self._advance(version)
+        self.result.syncs.append(metrics["sync/seconds"])
+        tags = {"job_id": self.roles.job_id, "role": "trainer", "rank": "0"}
+        record("weight_sync_s", metrics["sync/seconds"], tags)
+        record("weight_sync_bytes", metrics["sync/bytes"], tags)
+        self.on_metrics({**metrics, "policy/version": version})
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:

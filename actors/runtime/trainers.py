@@ -5,8 +5,11 @@ use these, so sharding and merging the ranks' answers live in one place.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.runtime.batches import shard
 
@@ -50,10 +53,44 @@ def eval_sums(trainers: Group, method: str, arrays: dict[str, np.ndarray]) -> tu
     return sum(s for s, _ in sums), sum(c for _, c in sums)
 
 
-def weights(trainers: Group) -> dict[str, np.ndarray]:
-    """The trained weights (the adapter under LoRA) as numpy copies. Every rank is asked: under
-    ZeRO-3 each holds a partition, and gathering them is a collective every rank must join."""
-    return ray.get([t.weights.remote() for t in trainers])[0]
+def shipped(trainers: Group, dtype: str = "float32") -> tuple[ray.ObjectRef, dict[str, int]]:
+    """The weights a sync sends (Trainer.ship_weights, in `dtype`), as the ObjectRef of rank 0's
+    answer: forwarded as is, they go from rank 0's node to whoever loads them, and this process
+    never holds them. Every rank is asked (under ZeRO-3 the gather is a collective every rank
+    joins); only their small infos are fetched here, so an error on any rank raises here, not in
+    a generator. Returns (reference, rank 0's info: bytes, gathered)."""
+    calls = [t.ship_weights.options(num_returns=2).remote(dtype) for t in trainers]
+    infos = ray.get([info for _, info in calls])
+    return calls[0][0], infos[0]
+
+
+def weights(trainers: Group, dtype: str = "float32") -> ray.ObjectRef:
+    """The trained weights (the adapter under LoRA) in `dtype`, as one object reference to hand to
+    Generator.load_weights (Ray resolves it there)."""
+    return shipped(trainers, dtype)[0]
+
+
+def sync(trainers: Group, generators: list, version: int) -> dict[str, float]:
+    """Trainer -> generators: the weights in the dtype the generators compute in, shipped once by
+    rank 0 and handed to every generator as the same object reference. A generator that died is
+    passed over (its serve loop's end says so, and recovery syncs it). Returns the sync's metrics:
+    sync/bytes (what rank 0 shipped) and sync/seconds."""
+    started = time.perf_counter()
+    dtypes = set(_answers([g.weights_dtype.remote() for g in generators]))
+    ref, info = shipped(trainers, dtypes.pop() if len(dtypes) == 1 else "float32")  # float32 loads into any
+    _answers([g.load_weights.remote(ref, version) for g in generators])
+    return {"sync/bytes": float(info["bytes"]), "sync/seconds": time.perf_counter() - started}
+
+
+def _answers(refs: list) -> list:
+    """The answers of the actors that are alive; the dead ones' are left out."""
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except RayActorError:
+            pass
+    return out
 
 
 def resume(trainers: Group) -> int:
