@@ -429,5 +429,8 @@ def _gathered(module: torch.nn.Module, params: list[torch.nn.Parameter], zero_st
 def _wire(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """A numpy copy of `t` in `dtype` (never a view of ZeRO's flat buffer); bfloat16 as its raw
     bits (int16)."""
-    t = t.detach().to("cpu", dtype, copy=True).contiguous()
-    return (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
+    t = t.detach().cpu()
+    cast = t.dtype != dtype  # a cast makes a new tensor; else numpy's copy (5x faster than .to(copy=True))
+    t = t.to(dtype)
+    out = (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
+    return out if cast else out.copy()
