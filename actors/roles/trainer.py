@@ -10,7 +10,6 @@ rank is done; resume picks the newest complete one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -27,7 +26,7 @@ import deepspeed.ops
 import numpy as np
 import torch
 import torch.distributed as dist
-from peft import PeftModel, get_peft_model_state_dict
+from peft import PeftModel
 from stillroom.actors.algo.losses import dapo_num_items, kd_divergence, tempered, token_logprobs, topk_buckets
 from stillroom.actors.algo.objectives import NLL, Objective
 from stillroom.actors.models.loading import (
@@ -38,6 +37,8 @@ from stillroom.actors.models.loading import (
     use_cores,
     with_new_adapter,
 )
+from stillroom.actors.roles.steps import accumulation_chunks, forward_from_first_loss
+from stillroom.actors.roles.weights import gathered, named_trainable, to_wire, trainable
 from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import get_scheduler
 
@@ -316,8 +317,9 @@ class Trainer:
         """This rank's trainable weights as float32 numpy copies (the adapter, peft names, under
         LoRA; else every parameter), for inspection and digests. Under ZeRO-3 every rank must call
         this: it gathers the trainable partitions (only those)."""
-        with _gathered(self.engine.module, self._trainable(), self.spec.zero_stage):
-            return {k: v.detach().float().cpu().numpy().copy() for k, v in self._named_trainable().items()}
+        with gathered(self.engine.module, trainable(self.engine.module), self.spec.zero_stage):
+            named = named_trainable(self.engine.module, self.uses_adapter)
+            return {k: v.detach().float().cpu().numpy().copy() for k, v in named.items()}
 
     def ship_weights(self, dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """What a weight sync sends the generators, and what it cost. Rank 0 alone ships the
@@ -326,19 +328,11 @@ class Trainer:
         must call this: it gathers the trainable parameters alone, never the frozen base. Always
         copies: a ZeRO-1/2 view would pickle its whole flat buffer, once per tensor. Info: bytes
         shipped; gathered: the parameter elements this rank gathered for it (0 without ZeRO-3)."""
-        with _gathered(self.engine.module, self._trainable(), self.spec.zero_stage) as gathered:
-            tensors = self._named_trainable() if self.spec.rank == 0 else {}
-            shipped = {k: _wire(v, DTYPES[dtype]) for k, v in tensors.items()}
-            return shipped, {"bytes": sum(a.nbytes for a in shipped.values()), "gathered": gathered()}
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.engine.module.parameters() if p.requires_grad]
-
-    def _named_trainable(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters by the names a generator loads them under (peft's under LoRA)."""
         module = self.engine.module
-        named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        return get_peft_model_state_dict(module, state_dict=named) if self.uses_adapter else named
+        with gathered(module, trainable(module), self.spec.zero_stage) as cost:
+            tensors = named_trainable(module, self.uses_adapter) if self.spec.rank == 0 else {}
+            shipped = {k: to_wire(v, DTYPES[dtype]) for k, v in tensors.items()}
+            return shipped, {"bytes": sum(a.nbytes for a in shipped.values()), "gathered": cost()}
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Forward pass in eval mode. input_ids (B, T) -> logits (B, T, V) float32."""
@@ -386,51 +380,8 @@ class Trainer:
         return state["cursor"]
 
 
-def forward_from_first_loss(model, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits only from the first position any row has a loss at: the prompt before it costs the
-    layers but not the vocabulary projection and log-softmax (the largest tensors in a step).
-    t holds input_ids (B, T) and per-position arrays (B, T-1[, k]). Returns logits (B, T-s, V) and t
-    with every 2-D+ array cropped by s columns, so token_logprobs and the masks still line up."""
-    length = t["input_ids"].shape[1]
-    positions = t["loss_mask"].any(dim=0).nonzero()
-    start = int(positions[0]) if len(positions) else 0
-    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], logits_to_keep=length - start).logits
-    return logits, {k: v[:, start:] if v.dim() >= 2 else v for k, v in t.items()}
-
-
-def accumulation_chunks(rows: int, gradient_accumulation_steps: int) -> int:
-    """How many gradient-accumulation chunks a step of `rows` rows (per rank) runs in: at most
-    gradient_accumulation_steps, never more than the rows, at least 1."""
-    return max(1, min(rows, gradient_accumulation_steps))
-
-
 def latest_complete(checkpoint_dir: str) -> str | None:
     """The newest step-N directory with a COMPLETE marker; half-written ones are ignored."""
     root = Path(checkpoint_dir)
     tags = sorted(p.name for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.exists() else []
     return tags[-1] if tags else None
-
-
-@contextlib.contextmanager
-def _gathered(module: torch.nn.Module, params: list[torch.nn.Parameter], zero_stage: int):
-    """Under ZeRO-3, `params` (only these) gathered whole on every rank for the block. Yields a
-    count of what the gather cost this rank: the elements of every parameter of `module` that was
-    partitioned away before and is whole now (the frozen base too, were it gathered)."""
-    if zero_stage != 3:
-        yield lambda: 0
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    away = [p for p in module.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield lambda: sum(p.ds_numel for p in away if p.ds_status == ZeroParamStatus.AVAILABLE)
-
-
-def _wire(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A numpy copy of `t` in `dtype` (never a view of ZeRO's flat buffer); bfloat16 as its raw
-    bits (int16)."""
-    t = t.detach().cpu()
-    cast = t.dtype != dtype  # a cast makes a new tensor; else numpy's copy (5x faster than .to(copy=True))
-    t = t.to(dtype)
-    out = (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
-    return out if cast else out.copy()
