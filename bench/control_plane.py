@@ -36,9 +36,10 @@ def free_port() -> int:
 
 def start_server(home: Path, token: str, noisy_token: str) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
-    (home / "data").mkdir(parents=True)
+    data = home.parent / f"{home.name}-data"  # beside the server's home: never inside it
+    data.mkdir(parents=True)
     rows = [{"prompt": f"ticket {i} about billing", "completion": "refund"} for i in range(200)]
-    (home / "data/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # "noisy" is paused (its jobs stay queued) and may hold 250 streams: its streams never end.
     limits = {
         "default": {"max_queued_jobs": 100000},
@@ -56,7 +57,7 @@ def start_server(home: Path, token: str, noisy_token: str) -> tuple[subprocess.P
         "--limits",
         str(home / "limits.yaml"),
     ]
-    cmd += ["--data-root", str(home / "data"), "--max-running-jobs", "4"]
+    cmd += ["--data-root", str(data), "--max-running-jobs", "4"]
     log = (home / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     while "listening on" not in (home / "server.log").read_text():
@@ -86,7 +87,10 @@ def _client_process(address: str, token: str, clients: int, submits: int, start_
         out = []
         for _ in range(submits):
             started = time.perf_counter()
-            job = c.submit(spec).job
+            try:
+                job = c.submit(spec).job
+            except Exception as e:  # an RpcError does not pickle back to the parent: say what it was
+                raise RuntimeError(f"SubmitJob failed: {e}") from None
             out.append((time.perf_counter() - started, job.id))
         return out
 

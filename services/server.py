@@ -122,11 +122,16 @@ class Server:
         cfg = self.cfg
         store = Path(cfg.store_path or cfg.home / "jobs.db")
         own = {Path(cfg.home), self.artifact_root, *(store.with_name(store.name + s) for s in ("", "-wal", "-shm"))}
+        excluded = tuple(sorted(p.resolve() for p in own))
+        roots = tuple(Path(p).resolve() for p in [*cfg.data_roots, *cfg.model_roots])
+        for root in roots:  # a root inside the server's own files would be unreadable: say so now
+            if any(root.is_relative_to(ex) for ex in excluded):
+                raise SystemExit(f"{root} is inside the server's own files ({cfg.home}): no tenant may read there")
         return Policy(
             tuple(Path(p).resolve() for p in cfg.data_roots),
             tuple(Path(p).resolve() for p in cfg.model_roots),
             tuple(cfg.reward_modules),
-            excluded=tuple(sorted(p.resolve() for p in own)),
+            excluded=excluded,
             mlflow_hosts=tuple(cfg.mlflow_hosts),
         )
 
