@@ -40,9 +40,10 @@ def start_server(home: Path, token: str, noisy_token: str) -> tuple[subprocess.P
     data.mkdir(parents=True)
     rows = [{"prompt": f"ticket {i} about billing", "completion": "refund"} for i in range(200)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # "noisy" is paused (its jobs stay queued) and may hold 250 streams: its streams never end.
+    # "noisy" is paused (its jobs stay queued) and may hold 250 streams: its streams never end; the
+    # bench tenant runs as many jobs at once as the server does (4)
     limits = {
-        "default": {"max_queued_jobs": 100000},
+        "default": {"max_queued_jobs": 100000, "max_running_jobs": 4},
         "tenants": {"noisy": {"max_running_jobs": 0, "max_watch_streams": 250}},
     }
     (home / "limits.yaml").write_text(json.dumps(limits))

@@ -32,7 +32,7 @@ from stillroom.actors.common.ladder import (
     with_split,
 )
 from stillroom.actors.common.stages import MEASURED, UPDATE, metric_names
-from stillroom.actors.models.loading import inference_dtype, model_dir
+from stillroom.actors.models.loading import model_dir
 from stillroom.actors.roles.generator import GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import scorer_spec
 from stillroom.actors.runtime.batches import rows_batch
@@ -46,10 +46,10 @@ from stillroom.v1 import job_pb2 as pb
 def candidates(spec: pb.JobSpec, ctx: StageContext) -> dict[str, GeneratorSpec]:
     """The models to compare: what the job started from, and every model its stages produced
     (registered under the names stillroom.actors.common.stages.produced_models gives them)."""
-    dtype = inference_dtype()
-    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, dtype=dtype, seed=spec.seed)}
+    # each generator picks its dtype on its own hardware (bfloat16 where it multiplies it natively)
+    models = {"base_teacher": GeneratorSpec(str(model_dir(spec.teacher)), frozen=True, seed=spec.seed)}
     for name, (path, adapter) in ctx.outputs.get("models", {}).items():
-        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, dtype=dtype, seed=spec.seed)
+        models[name] = GeneratorSpec(path, adapter_path=adapter, frozen=True, seed=spec.seed)
     return models
 
 
