@@ -278,8 +278,12 @@ def test_generation_runs_at_most_max_staleness_versions_ahead(ray_client, tiny_m
 
 
 def test_roles_that_cannot_fit_fail_at_once_with_the_numbers(ray_client):
-    with pytest.raises(RuntimeError, match="need more than the cluster has: 99 CPU wanted, 3 in the cluster"):
+    # one replica bigger than any node (the head has 2 CPUs, the worker 1)
+    with pytest.raises(RuntimeError, match=r"resources\.trainer: one replica asks for \{'CPU': 99\.0\}"):
         RoleGroup("job-big", {"trainer": Placement(1, 99.0)})
+    # replicas that each fit a node but not all together
+    with pytest.raises(RuntimeError, match="need more than the cluster has: 4 CPU wanted, 3 in the cluster"):
+        RoleGroup("job-big", {"trainer": Placement(2, 2.0)})
 
 
 def order_rows_only(batch):
