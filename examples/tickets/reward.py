@@ -1,0 +1,73 @@
+"""The verifier a support team would write for RFT on its unlabelled tickets: no gold label, only
+the handbook. The prompt carries the retrieved policies ("<product> policy: Double charges, wrong
+amounts and damaged deliveries: refunded|not refunded ... Escalation team: <team>.") and the ticket;
+the decision must name the team of the ticket's product's policy, and refund exactly when that
+policy refunds and the ticket is one of the refundable issues it lists.
+
+    policy_followed(prompts, completions) -> [0, 1/3, 2/3, 1 per completion, or None]
+
+A third each for: a JSON object with the four fields and their allowed values, the right team, the
+right refund. None (not judged) when no retrieved policy names the ticket's product.
+Allowed on a server started with `--reward-module examples` (examples/demo.sh does).
+"""
+
+from __future__ import annotations
+
+import re
+
+from stillroom.actors.algo.rewards import parse_json_object
+
+_POLICY = re.compile(
+    r"([A-Z][a-z]+ [a-z]+) policy: Double charges, wrong amounts and damaged deliveries: "
+    r"(not )?refunded"
+)
+_TEAM = re.compile(r"Escalation team: (\w+)")
+# the refundable issues the policies name, as tickets word them
+_REFUNDABLE = ("charged twice", "wrong amount", "arrived damaged")
+ALLOWED = {
+    "category": {"billing", "shipping", "technical", "account"},
+    "priority": {"low", "medium", "high"},
+    "refund": {True, False},
+}
+
+
+def policies(prompt: str) -> dict[str, tuple[bool, str]]:
+    """Product -> (refunds, team) of each policy the prompt carries."""
+    found = {}
+    for m in _POLICY.finditer(prompt):
+        team = _TEAM.search(prompt, m.end())
+        if team:
+            found[m.group(1).lower()] = (m.group(2) is None, team.group(1))
+    return found
+
+
+def expected(prompt: str) -> tuple[bool, str] | None:
+    """(refund, team) the ticket's product's policy asks for, or None when no policy names it."""
+    ticket = prompt.rsplit("Ticket:", 1)[-1].lower()
+    for product, (refunds, team) in policies(prompt).items():
+        if product in ticket:
+            return refunds and any(k in ticket for k in _REFUNDABLE), team
+    return None
+
+
+def well_formed(decision: dict) -> bool:
+    """The four fields, each with an allowed value (team: any word)."""
+    return all(decision.get(k) in v for k, v in ALLOWED.items()) and isinstance(decision.get("team"), str)
+
+
+def policy_followed(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """Per completion, the fraction of (well formed, team right, refund right); None when the
+    prompt's policies do not name the ticket's product."""
+    out: list[float | None] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        want = expected(prompt)
+        decision = parse_json_object(completion)
+        if want is None:
+            out.append(None)
+        elif decision is None:
+            out.append(0.0)
+        else:
+            refund, team = want
+            checks = (well_formed(decision), decision.get("team") == team, decision.get("refund") is refund)
+            out.append(sum(checks) / 3)
+    return out
