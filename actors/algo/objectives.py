@@ -52,7 +52,11 @@ class GrpoObjective:
 
     With an importance sampling mode (off-policy correction for stale samples), t also carries
     proximal_logprobs, the trainer's own before the step's first update: the ratio is clipped
-    against them and each token is weighted by the truncated proximal / generator ratio (TIS)."""
+    against them and each token is weighted by the truncated proximal / generator ratio (TIS).
+    With trainer_old_logprobs (generator and trainer compute in different precisions, e.g. a
+    float32 sampler beside a bfloat16 trainer) the trainer's own log-probs are the old ones, as
+    TRL computes them when it generates without vLLM: the first pass's ratio is then exactly 1,
+    and clipping acts on the policy's moves, not on precision noise."""
 
     loss_type: str = "dapo"
     epsilon: float = 0.2
@@ -63,11 +67,13 @@ class GrpoObjective:
     level: str = "token"  # importance_sampling_level: token, or sequence (GSPO)
     is_mode: str = ""  # "": no correction; token_truncate | token_mask | sequence_truncate | sequence_mask
     is_cap: float = 3.0
+    trainer_old_logprobs: bool = False
 
     @property
     def needs_proximal(self) -> bool:
-        """An importance sampling mode corrects against the trainer's log-probs before the step."""
-        return bool(self.is_mode)
+        """The trainer's log-probs before the step: an importance sampling mode corrects against
+        them, and they are the old log-probs under trainer_old_logprobs."""
+        return bool(self.is_mode) or self.trainer_old_logprobs
 
     def loss(self, logits: torch.Tensor, t: Arrays, reference: Reference = _no_reference, num_items=None):
         logits = tempered(logits, self.temperature)
@@ -78,6 +84,7 @@ class GrpoObjective:
             weights, is_metrics = importance_weights(
                 t["proximal_logprobs"], old, t["loss_mask"], self.is_mode, self.is_cap
             )
+        if "proximal_logprobs" in t:
             old = t["proximal_logprobs"]
         loss, metrics = grpo_loss(
             logprobs,

@@ -205,6 +205,12 @@ def training_dtype(asked: str) -> tuple[str, str]:
     return asked, ""
 
 
+def precision(dtype: str, four_bit: bool = False) -> str:
+    """What a role computes log-probs in, as trainer and generator compare it: its dtype, and
+    "+4bit" for 4-bit weights (a float32 trainer under bfloat16 autocast computes in bfloat16)."""
+    return dtype + ("+4bit" if four_bit else "")
+
+
 def generation_dtype(asked: str, frozen: bool) -> str:
     """A generator's dtype, decided in the generator's own process (the supervisor holds no GPU): as
     asked, else inference_dtype() for a frozen model (it only generates: a teacher, an evaluated

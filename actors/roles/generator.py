@@ -23,6 +23,7 @@ from stillroom.actors.models.loading import (
     encode_prompt,
     generation_dtype,
     load_causal_lm,
+    precision,
     role_device,
     stop_ids,
     use_cores,
@@ -268,6 +269,10 @@ class Generator:
         if top_ids is not None:
             rb = with_columns(rb, compact_topk([(top_ids[i, :n], top_lps[i, :n]) for i, n in enumerate(lengths)]))
         return rb.replace_schema_metadata(batch.schema.metadata)
+
+    def precision(self) -> str:
+        """What this generator computes its log-probs in (loading.precision)."""
+        return precision(self.spec.dtype, self.spec.quantize_4bit)
 
     def weights_dtype(self) -> str:
         """The dtype a sync should ship weights in: that of the parameters it writes (the

@@ -33,6 +33,7 @@ from stillroom.actors.models.loading import (
     DTYPES,
     compute_threads,
     load_causal_lm,
+    precision,
     training_dtype,
     use_cores,
     with_new_adapter,
@@ -235,6 +236,11 @@ class Trainer:
                 self.engine.lr_scheduler.step()
         self.step += 1
         return {"tokens": 0, "step_s": 0.0, "step": self.step}
+
+    def precision(self) -> str:
+        """What this rank computes its log-probs in (loading.precision): bfloat16 under mixed
+        precision, whose weights stay float32."""
+        return precision(self.spec.dtype, self.spec.adapter == "qlora")
 
     def _forward(self, model, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """forward_from_first_loss; under dtype bfloat16 its matmuls run in bfloat16 (autocast, as

@@ -19,12 +19,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.queue import Empty, Queue
+from stillroom.actors.algo.objectives import GrpoObjective
 from stillroom.actors.runtime.batches import BATCH_ID, batch_id, concat, replay_of
 from stillroom.actors.runtime.channels import END, Channel, Seen
 from stillroom.actors.runtime.cluster import RoleGroup
@@ -66,6 +68,7 @@ class TrainLoop:
         """Train on every batch, in order; returns what happened."""
         self._owner = threading.current_thread()
         start = self.start_trainers()
+        self._old_logprobs_source()
         todo = prompt_batches[start:]
         if self.cfg.sync_every:
             self._sync_weights()
@@ -88,6 +91,19 @@ class TrainLoop:
         self.result.duplicates_dropped = self._seen.dropped
         self._warn_skipped(len(todo))
         return self.result
+
+    def _old_logprobs_source(self) -> None:
+        """GRPO's old log-probs: the generator's where it computes in the trainer's precision, else
+        the trainer's own before each step (GrpoObjective.trainer_old_logprobs); the job's
+        policy/trainer_old_logprobs says which (1: the trainer's)."""
+        objective = self.cfg.objective
+        if not isinstance(objective, GrpoObjective) or not self.roles.actors.get("generator"):
+            return
+        trainer = ray.get(self.roles.actors["trainer"][0].precision.remote())
+        generator = ray.get(self.roles.actors["generator"][0].precision.remote())
+        if trainer != generator and not objective.trainer_old_logprobs:
+            self.cfg = replace(self.cfg, objective=replace(objective, trainer_old_logprobs=True))
+        self.on_metrics({"policy/trainer_old_logprobs": float(self.cfg.objective.trainer_old_logprobs)})
 
     def _warn_skipped(self, steps: int) -> None:
         """One warning that says how many steps had nothing to train on (each made no update)."""
