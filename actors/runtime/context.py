@@ -4,7 +4,9 @@ artifacts, start role actors, notice cancellation."""
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from stillroom.actors.common.stages import produced_models
@@ -13,6 +15,18 @@ from stillroom.actors.runtime.eventlog import EventLog
 from stillroom.v1 import job_pb2 as pb
 
 MODEL_ROLES = ("generator", "student", "trainer")  # the roles that run a model: they want a GPU where there is one
+
+
+def with_auto_gpus(placements: dict[str, Placement], gpus: float) -> dict[str, Placement]:
+    """resources.auto_gpus: each model role without num_gpus gets 1 GPU per replica where the
+    cluster's `gpus` cover all of their replicas, else 1/k with k = ceil(replicas / gpus), so all
+    fit at once (3 replicas on 2 GPUs: 1/2 each). Without GPUs, the placements as they are."""
+    wanting = [r for r in MODEL_ROLES if r in placements and not placements[r].num_gpus]
+    replicas = sum(placements[r].replicas for r in wanting)
+    if gpus <= 0 or not replicas:
+        return placements
+    share = 1.0 if gpus >= replicas else 1.0 / math.ceil(replicas / gpus)
+    return {r: replace(p, num_gpus=share) if r in wanting else p for r, p in placements.items()}
 
 
 class Cancelled(Exception):
@@ -56,6 +70,8 @@ class StageContext:
         roles compute at the same time, so each gets its own threads). This supervisor owns it; it
         is closed when the stage ends, however it ends."""
         placements = {r: Placement.of(getattr(resources, r), DEFAULT_CPUS.get(r, 1.0), overlap) for r in roles}
+        if resources.auto_gpus:
+            placements = with_auto_gpus(placements, cluster_capacity().get("GPU", 0.0))
         self._warn_idle_gpus(placements)
         group = RoleGroup(self.job_id, placements)
         self._groups.append(group)
@@ -70,7 +86,7 @@ class StageContext:
             fields = ", ".join(f"resources.{r}.num_gpus" for r in idle)
             self.warn(
                 f"the cluster has {gpus:g} GPU(s), but {fields} unset (0): {', '.join(idle)} run on CPU in stage "
-                f"{self.stage}; give each num_gpus: 1 in the recipe's resources"
+                f"{self.stage}; give each num_gpus: 1 in the recipe's resources, or set resources.auto_gpus"
             )
 
     def close(self) -> None:

@@ -19,6 +19,8 @@ import pytest
 import torch
 from stillroom.actors.models.loading import inference_dtype
 from stillroom.actors.roles.generator import Generator, GeneratorSpec
+from stillroom.actors.runtime.cluster import Placement
+from stillroom.actors.runtime.context import with_auto_gpus
 
 from tests.conftest import BIN, REPO, free_port, stop_cluster
 
@@ -94,6 +96,17 @@ except Exception as e:
 out["seconds_to_fail"] = time.monotonic() - started
 out["named_actors"] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
 ctx.close()
+
+# resources.auto_gpus: the model roles get the cluster's GPUs, the scorer none, and no warning.
+before = len(warnings())
+res = pb.Resources(auto_gpus=True)
+for role in ("generator", "scorer", "trainer"):
+    getattr(res, role).num_cpus = 0.5
+group = ctx.roles(res, ("generator", "scorer", "trainer"))
+out["auto_gpus"] = {r: group._options(r, 0)["num_gpus"] for r in ("generator", "scorer", "trainer")}
+out["auto_bundles"] = sorted(b.get("GPU", 0) for b in ray.util.placement_group_table(group.pg)["bundles"].values())
+out["auto_warnings"] = warnings()[before:]
+ctx.close()
 print(json.dumps(out))
 """
 
@@ -130,6 +143,23 @@ def test_logical_gpus_reach_each_role_and_an_unusable_gpu_fails_at_once(gpu_clus
     assert "CPU-only build" in error
     assert out["seconds_to_fail"] < 60
     assert not any(name.startswith("job-gpu:") for name in out["named_actors"])
+    # resources.auto_gpus: a GPU each for generator and trainer, none for the scorer, no warning
+    assert out["auto_gpus"] == {"generator": 1.0, "scorer": 0.0, "trainer": 1.0}
+    assert out["auto_bundles"] == [0, 1.0, 1.0] and out["auto_warnings"] == []
+
+
+def test_auto_gpus_share_the_cluster_between_the_model_roles():
+    """One GPU per model replica where there are enough, else equal shares that fit at once;
+    a role's own num_gpus is kept; without GPUs nothing changes."""
+    roles = {"generator": Placement(2, 0.5), "scorer": Placement(1, 0.25), "trainer": Placement(1, 1.0)}
+    gpus = lambda placements: {r: p.num_gpus for r, p in placements.items()}  # noqa: E731
+    assert gpus(with_auto_gpus(roles, 4)) == {"generator": 1.0, "scorer": 0.0, "trainer": 1.0}
+    assert gpus(with_auto_gpus(roles, 3)) == {"generator": 1.0, "scorer": 0.0, "trainer": 1.0}
+    assert gpus(with_auto_gpus(roles, 2)) == {"generator": 0.5, "scorer": 0.0, "trainer": 0.5}  # 3 replicas
+    assert gpus(with_auto_gpus(roles, 1)) == {"generator": 1 / 3, "scorer": 0.0, "trainer": 1 / 3}
+    assert with_auto_gpus(roles, 0) == roles
+    pinned = {**roles, "trainer": Placement(1, 1.0, num_gpus=2)}  # asked for: kept, and not counted
+    assert gpus(with_auto_gpus(pinned, 2)) == {"generator": 1.0, "scorer": 0.0, "trainer": 2.0}
 
 
 @no_cuda

@@ -495,18 +495,20 @@ class RoleResources(_message.Message):
     def __init__(self, replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., custom: _Optional[_Mapping[str, float]] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class Resources(_message.Message):
-    __slots__ = ("generator", "scorer", "trainer", "student", "retriever")
+    __slots__ = ("generator", "scorer", "trainer", "student", "retriever", "auto_gpus")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
     TRAINER_FIELD_NUMBER: _ClassVar[int]
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     RETRIEVER_FIELD_NUMBER: _ClassVar[int]
+    AUTO_GPUS_FIELD_NUMBER: _ClassVar[int]
     generator: RoleResources
     scorer: RoleResources
     trainer: RoleResources
     student: RoleResources
     retriever: RoleResources
-    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ..., retriever: _Optional[_Union[RoleResources, _Mapping]] = ...) -> None: ...
+    auto_gpus: bool
+    def __init__(self, generator: _Optional[_Union[RoleResources, _Mapping]] = ..., scorer: _Optional[_Union[RoleResources, _Mapping]] = ..., trainer: _Optional[_Union[RoleResources, _Mapping]] = ..., student: _Optional[_Union[RoleResources, _Mapping]] = ..., retriever: _Optional[_Union[RoleResources, _Mapping]] = ..., auto_gpus: _Optional[bool] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("display_name", "teacher", "student", "data", "stages", "resources", "seed", "max_retries", "timeout_s", "resume_from", "retrieval", "tracking")
