@@ -1,7 +1,9 @@
 """GPU check: the role classes without Ray on one CUDA device, in bfloat16, in one command (a few
 minutes): the bfloat16 and float32 matmul peaks; an SFT step of the Trainer (LoRA, DeepSpeed bf16)
-with its MFU; the Generator's sampling tokens/s; a GRPO step (sample G per prompt, score, train,
-sync the adapter) of stillroom and of TRL's GRPOTrainer on identical work, and their ratio.
+with its MFU; the Generator's sampling tokens/s; its peak memory at a 152k vocabulary against one
+(B, T, V) float32 logits tensor; a GRPO step (sample G per prompt, score, train, sync the adapter)
+of stillroom, each phase's seconds and the sync's bytes, and of TRL's GRPOTrainer on identical
+work, and their ratio.
 
     make gpu-pack                          # here: bench/gpu_pack (wheels, tokenizer, config), ~10 MB
     python3 -m bench.gpu_check [--steps 3] # there, carrying bench/gpu_pack: installs, then runs
@@ -104,17 +106,18 @@ def sft_row(path: str, steps: int, peak: float) -> dict:
 
 
 def grpo_rows(path: str, steps: int, g: int, prompts: int, new_tokens: int) -> list[dict]:
-    """One GRPO step = sample g per prompt, score (digits: a reward with variance), train, sync."""
+    """One GRPO step = sample g per prompt, score (digits: a reward with variance), train, sync;
+    the seconds of each phase, and the bytes a sync moves."""
     import numpy as np
+    import torch
     from stillroom.actors.roles.generator import Generator
     from stillroom.actors.roles.trainer import Trainer, TrainerSpec
-    from stillroom.actors.runtime.batches import rows_batch, with_columns
+    from stillroom.actors.runtime.batches import rows_batch
     from stillroom.actors.stages.grpo import GrpoConfig, prepare, sampler_of
     from stillroom.v1 import job_pb2 as pb
 
     from bench.common import median
     from bench.generation import prompts as bench_prompts
-    from bench.grpo import digits
 
     stage = pb.GrpoStage(group_size=g, prompts_per_step=prompts, max_new_tokens=new_tokens, loss_type="dapo")
     stage.epsilon_high = 0.2  # TRL's: epsilon_high = epsilon
@@ -123,26 +126,58 @@ def grpo_rows(path: str, steps: int, g: int, prompts: int, new_tokens: int) -> l
     spec = replace(spec, micro_batch_size=g * prompts, total_steps=steps + 1)
     trainer, generator = Trainer(spec), Generator(sampler_of(spec, 0))
     rows = [{"prompt": p} for p in bench_prompts(prompts)]
-    times, tokens = [], 0
+    phases: dict[str, list[float]] = {k: [] for k in ("generate", "score", "train", "sync")}
+    tokens, synced = 0, 0
     for step in range(steps + 1):
-        started = time.perf_counter()
-        samples = generator.generate(rows_batch(f"grpo/{step}", rows), cfg.sampling)
-        texts = samples.column("completion").to_pylist()
-        scored = with_columns(samples, {"reward": digits([], texts)})
+        clock = Phases(sync=torch.cuda.is_available())
+        samples = clock("generate", generator.generate, rows_batch(f"grpo/{step}", rows), cfg.sampling)
+        scored = clock("score", scored_by_digits, samples)
         arrays, _ = prepare(scored, cfg)
-        trainer.train_step(arrays, cfg.objective, int(arrays["loss_mask"].sum()))
-        generator.load_weights(trainer.weights(), step + 1)
+        clock("train", trainer.train_step, arrays, cfg.objective, int(arrays["loss_mask"].sum()))
+        # the sync as a job makes it (trainers.sync): rank 0 ships the adapter in the generator's dtype
+        shipped, info = clock("sync", trainer.ship_weights, generator.weights_dtype())
+        clock("sync", generator.load_weights, shipped, step + 1)
         if step:  # the first step warms both up
-            times.append(time.perf_counter() - started)
+            for k, v in clock.seconds.items():
+                phases[k].append(v)
             tokens += int(np.asarray(arrays["loss_mask"]).sum())
-    ours = median(times)
+            synced = info["bytes"]
+    ours = median([sum(parts) for parts in zip(*phases.values(), strict=True)])
     theirs = trl_step(path, steps, g, prompts, new_tokens)
     shape = f"{g}x{prompts}x{new_tokens}"
+    split = {f"{k}_s": median(v) for k, v in phases.items()}
     return [
-        {"row": f"grpo step {shape} stillroom", "seconds": ours, "completions_s": g * prompts / ours},
+        {"row": f"grpo step {shape} stillroom", "seconds": ours, "completions_s": g * prompts / ours, **split},
         {"row": f"grpo step {shape} TRL", "seconds": theirs, "completions_s": g * prompts / theirs},
-        {"row": f"grpo {shape} stillroom / TRL", "ratio": theirs / ours, "gen_tok_s": tokens / sum(times)},
+        {"row": f"grpo {shape} stillroom / TRL", "ratio": theirs / ours, "gen_tok_s": tokens / sum(phases["generate"])},
+        {"row": f"grpo {shape} weight sync (LoRA r=8)", "sync_bytes": synced, "sync_s": split["sync_s"]},
     ]
+
+
+def scored_by_digits(samples):
+    """The samples with the bench's reward (bench.grpo.digits: varies, so groups have signal)."""
+    from stillroom.actors.runtime.batches import with_columns
+
+    from bench.grpo import digits
+
+    return with_columns(samples, {"reward": digits([], samples.column("completion").to_pylist())})
+
+
+class Phases:
+    """Wall seconds per named phase of one step (CUDA synchronised at each end where `sync`)."""
+
+    def __init__(self, sync: bool):
+        self.sync, self.seconds = sync, {}
+
+    def __call__(self, name: str, fn, *args):
+        import torch
+
+        started = time.perf_counter()
+        out = fn(*args)
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        return out
 
 
 def trl_step(path: str, steps: int, g: int, prompts: int, new_tokens: int) -> float:
@@ -206,6 +241,42 @@ def generation_row(path: str) -> dict:
     return {"row": "generation 32 prompts x 8 x 64 (bf16)", "seconds": seconds, "gen_tok_s": tokens / seconds}
 
 
+def generation_memory_row(path: str, work: Path, vocab: int = 151_936, rows: int = 64, new_tokens: int = 512) -> dict:
+    """Peak GPU memory that sampling `rows` x `new_tokens` with the top-8 adds, at Qwen's 152k
+    vocabulary (SmolLM2's architecture with its vocabulary widened, random weights), against one
+    (B, T, V) float32 copy of the logits: what generation kept per step before issue 28."""
+    import torch
+    from stillroom.actors.roles.generator import Generator, GeneratorSpec, SamplingParams
+    from stillroom.actors.runtime.batches import rows_batch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from bench.generation import prompts as bench_prompts
+
+    if not torch.cuda.is_available():
+        return {"row": f"generation memory V={vocab}", "skipped": "needs CUDA"}
+    config = AutoConfig.from_pretrained(path)
+    config.vocab_size = vocab
+    wide = work / f"vocab-{vocab}"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(wide)
+    AutoTokenizer.from_pretrained(path).save_pretrained(wide)
+    gen = Generator(GeneratorSpec(str(wide), frozen=True, dtype="bfloat16"))
+    batch = rows_batch("mem", [{"prompt": p} for p in bench_prompts(rows)])
+    params = SamplingParams(n=1, max_new_tokens=new_tokens, temperature=1.0, topk_logprobs=8)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = gen.generate(batch, params)
+    peak = torch.cuda.max_memory_allocated() - base
+    made = max(len(ids) for ids in out.column("completion_ids").to_pylist())
+    one_copy = rows * made * vocab * 4
+    return {
+        "row": f"generation memory {rows} x {made} tokens, V={vocab}, top-8 (bf16)",
+        "peak_growth_mib": peak / 2**20,
+        "one_btv_float32_mib": one_copy / 2**20,
+        "ratio": peak / one_copy,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
@@ -225,6 +296,7 @@ def main() -> None:
     checks = [
         lambda: [sft_row(path, args.steps, result["peak_bfloat16_tflops"] * 1e12)],
         lambda: [generation_row(path)],
+        lambda: [generation_memory_row(path, work)],
         *(lambda s=s: grpo_rows(path, args.steps, *map(int, s.split("x"))) for s in args.shapes),
     ]
     for check in checks:  # one failing check still leaves the others' rows
