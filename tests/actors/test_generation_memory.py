@@ -68,7 +68,7 @@ def reference(gen: Generator, batch, params: SamplingParams):
     log-softmaxed at T (the sampled tokens') and at 1 (the top-k). Returns (new ids, logp, raw)."""
     prompt_ids = gen.encode_prompts(batch)
     enc = gen.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
-    ids, mask, cache = enc["input_ids"], enc["attention_mask"], gen._shared_prefix(enc, params.n)
+    ids, mask, cache = enc["input_ids"], enc["attention_mask"], gen.engine._shared_prefix(enc, params.n)
     if cache is not None:
         ids, mask = ids.repeat_interleave(params.n, 0), mask.repeat_interleave(params.n, 0)
     with torch.no_grad():

@@ -59,7 +59,7 @@ def test_score_topk_grades_each_row_as_its_own_forward(tiny_model):
     one left-padded forward; each row's log-probs must be what a forward of that row alone gives."""
     teacher = Generator(GeneratorSpec(str(tiny_model), seed=4))
     rows = {"prompt_ids": [[5, 6, 7], [8] * 11, [9, 10]], "completion_ids": [[11, 12, 13, 14], [15], [16, 17]]}
-    batched = teacher._completion_logps(*rows.values())
+    batched = teacher.engine._completion_logps(*rows.values())
     out = teacher.score_topk(make_batch("b000", {"prompt": ["a", "b", "c"], **rows}), 3)
     for p, c, logp, ids in zip(*rows.values(), batched, out.column("topk_ids").to_pylist(), strict=True):
         alone = torch.log_softmax(torch.tensor(teacher.logits(np.array([p + c]))[0]), -1)[len(p) - 1 : -1]
