@@ -23,6 +23,7 @@ from stillroom.services.data_checks import (
     model_path,
 )
 from stillroom.services.distill_checks import check_distill
+from stillroom.services.engine_checks import check_engines, require_installed_engines
 from stillroom.services.errors import InvalidArgument, PermissionDenied
 from stillroom.services.ladder_checks import check_evaluate_stages
 from stillroom.services.prompt_checks import PROMPT_SPLITS, check_prompt_splits
@@ -48,7 +49,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
-    """Check `spec`; return (normalised copy, warnings). Raises InvalidArgument, PermissionDenied."""
+    """Check `spec`; return (normalised copy, warnings). Raises InvalidArgument, PermissionDenied, and
+    FailedPrecondition for a valid spec that this server cannot run (an engine not installed)."""
     out = pb.JobSpec()
     out.CopyFrom(spec)
     v, warnings = Violations(policy), []
@@ -60,6 +62,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     _check_enums(spec, "", v)
     kinds = _check_stages(out, v)
     _check_resources(spec.resources, v)
+    check_engines(out, v)
     check_capacity(out, policy.capacity, v)
     check_limits(out, policy.limits, v)
     _check_required(out, kinds, v)
@@ -70,6 +73,7 @@ def validate(spec: pb.JobSpec, policy: Policy) -> tuple[pb.JobSpec, list[str]]:
     check_distill_against_teacher(out, v)
     if v.items:
         raise InvalidArgument(v.items)
+    require_installed_engines(out)
     return out, warnings
 
 

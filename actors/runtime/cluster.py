@@ -98,6 +98,7 @@ class Placement:
     custom: tuple[tuple[str, float], ...] = ()
     threads: int = 0
     alone_threads: int = 0
+    engine: str = ""  # what a generating role generates with ("": hf; roles/engine.py)
 
     @classmethod
     def of(cls, spec, default_cpus: float = 1.0, overlap: bool = False) -> Placement:
@@ -105,7 +106,8 @@ class Placement:
         time (`overlap`) get num_cpus threads each, rounded up; roles that take turns, every core."""
         cpus = spec.num_cpus or default_cpus
         threads = spec.threads or (max(1, math.ceil(cpus)) if overlap else 0)
-        return cls(spec.replicas or 1, cpus, spec.num_gpus, tuple(sorted(spec.custom.items())), threads, spec.threads)
+        custom = tuple(sorted(spec.custom.items()))
+        return cls(spec.replicas or 1, cpus, spec.num_gpus, custom, threads, spec.threads, spec.engine)
 
     def bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.num_cpus} if self.num_cpus else {}
@@ -258,6 +260,8 @@ class RoleGroup:
         cls = ray.remote(_role_class(role))
         handles = []
         n = self.placements[role].replicas
+        if self.placements[role].engine:  # a generating role (validation allows no other)
+            spec = replace(spec, engine=self.placements[role].engine)
         if role == "trainer":
             addr, port = ray.get(_endpoint.options(scheduling_strategy=self._strategy(role, 0)).remote())
             spec = replace(spec, world_size=n, master_addr=addr, master_port=port)

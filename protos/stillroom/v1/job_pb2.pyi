@@ -474,7 +474,7 @@ class Stage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., audit: _Optional[_Union[AuditStage, _Mapping]] = ..., sft: _Optional[_Union[SftStage, _Mapping]] = ..., grpo: _Optional[_Union[GrpoStage, _Mapping]] = ..., distill: _Optional[_Union[DistillStage, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateStage, _Mapping]] = ..., export: _Optional[_Union[ExportStage, _Mapping]] = ..., index: _Optional[_Union[IndexStage, _Mapping]] = ...) -> None: ...
 
 class RoleResources(_message.Message):
-    __slots__ = ("replicas", "num_cpus", "num_gpus", "custom", "threads")
+    __slots__ = ("replicas", "num_cpus", "num_gpus", "custom", "threads", "engine")
     class CustomEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -487,12 +487,14 @@ class RoleResources(_message.Message):
     NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     replicas: int
     num_cpus: float
     num_gpus: float
     custom: _containers.ScalarMap[str, float]
     threads: int
-    def __init__(self, replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., custom: _Optional[_Mapping[str, float]] = ..., threads: _Optional[int] = ...) -> None: ...
+    engine: str
+    def __init__(self, replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ..., custom: _Optional[_Mapping[str, float]] = ..., threads: _Optional[int] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class Resources(_message.Message):
     __slots__ = ("generator", "scorer", "trainer", "student", "retriever", "auto_gpus")
