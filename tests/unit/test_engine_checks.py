@@ -47,4 +47,3 @@ def test_engine_field_violations(data_root, monkeypatch):
     assert v["resources.student.engine"] == "'tgi' is not one of hf, vllm"
     assert v["resources.trainer.engine"] == "only generator and student generate"
     assert "qlora policy (stages[0].grpo.adapter)" in v["resources.generator.engine"]
-
