@@ -59,6 +59,10 @@ class Engine(Protocol):
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray: ...
 
+    def close(self) -> None:
+        """Release what the engine holds in the process beyond its model (vllm: its process group)."""
+        ...
+
 
 def open_engine(spec, device: str, tokenizer) -> Engine:
     """The engine `spec.engine` names ("" is hf), built for `spec` on `device`."""

@@ -57,6 +57,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     topk_logprobs: int = 0  # record the top-k log-probs per token (for logit KD)
+    min_new_tokens: int = 0  # no stop token before this many (benchmarks: equal work for every engine)
 
 
 def compact_topk(tops: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, pa.Array]:
@@ -189,6 +190,10 @@ class Generator:
 
     def num_parameters(self) -> int:
         return self.engine.num_parameters()
+
+    def close(self) -> None:
+        with self._lock:
+            self.engine.close()
 
     @torch.no_grad()
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

@@ -118,6 +118,7 @@ class HfEngine:
                 top_p=params.top_p,
                 top_k=params.top_k or None,
                 max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.min_new_tokens or None,
                 num_return_sequences=1 if cache is not None else params.n,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.stop_ids,
@@ -191,6 +192,9 @@ class HfEngine:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    def close(self) -> None:
+        """Nothing to stop: the model goes with the role."""
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids (B, T) -> logits (B, T, V) float32."""

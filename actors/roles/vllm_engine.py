@@ -172,6 +172,7 @@ class VllmEngine:
             top_p=params.top_p,
             top_k=params.top_k,
             max_tokens=params.max_new_tokens,
+            min_tokens=params.min_new_tokens,
             stop_token_ids=self.stop_ids,
             logprobs=0 if rescore else k,  # 0: the chosen token's only
             detokenize=False,  # the role decodes with its own tokenizer
@@ -224,3 +225,12 @@ class VllmEngine:
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError("the vllm engine returns log-probs, not logits: use the hf engine")
+
+    def close(self) -> None:
+        """Stop the engine and undo what it set up in this process (its one-rank process group), so
+        another engine (or a trainer's process group) can start here afterwards."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.model.llm_engine.engine_core.shutdown()
+        self.model = None
+        cleanup_dist_env_and_memory()

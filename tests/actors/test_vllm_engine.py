@@ -52,7 +52,9 @@ def tiny_llama(out, tokenizer_dir, seed: int = 0):
 def engines(tmp_path_factory, tiny_tokenizer):
     """(vllm, hf) generators of one LoRA policy (its adapter still zero: the base model's answers)."""
     spec = GeneratorSpec(str(tiny_llama(tmp_path_factory.mktemp("tiny-vllm"), tiny_tokenizer)), dtype="float32", **LORA)
-    return Generator(replace(spec, engine="vllm")), Generator(spec)
+    vllm_gen = Generator(replace(spec, engine="vllm"))
+    yield vllm_gen, Generator(spec)
+    vllm_gen.close()  # its process group too: later tests in this process may start their own
 
 
 def batch():
