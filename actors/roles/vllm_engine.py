@@ -11,8 +11,9 @@ What it gives the role, as the hf engine does:
 - teacher grading (score) from `prompt_logprobs=k` over prompt + completion;
 - the n samples of a prompt from one request (`n`), sharing the prompt's KV (prefix caching);
 - weight syncs: a PEFT adapter is merged into a copy of the base weights it targets (no LoRA
-  kernels: none are fast on CPU), full weights go in as they are, both through the model's
-  `load_weights`; the prefix cache is dropped after each (its KV belongs to the old weights).
+  kernels: none are fast on CPU), full weights go in as they are; either way every weight goes
+  through vLLM's in-place reload (`reload_weights`, which repacks what its CPU kernels compute
+  from), and the prefix cache is dropped (its KV belongs to the old weights).
 
 Not done here: QLoRA (4-bit nf4) policies (use the hf engine); logits() (vLLM gives log-probs);
 on a GPU beside a trainer the engine takes STILLROOM_VLLM_GPU_MEMORY (default 0.4) of its memory,
@@ -26,7 +27,7 @@ import math
 import os
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when the engine starts
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: read when an engine starts
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,8 +55,9 @@ def topk_of(positions, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class BaseWeights:
-    """The model directory's safetensors by transformers' names: their names and sizes, and the
-    tensors an adapter merge starts from (read on first use, then kept; a full sync replaces them)."""
+    """The model's weights by transformers' names, as the next reload should have them: the model
+    directory's safetensors (read when needed: they are memory-mapped), replaced by what full syncs
+    sent; the tensors adapter merges start from are kept once read."""
 
     def __init__(self, model_dir: str):
         self.files: dict[str, Path] = {}
@@ -76,6 +78,16 @@ class BaseWeights:
             with safe_open(str(self.files[name]), "pt") as f:
                 self.kept[name] = f.get_tensor(name)
         return self.kept[name]
+
+    def items(self, changed: dict[str, torch.Tensor]):
+        """Every weight, file by file, `changed` ones replaced."""
+        for file in sorted(set(self.files.values())):
+            with safe_open(str(file), "pt") as f:
+                for name in f.keys():
+                    if name in changed or name in self.kept:
+                        yield name, changed.get(name, self.kept.get(name))
+                    else:
+                        yield name, f.get_tensor(name)
 
 
 def adapter_scale(adapter_dir: str) -> float:
@@ -206,15 +218,21 @@ class VllmEngine:
         if any(".lora_" in name for name in tensors):
             if self.scale is None:
                 raise ValueError("an adapter sync into a generator with no adapter (lora_r 0, no adapter_path)")
-            tensors = merged(self.base, tensors, self.scale)
+            changed = merged(self.base, tensors, self.scale)
         else:
             unknown = set(tensors) - set(self.base.files)
             if unknown:
                 raise ValueError(f"weights the generator does not have: {sorted(unknown)[:3]}")
             self.base.kept.update({name: t.detach().cpu().clone() for name, t in tensors.items()})
-        items = list(tensors.items())
-        self.model.apply_model(lambda model: model.load_weights(items))
-        self.model.reset_prefix_cache()  # cached KV was computed with the old weights
+            changed = {}
+        self._reload(self.base.items(changed))
+
+    def _reload(self, weights) -> None:
+        """Every weight, through vLLM's in-place reload: on CPU a linear layer computes from a packed
+        copy of its weight (model.load_weights alone would not reach it), and fused layers (qkv,
+        gate_up) are repacked whole. The prefix cache goes: its KV belongs to the old weights."""
+        self.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.model.reset_prefix_cache()
 
     def weights_dtype(self) -> str:
         """Adapters ship in float32 (merged here in float32); full weights in the engine's dtype."""
