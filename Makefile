@@ -40,7 +40,7 @@ test: $(STAMP)
 
 # the vllm engine's tests (make test runs them too, wherever vLLM is importable) and its submit checks
 test-vllm: $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q -ra tests/actors/test_vllm_engine.py tests/unit/test_engine_checks.py
+	$(BIN)/python -m pytest -q -ra tests/unit/test_engine_checks.py tests/actors/test_vllm_engine.py tests/service/test_vllm_stages.py
 
 # the survival cases that repeat one `make test` already covers (on-policy trainer death, resume_from)
 test-long: $(STAMP)
