@@ -148,11 +148,12 @@ class HfEngine:
     def score(self, prompts: list[list[int]], completions: list[list[int]], k: int):
         """Teacher-forced top-k (ids, log-probs), each (T_i, k) at temperature 1, per row's completion;
         one chunk's (rows, T, V) log-probs at a time."""
-        return [
+        tops = [
             torch.topk(logp, k, dim=-1)
             for lo in range(0, len(prompts), SCORE_ROWS)
             for logp in self._completion_logps(prompts[lo : lo + SCORE_ROWS], completions[lo : lo + SCORE_ROWS])
         ]
+        return [(top.indices, top.values) for top in tops]
 
     def _completion_logps(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor]:
         """One left-padded forward over prompt + completion rows -> per row a (T_i, V) float32

@@ -122,6 +122,15 @@ def merged(base: BaseWeights, adapter: dict[str, torch.Tensor], scale: float) ->
     return out
 
 
+def repack_tied_head(model) -> None:
+    """An output layer tied to the embedding loads no weight of its own in a reload, so on CPU it
+    would go on computing from the packed copy of the old embedding it made at start (measured: a
+    full sync of a tied tiny Llama left vLLM's answers those of the old weights): pack it again."""
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", 0):
+        head.quant_method.process_weights_after_loading(head)
+
+
 def _generation_config(model_dir: str):
     try:
         return GenerationConfig.from_pretrained(model_dir)
@@ -232,7 +241,9 @@ class VllmEngine:
         copy of its weight (model.load_weights alone would not reach it), and fused layers (qkv,
         gate_up) are repacked whole. The prefix cache goes: its KV belongs to the old weights."""
         self.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.model.reset_prefix_cache()
+        self.model.apply_model(repack_tied_head)
+        if not self.model.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache after a weight reload")
 
     def weights_dtype(self) -> str:
         """Adapters ship in float32 (merged here in float32); full weights in the engine's dtype."""

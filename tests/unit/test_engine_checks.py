@@ -11,7 +11,7 @@ from stillroom.services.validation import Policy, validate
 from tests.unit.test_validation import llama_teacher
 
 
-def grpo_doc(root, resources: dict, adapter: str = "lora") -> dict:
+def grpo_doc(root, resources: dict, adapter: str = "ADAPTER_TYPE_LORA") -> dict:
     return {
         "teacher": {"path": llama_teacher(root)},
         "data": {"train": {"path": "train.jsonl"}},
@@ -39,7 +39,8 @@ def test_vllm_installed_is_accepted_for_generator_and_student(data_root, monkeyp
 
 def test_engine_field_violations(data_root, monkeypatch):
     monkeypatch.setattr(engine_checks, "vllm_available", lambda: True)
-    doc = grpo_doc(data_root, {"generator": {"engine": "vllm"}, "trainer": {"engine": "vllm"}}, adapter="qlora")
+    engines = {"generator": {"engine": "vllm"}, "trainer": {"engine": "vllm"}}
+    doc = grpo_doc(data_root, engines, adapter="ADAPTER_TYPE_QLORA")
     doc["resources"]["student"] = {"engine": "tgi"}
     with pytest.raises(InvalidArgument) as e:
         validate(parse(doc), Policy((data_root,)))
