@@ -176,11 +176,17 @@ class VllmEngine:
         if spec.lora_r and not spec.adapter_path:
             self.scale = spec.lora_alpha / spec.lora_r
         self.model = open_llm(spec, device)
+        self.threads = torch.get_num_threads()  # the role's (loading.use_cores), for every call
         self.stop_ids = stop_ids(tokenizer, _generation_config(spec.model_path))
         if spec.adapter_path:
             self.install(read_adapter(spec.adapter_path))
 
     def _requests(self, prompts: list[list[int]]) -> list[TokensPrompt]:
+        """The prompts as vLLM requests, and this thread set to compute as the engine was set up:
+        a Ray actor serves calls from a pool of threads, each with its own OpenMP thread count
+        (OMP_NUM_THREADS from num_cpus), and vLLM's CPU attention fails when the count it planned
+        with is not the one it runs with (measured: "thread_num == thread_num (1 vs. 2)")."""
+        torch.set_num_threads(self.threads)
         return [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
 
     def sample(self, prompt_ids: list[list[int]], params) -> Sampled:
@@ -240,6 +246,7 @@ class VllmEngine:
         """Every weight, through vLLM's in-place reload: on CPU a linear layer computes from a packed
         copy of its weight (model.load_weights alone would not reach it), and fused layers (qkv,
         gate_up) are repacked whole. The prefix cache goes: its KV belongs to the old weights."""
+        torch.set_num_threads(self.threads)
         self.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.model.apply_model(repack_tied_head)
         if not self.model.reset_prefix_cache():
