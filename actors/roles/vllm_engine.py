@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: read when an engine starts
@@ -138,6 +139,34 @@ def _generation_config(model_dir: str):
         return None
 
 
+def rebind_kernels_safely(overrides) -> None:
+    """vLLM's triton_utils.dispatcher._rebind_kernels, skipping what it cannot read. It scans every
+    module's namespace and reads vars(value).get("kernel"), which raises on objects whose __dict__
+    is not a dict (llvmlite's _lib_fn_wrapper, once something imported numba: every vllm test
+    errored in one pytest run with the rest of the suite)."""
+    originals = dict(overrides)
+
+    def lookup(value):
+        return next((wrapper for original, wrapper in originals.items() if value is original), None)
+
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        for attr, value in list(namespace.items()) if isinstance(namespace, dict) else ():
+            wrapper = lookup(value)
+            if wrapper is not None:
+                setattr(module, attr, wrapper)
+                continue
+            try:
+                inner = vars(value).get("kernel") if hasattr(value, "__dict__") else None
+            except (AttributeError, TypeError):
+                continue
+            wrapper = lookup(inner)
+            if wrapper is not None:
+                value.kernel = wrapper
+                if not isinstance(value, type):
+                    value.__dict__.pop("_kernel_arg_names", None)
+
+
 def open_llm(spec, device: str) -> LLM:
     """An in-process vLLM engine for `spec`'s model, in its dtype, log-probs at the sampling
     temperature. vLLM's CPU worker replaces torch.set_num_threads with a no-op for the process
@@ -155,6 +184,9 @@ def open_llm(spec, device: str) -> LLM:
         kwargs["kv_cache_memory_bytes"] = int(float(os.environ.get("STILLROOM_VLLM_KV_GIB", "1")) * 2**30)
     else:
         kwargs["gpu_memory_utilization"] = float(os.environ.get("STILLROOM_VLLM_GPU_MEMORY", "0.4"))
+    from vllm.triton_utils import dispatcher
+
+    dispatcher._rebind_kernels = rebind_kernels_safely
     set_threads = torch.set_num_threads
     try:
         return LLM(**kwargs)
@@ -175,6 +207,8 @@ class VllmEngine:
         self.scale = adapter_scale(spec.adapter_path) if spec.adapter_path else None
         if spec.lora_r and not spec.adapter_path:
             self.scale = spec.lora_alpha / spec.lora_r
+        # vLLM joins a process group that exists (a trainer's, in one test process) or makes its own
+        self.owns_group = not torch.distributed.is_initialized()
         self.model = open_llm(spec, device)
         self.threads = torch.get_num_threads()  # the role's (loading.use_cores), for every call
         self.stop_ids = stop_ids(tokenizer, _generation_config(spec.model_path))
@@ -263,10 +297,11 @@ class VllmEngine:
         raise NotImplementedError("the vllm engine returns log-probs, not logits: use the hf engine")
 
     def close(self) -> None:
-        """Stop the engine and undo what it set up in this process (its one-rank process group), so
-        another engine (or a trainer's process group) can start here afterwards."""
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        """Stop the engine and undo what it set up in this process: its groups, and the process group
+        itself where it made it (one that was there before, a trainer's, stays), so another engine or
+        a trainer can start here afterwards."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory, destroy_model_parallel
 
         self.model.llm_engine.engine_core.shutdown()
         self.model = None
-        cleanup_dist_env_and_memory()
+        cleanup_dist_env_and_memory() if self.owns_group else destroy_model_parallel()
