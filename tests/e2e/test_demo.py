@@ -78,8 +78,9 @@ def test_quick_demo_job_end_to_end(start_server, tmp_path, monkeypatch):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == a.sha256, a.name
         _loads(path, a.kind)
     names = {a.name for a in artifacts}
-    assert {"report/report.md", "report/plots/sft.png", "report/plots/grpo.png", "report/plots/distill.png"} <= names
-    assert "index/info.json" in names and "grpo/adapter/adapter_config.json" in names
+    assert {"report/report.md", "report/plots/sft.png", "report/plots/distill.png", "index/info.json"} <= names
+    # the grpo stage's adapter (its one quick step may have no group with signal: then no plot)
+    assert "grpo/adapter/adapter_config.json" in names
     assert any(n.startswith("tensorboard/distill/events.out.tfevents") for n in names)
 
     from transformers import AutoModelForCausalLM

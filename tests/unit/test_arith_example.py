@@ -61,3 +61,17 @@ def test_recipe_validates_with_the_examples_reward_module(tmp_path):
     assert checked.stages[0].grpo.rewards[0].name == "examples.arith.reward:correct"
     with pytest.raises(PermissionDenied, match=r"stages\[0\].grpo.rewards\[0\].name: reward module 'examples.arith"):
         validate(spec, Policy((tmp_path,)))  # a server without --reward-module examples refuses it
+
+
+def test_the_distill_variant_validates_and_keeps_the_stage_defaults(tmp_path):
+    """examples/arith_distill.yaml: the GRPO teacher, a distill stage that sets only the student's
+    size and the answer length (everything else at its defaults), and the three rungs."""
+    for name in ("arith_grpo.yaml", "arith_distill.yaml"):
+        shutil.copy(ROOT / "examples" / name, tmp_path / name)
+    generate.main(["--out", str(tmp_path / "examples" / "arith" / "data")])
+    spec, _ = load(tmp_path / "arith_distill.yaml")
+    checked, _ = validate(spec, Policy((tmp_path,), reward_modules=("examples",)))
+    assert [s.WhichOneof("kind") for s in checked.stages] == ["grpo", "distill", "evaluate"]
+    distill = checked.stages[1].distill
+    assert not distill.HasField("optim") and not distill.HasField("until") and distill.top_k == 0
+    assert list(checked.stages[2].evaluate.rungs) == ["base_teacher", "teacher_grpo", "student"]
