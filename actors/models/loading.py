@@ -228,6 +228,18 @@ def given_gpus() -> list[str]:
     return [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
 
 
+def gpu_share(assigned: dict[str, float] | None = None) -> float:
+    """The fraction of one GPU this process may fill: its num_gpus where Ray gave it part of one
+    (0.5 beside a trainer on the same GPU), else 1.0 (whole GPUs, or outside Ray). `assigned`:
+    Ray's assigned resources, read from the running actor when not given."""
+    if assigned is None:
+        import ray
+
+        assigned = ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+    gpus = assigned.get("GPU", 0.0)
+    return min(gpus, 1.0) if gpus else 1.0
+
+
 def gpu_problem() -> str:
     """Why torch cannot use the GPUs this process was given; "" when it can, or none were given."""
     if not given_gpus() or torch.cuda.is_available():

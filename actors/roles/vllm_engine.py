@@ -15,9 +15,10 @@ What it gives the role, as the hf engine does:
   through vLLM's in-place reload (`reload_weights`, which repacks what its CPU kernels compute
   from), and the prefix cache is dropped (its KV belongs to the old weights).
 
-Not done here: QLoRA (4-bit nf4) policies (use the hf engine); logits() (vLLM gives log-probs);
-on a GPU beside a trainer the engine takes STILLROOM_VLLM_GPU_MEMORY (default 0.4) of its memory,
-and has not been run on one yet. On CPU its KV cache is STILLROOM_VLLM_KV_GIB GiB (default 1).
+On a GPU the engine fills 0.9 of the role's share of it (num_gpus 0.5 beside a trainer: 0.45;
+STILLROOM_VLLM_GPU_MEMORY overrides); it has not run on one yet. On CPU its KV cache is
+STILLROOM_VLLM_KV_GIB GiB (default 1). Not done here: QLoRA (4-bit nf4) policies (use the hf
+engine); logits() (vLLM gives log-probs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: read when
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from stillroom.actors.models.loading import stop_ids  # noqa: E402
+from stillroom.actors.models.loading import gpu_share, stop_ids  # noqa: E402
 from stillroom.actors.roles.engine import Sampled  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 from vllm import LLM  # noqa: E402
@@ -183,7 +184,8 @@ def open_llm(spec, device: str) -> LLM:
     if device == "cpu":
         kwargs["kv_cache_memory_bytes"] = int(float(os.environ.get("STILLROOM_VLLM_KV_GIB", "1")) * 2**30)
     else:
-        kwargs["gpu_memory_utilization"] = float(os.environ.get("STILLROOM_VLLM_GPU_MEMORY", "0.4"))
+        # its share of the GPU (a trainer on the same GPU keeps the rest), less vLLM's own headroom
+        kwargs["gpu_memory_utilization"] = float(os.environ.get("STILLROOM_VLLM_GPU_MEMORY", 0.9 * gpu_share()))
     from vllm.triton_utils import dispatcher
 
     dispatcher._rebind_kernels = rebind_kernels_safely

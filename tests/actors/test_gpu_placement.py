@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stillroom.actors.models.loading import inference_dtype
+from stillroom.actors.models.loading import gpu_share, inference_dtype
 from stillroom.actors.roles.generator import Generator, GeneratorSpec
 from stillroom.actors.runtime.cluster import Placement
 from stillroom.actors.runtime.context import with_auto_gpus
@@ -160,6 +160,9 @@ def test_auto_gpus_share_the_cluster_between_the_model_roles():
     assert with_auto_gpus(roles, 0) == roles
     pinned = {**roles, "trainer": Placement(1, 1.0, num_gpus=2)}  # asked for: kept, and not counted
     assert gpus(with_auto_gpus(pinned, 2)) == {"generator": 1.0, "scorer": 0.0, "trainer": 2.0}
+    # what a vllm generator may fill of its GPU: its share, the trainer beside it keeps the rest
+    assert [gpu_share({"GPU": g}) for g in (1 / 3, 0.5, 1.0, 2.0)] == [1 / 3, 0.5, 1.0, 1.0]
+    assert gpu_share({"CPU": 1.0}) == gpu_share() == 1.0  # no GPU, or outside Ray: the whole device
 
 
 @no_cuda
