@@ -71,3 +71,54 @@ def policy_followed(prompts: list[str], completions: list[str], **columns) -> li
             checks = (well_formed(decision), decision.get("team") == team, decision.get("refund") is refund)
             out.append(sum(checks) / 3)
     return out
+
+
+# The team's triage guide, as a reviewer applies it to the ticket's own words (no label needed):
+# what each kind of request is filed under, and how urgent it is.
+TRIAGE = {  # phrase in the ticket -> (category, the priority the request itself carries)
+    "charged twice": ("billing", "high"),
+    "wrong amount": ("billing", "medium"),
+    "copy of the receipt": ("billing", "low"),
+    "card was declined": ("billing", "medium"),
+    "has not arrived": ("shipping", "medium"),
+    "arrived damaged": ("shipping", "medium"),
+    "delivery address": ("shipping", "medium"),
+    "stopped working": ("technical", "medium"),
+    "keeps disconnecting": ("technical", "medium"),
+    "update the firmware": ("technical", "low"),
+    "cannot log in": ("account", "high"),
+    "delete the account": ("account", "medium"),
+    "change the email": ("account", "low"),
+}
+URGENT = ("urgent", "fixed today", "team is blocked", "asap", "enterprise plan")  # always high
+CALM = ("no rush", "whenever you have time", "quick question")  # low, unless urgent or a high request
+
+
+def triage(prompt: str) -> tuple[str, str] | None:
+    """(category, priority) the triage guide gives the prompt's ticket; None for a request it does
+    not list."""
+    ticket = prompt.rsplit("Ticket:", 1)[-1].lower()
+    found = next((v for phrase, v in TRIAGE.items() if phrase in ticket), None)
+    if found is None:
+        return None
+    category, priority = found
+    if any(w in ticket for w in URGENT):
+        priority = "high"
+    elif priority != "high" and any(w in ticket for w in CALM):
+        priority = "low"
+    return category, priority
+
+
+def triage_followed(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """Per completion, half for the category and half for the priority the triage guide gives the
+    ticket; 0 when the answer is no JSON object; None when the guide does not list the request."""
+    out: list[float | None] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        want, decision = triage(prompt), parse_json_object(completion)
+        if want is None:
+            out.append(None)
+        elif decision is None:
+            out.append(0.0)
+        else:
+            out.append(((decision.get("category") == want[0]) + (decision.get("priority") == want[1])) / 2)
+    return out

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 from stillroom.actors.common.retrieval import Document, Settings, place
+from stillroom.services.recipes import load
+from stillroom.services.validation import validate
+from stillroom.services.violations import Policy
 
 from examples.tickets import generate
-from examples.tickets.reward import policy_followed
+from examples.tickets.reward import policy_followed, triage_followed
 
 SETTINGS = Settings(top_k=2, template="Product policies:\n{passages}\n\n{prompt}", passage_template="{title}: {text}")
 
@@ -64,3 +69,38 @@ def test_a_ticket_whose_policy_was_not_retrieved_is_not_judged():
     others = [d for d in splits["handbook"] if d["id"] != row["policy_id"]][:2]
     prompt = place(SETTINGS, row["prompt"], [Document(d["id"], d["text"], d["title"]) for d in others])
     assert policy_followed([prompt], [row["completion"]]) == [None]
+
+
+def test_the_triage_guide_agrees_with_every_gold_label_and_halves_per_wrong_field():
+    """examples/tickets/reward.py:triage_followed judges category and priority from the ticket's words
+    alone: every gold answer of the labelled splits scores 1.0, each wrong field costs a half."""
+    splits = generate.generate(seed=0)
+    rows = splits["train"] + splits["test"] + splits["test_updated"]
+    prompts = prompts_with_policies(rows, splits["handbook"])
+    assert triage_followed(prompts, [r["completion"] for r in rows]) == [1.0] * len(rows)
+    gold = json.loads(rows[0]["completion"])
+    category = next(c for c in generate.ISSUES if c != gold["category"])
+    priority = next(p for p in ("low", "medium", "high") if p != gold["priority"])
+    answers = [
+        gold | {"category": category},
+        gold | {"priority": priority},
+        gold | {"category": category, "priority": priority},
+    ]
+    completions = [json.dumps(a) for a in answers] + ["high priority billing"]
+    assert triage_followed([prompts[0]] * 4, completions) == [0.5, 0.5, 0.0, 0.0]
+    assert triage_followed(["Ticket: hello, my dog ate my homework"], [rows[0]["completion"]]) == [None]
+
+
+def test_the_main_job_rewards_its_grpo_stage_with_both_verifiers(tmp_path):
+    """examples/tickets_pipeline.yaml (and the quick job that extends it) validate where demo.sh
+    serves them, their grpo stage on the unlabelled tickets with both verifiers."""
+    root = Path(__file__).resolve().parents[2]
+    for name in ("tickets_pipeline.yaml", "tickets_quick.yaml"):
+        shutil.copy(root / "examples" / name, tmp_path / name)
+    generate.main(["--out", str(tmp_path / "examples" / "tickets" / "data")])
+    for name in ("tickets_pipeline.yaml", "tickets_quick.yaml"):
+        spec, _ = load(tmp_path / name)
+        checked, _ = validate(spec, Policy((tmp_path,), reward_modules=("examples",)))
+        grpo = next(s.grpo for s in checked.stages if s.WhichOneof("kind") == "grpo")
+        assert grpo.prompts == "unlabeled"
+        assert [r.name.rsplit(":", 1)[1] for r in grpo.rewards] == ["policy_followed", "triage_followed"]
