@@ -162,7 +162,7 @@ def test_auto_gpus_share_the_cluster_between_the_model_roles():
     assert gpus(with_auto_gpus(pinned, 2)) == {"generator": 1.0, "scorer": 0.0, "trainer": 2.0}
     # what a vllm generator may fill of its GPU: its share, the trainer beside it keeps the rest
     assert [gpu_share({"GPU": g}) for g in (1 / 3, 0.5, 1.0, 2.0)] == [1 / 3, 0.5, 1.0, 1.0]
-    assert gpu_share({"CPU": 1.0}) == gpu_share() == 1.0  # no GPU, or outside Ray: the whole device
+    assert gpu_share({"CPU": 1.0}) == gpu_share({}) == 1.0  # no GPU, or outside Ray: the whole device
 
 
 @no_cuda
