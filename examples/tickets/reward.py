@@ -43,7 +43,7 @@ def policies(prompt: str) -> dict[str, tuple[bool, str]]:
 
 def expected(prompt: str) -> tuple[bool, str] | None:
     """(refund, team) the ticket's product's policy asks for, or None when no policy names it."""
-    ticket = prompt.rsplit("Ticket:", 1)[-1].lower()
+    ticket = ticket_of(prompt)
     for product, (refunds, team) in policies(prompt).items():
         if product in ticket:
             return refunds and any(k in ticket for k in _REFUNDABLE), team
@@ -55,22 +55,36 @@ def well_formed(decision: dict) -> bool:
     return all(decision.get(k) in v for k, v in ALLOWED.items()) and isinstance(decision.get("team"), str)
 
 
-def policy_followed(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
-    """Per completion, the fraction of (well formed, team right, refund right); None when the
-    prompt's policies do not name the ticket's product."""
+def judged(prompts: list[str], completions: list[str], want_of, checks) -> list[float | None]:
+    """What both verifiers share: per completion, the fraction of checks(decision, want) that hold;
+    0 when the answer is no JSON object; None when want_of(prompt) is None (not judged)."""
     out: list[float | None] = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        want = expected(prompt)
-        decision = parse_json_object(completion)
+        want, decision = want_of(prompt), parse_json_object(completion)
         if want is None:
             out.append(None)
         elif decision is None:
             out.append(0.0)
         else:
-            refund, team = want
-            checks = (well_formed(decision), decision.get("team") == team, decision.get("refund") is refund)
-            out.append(sum(checks) / 3)
+            results = checks(decision, want)
+            out.append(sum(results) / len(results))
     return out
+
+
+def ticket_of(prompt: str) -> str:
+    """The ticket's own words (after the last "Ticket:"), lower-cased."""
+    return prompt.rsplit("Ticket:", 1)[-1].lower()
+
+
+def policy_followed(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """Per completion, the fraction of (well formed, team right, refund right); None when the
+    prompt's policies do not name the ticket's product."""
+
+    def checks(decision: dict, want: tuple[bool, str]) -> tuple[bool, ...]:
+        refund, team = want
+        return well_formed(decision), decision.get("team") == team, decision.get("refund") is refund
+
+    return judged(prompts, completions, expected, checks)
 
 
 # The team's triage guide, as a reviewer applies it to the ticket's own words (no label needed):
@@ -97,7 +111,7 @@ CALM = ("no rush", "whenever you have time", "quick question")  # low, unless ur
 def triage(prompt: str) -> tuple[str, str] | None:
     """(category, priority) the triage guide gives the prompt's ticket; None for a request it does
     not list."""
-    ticket = prompt.rsplit("Ticket:", 1)[-1].lower()
+    ticket = ticket_of(prompt)
     found = next((v for phrase, v in TRIAGE.items() if phrase in ticket), None)
     if found is None:
         return None
@@ -112,13 +126,8 @@ def triage(prompt: str) -> tuple[str, str] | None:
 def triage_followed(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
     """Per completion, half for the category and half for the priority the triage guide gives the
     ticket; 0 when the answer is no JSON object; None when the guide does not list the request."""
-    out: list[float | None] = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        want, decision = triage(prompt), parse_json_object(completion)
-        if want is None:
-            out.append(None)
-        elif decision is None:
-            out.append(0.0)
-        else:
-            out.append(((decision.get("category") == want[0]) + (decision.get("priority") == want[1])) / 2)
-    return out
+
+    def checks(decision: dict, want: tuple[str, str]) -> tuple[bool, ...]:
+        return decision.get("category") == want[0], decision.get("priority") == want[1]
+
+    return judged(prompts, completions, triage, checks)
