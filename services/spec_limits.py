@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from stillroom.actors.common.distill_sampling import teacher_sampling
 from stillroom.services.limits import TenantLimits
 from stillroom.services.violations import Violations
 from stillroom.v1 import job_pb2 as pb
@@ -18,7 +19,7 @@ from stillroom.v1 import job_pb2 as pb
 # The stages' defaults for a field left at 0 (actors/stages/grpo.py GrpoConfig.of,
 # distill.py DistillConfig.of, evaluate.py): a ceiling applies to what will run.
 GRPO_DEFAULTS = {"group_size": 4, "prompts_per_step": 4, "max_steps": 20}
-DISTILL_DEFAULTS = {"num_samples": 4, "prompts_per_step": 8}
+DISTILL_PROMPTS_PER_STEP = 8  # num_samples: teacher_sampling (one greedy answer unless asked for more)
 MAX_NEW_TOKENS_DEFAULT = 64  # grpo, distill and evaluate alike
 
 # Bounds of counts no tenant limit covers. Each is far above what a real job sets (generous on
@@ -74,7 +75,8 @@ def check_limits(spec: pb.JobSpec, limits: TenantLimits, v: Violations) -> None:
         if kind == "grpo":
             _check_rollouts(s, "group_size", GRPO_DEFAULTS, p, limits, v)
         elif kind == "distill":
-            _check_rollouts(s, "num_samples", DISTILL_DEFAULTS, p, limits, v)
+            defaults = {"num_samples": teacher_sampling(s)[0], "prompts_per_step": DISTILL_PROMPTS_PER_STEP}
+            _check_rollouts(s, "num_samples", defaults, p, limits, v)
             _over(s.samples_per_step, limits.max_rollouts_per_step, "max_rollouts_per_step", f"{p}.samples_per_step", v)
             _over(s.until.max_steps, limits.max_steps, "max_steps", f"{p}.until.max_steps", v)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
+from stillroom.actors.common.distill_sampling import teacher_sampling
 from stillroom.actors.common.rewards import BUILTIN_NAMES, imported_problem, module_allowed
 from stillroom.actors.common.stages import AVAILABLE
 from stillroom.services.capacity import check_capacity
@@ -326,8 +327,8 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
         v.number(getattr(s, name), f"{p}.{name}", lo=0, hi=1)
     v.number(s.temperature, f"{p}.temperature", lo=0, lo_open=True)
     v.number(s.sampling_temperature, f"{p}.sampling_temperature", lo=0)
-    greedy = s.HasField("sampling_temperature") and s.sampling_temperature == 0
-    v.check(not greedy or s.num_samples == 1, f"{p}.num_samples", "greedy answers are all alike: set 1")
+    n, temperature = teacher_sampling(s)
+    v.check(temperature > 0 or n == 1, f"{p}.num_samples", f"{n} greedy answers are all alike: set 1")
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     _rewards(s.rewards, f"{p}.rewards", v)
     _optim(s.optim, f"{p}.optim", v, {"batch_size": "each step is prompts_per_step prompts x num_samples"})

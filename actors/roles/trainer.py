@@ -374,9 +374,10 @@ class Trainer:
         dist.barrier()
         return str(root / tag)
 
-    def resume(self) -> int:
-        """Load the newest complete checkpoint, if any; return its data cursor (0 when none)."""
-        tag = latest_complete(self.spec.checkpoint_dir)
+    def resume(self, cursor: int | None = None) -> int:
+        """Load the newest complete checkpoint (or the one saved at data cursor `cursor`), if any;
+        return its data cursor (0 when none)."""
+        tag = latest_complete(self.spec.checkpoint_dir, cursor)
         if tag is None:
             return 0
         root = Path(self.spec.checkpoint_dir)
@@ -389,8 +390,11 @@ class Trainer:
         return state["cursor"]
 
 
-def latest_complete(checkpoint_dir: str) -> str | None:
-    """The newest step-N directory with a COMPLETE marker; half-written ones are ignored."""
+def latest_complete(checkpoint_dir: str, cursor: int | None = None) -> str | None:
+    """The newest step-N directory with a COMPLETE marker (with `cursor`: the newest saved at that
+    data cursor); half-written ones are ignored."""
     root = Path(checkpoint_dir)
-    tags = sorted(p.name for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.exists() else []
-    return tags[-1] if tags else None
+    done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.exists() else []
+    if cursor is not None:
+        done = [p for p in done if json.loads((p / COMPLETE).read_text())["cursor"] == cursor]
+    return done[-1].name if done else None

@@ -93,9 +93,10 @@ def _answers(refs: list) -> list:
     return out
 
 
-def resume(trainers: Group) -> int:
-    """Every rank loads the newest complete checkpoint; the data cursor to continue from (0: none)."""
-    return ray.get([t.resume.remote() for t in trainers])[0]
+def resume(trainers: Group, cursor: int | None = None) -> int:
+    """Every rank loads the newest complete checkpoint (or the one saved at data cursor `cursor`);
+    the data cursor to continue from (0: none)."""
+    return ray.get([t.resume.remote(cursor) for t in trainers])[0]
 
 
 def save_checkpoint(trainers: Group, cursor: int) -> None:

@@ -30,7 +30,7 @@ from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import TrainLoop
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
-from stillroom.actors.runtime.trainers import eval_sums, save_checkpoint, weights
+from stillroom.actors.runtime.trainers import eval_sums, resume, save_checkpoint, weights
 from stillroom.actors.stages.distill_samples import DistillConfig, prepare, without_passages
 from stillroom.actors.stages.distill_until import BUDGET, KL, STEPS, Until, stop_message, train_until
 from stillroom.actors.stages.index import prompt_rows, retrieved
@@ -91,7 +91,8 @@ def run(params: pb.DistillStage, spec: pb.JobSpec, ctx: StageContext) -> None:
     if probe is not None:
         ctx.metrics({"eval/kl_before": held_out_kl(loop.trainers, probe)})
     chunks = Chunks(loop, new_loop, batches, cfg, ctx, spec.seed, every, prepare_batch)
-    train_to_outcome(chunks, until, start, len(batches), measure_of(until, loop, probe, eval_rows, cfg), ctx)
+    plateau = train_to_outcome(chunks, until, start, len(batches), measure_of(until, loop, probe, eval_rows, cfg), ctx)
+    keep_best(chunks.group, plateau, chunks.trained, ctx)
     if not cfg.on_policy_fraction:
         ctx.metrics(teacher_metrics(chunks.replayed, chunks.trained, loop.journal))
     if probe is not None:
@@ -160,9 +161,10 @@ class Chunks:
         self.trained = end
 
 
-def train_to_outcome(chunks: Chunks, until: Until | None, start: int, total: int, measure, ctx: StageContext) -> None:
+def train_to_outcome(chunks: Chunks, until: Until | None, start: int, total: int, measure, ctx: StageContext):
     """Train until the held-out measure plateaus (or the budget), or the fixed steps; say why it
-    stopped (a log event and distill/stop_reason/<reason> = 1)."""
+    stopped (a log event and distill/stop_reason/<reason> = 1). Returns the evaluations (a
+    Plateau; None without a measure)."""
     if until is None:
         chunks(start, total)
         reason, plateau = STEPS, None
@@ -179,6 +181,27 @@ def train_to_outcome(chunks: Chunks, until: Until | None, start: int, total: int
         )
     ctx.metrics({f"distill/stop_reason/{reason}": 1.0, "distill/steps": float(chunks.trained)})
     ctx.log(stop_message(reason, plateau, chunks.trained))
+    return plateau
+
+
+def keep_best(group: TrainerGroup, plateau, trained: int, ctx: StageContext) -> None:
+    """The student of the best evaluation, not the last (HF Trainer's load_best_model_at_end):
+    its checkpoint, written at that chunk's end, is loaded back when later evaluations did not
+    beat it. distill/best_step is the step the saved student is from."""
+    best = plateau.best() if plateau is not None else None
+    if best is None or best[0] == trained:
+        return
+    metric = plateau.until.metric
+    loaded = with_restarts(group, lambda actors: resume(actors, best[0]), "the best student") if best[0] else None
+    if loaded != best[0]:
+        what = f"step {best[0]}, which has no checkpoint" if best[0] else "the untrained student: no step beat it"
+        ctx.warn(f"distill: the best held-out {metric} was {what}; the saved student is the last (step {trained})")
+        return
+    ctx.metrics({"distill/best_step": float(best[0])})
+    ctx.log(
+        f"student: step {best[0]}'s, the best held-out {metric} ({best[1]:.4g}); the {trained - best[0]} "
+        "steps after it did not beat it"
+    )
 
 
 def measure_of(until: Until | None, loop: TrainLoop, probe, rows: list[dict], cfg: DistillConfig):

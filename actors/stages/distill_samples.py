@@ -14,6 +14,7 @@ import pyarrow as pa
 from stillroom.actors.algo import filters
 from stillroom.actors.algo.objectives import KdObjective
 from stillroom.actors.common import datasets
+from stillroom.actors.common.distill_sampling import teacher_sampling
 from stillroom.actors.models.loading import encode_examples, encode_prompt
 from stillroom.actors.roles.generator import SamplingParams
 from stillroom.actors.roles.scorer import failure_metrics
@@ -44,13 +45,9 @@ class DistillConfig:
 
     @classmethod
     def of(cls, p: pb.DistillStage) -> DistillConfig:
-        n, temperature = p.num_samples or 4, p.temperature or 1.0
-        sampling = SamplingParams(
-            n=n,
-            max_new_tokens=p.max_new_tokens or 64,
-            temperature=p.sampling_temperature if p.HasField("sampling_temperature") else 1.0,
-            topk_logprobs=p.top_k or 8,
-        )
+        n, t = teacher_sampling(p)
+        temperature = p.temperature or 1.0
+        sampling = SamplingParams(n=n, max_new_tokens=p.max_new_tokens or 64, temperature=t, topk_logprobs=p.top_k or 8)
         alpha = p.alpha if p.HasField("alpha") else 0.5
         objective = KdObjective(alpha, p.kd_loss or "forward_kl", p.jsd_beta or 0.5, temperature, p.scale_by_t2)
         on_policy = getattr(p, "lambda") or (1.0 if p.mode == "on_policy" else 0.0)

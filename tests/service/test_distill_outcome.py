@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from stillroom.v1 import job_pb2 as pb
 
 from tests.service.helpers import metric_series
@@ -34,9 +35,13 @@ def test_distill_trains_until_the_held_out_kl_plateaus_and_evaluate_says_what_it
     assert len(stops) == 1, stops
     trained = metric_series(c, done.id, "distill/steps")[0]
     assert trained == steps[-1] and trained > 12  # beyond the first pass (12 steps of 8 prompts)
+    # the saved student is the best evaluation's (its checkpoint loaded back), not the last one
+    best_step = (metric_series(c, done.id, "distill/best_step") or [trained])[0]
+    assert metric_series(c, done.id, "eval/kl_after") == [pytest.approx(dict(kls)[best_step], rel=1e-4)]
     if trained < 48:  # stopped at the plateau: the last evaluation did not beat the best
         assert stops[0].startswith("stop_reason=plateau") and metric_series(c, done.id, "distill/stop_reason/plateau")
         assert min(v for _, v in kls[:-1]) * 0.99 <= kls[-1][1]
+        assert 0 < best_step < trained and any(f"student: step {best_step:.0f}'s" in e.message for e in events)
     else:
         assert stops[0].startswith("stop_reason=budget")
     # the teacher labelled the prompts once; every further pass replayed its journal

@@ -28,6 +28,25 @@ def test_until_is_the_default_and_fixed_steps_opt_out():
     assert Until.of(asked, 30) == Until("json_valid", 3, 40, 5, 0.01)
 
 
+def test_the_teacher_labels_with_its_greedy_answer_unless_asked_for_samples():
+    """Unset: one greedy answer per prompt (what the teacher serves; issue 27's arithmetic teacher's
+    4 samples at T 1 agreed 27% of the time). Several samples at T 1 when num_samples > 1 or a
+    filter that chooses among samples is named; an explicit temperature always wins."""
+    from stillroom.actors.common.distill_sampling import teacher_sampling
+    from stillroom.actors.stages.distill_samples import DistillConfig
+
+    assert teacher_sampling(pb.DistillStage()) == (1, 0.0)
+    assert teacher_sampling(pb.DistillStage(filter="valid_only")) == (1, 0.0)
+    assert teacher_sampling(pb.DistillStage(filter="min_reward", min_reward=0.5)) == (1, 0.0)
+    assert teacher_sampling(pb.DistillStage(filter="best_of_n")) == (4, 1.0)
+    assert teacher_sampling(pb.DistillStage(filter="majority_vote")) == (4, 1.0)
+    assert teacher_sampling(pb.DistillStage(num_samples=2)) == (2, 1.0)
+    assert teacher_sampling(pb.DistillStage(sampling_temperature=0.7)) == (1, 0.7)
+    assert teacher_sampling(pb.DistillStage(num_samples=3, sampling_temperature=0.5)) == (3, 0.5)
+    sampling = DistillConfig.of(pb.DistillStage()).sampling
+    assert (sampling.n, sampling.temperature) == (1, 0.0)
+
+
 def test_plateau_counts_evaluations_since_the_last_real_improvement():
     """KL (lower is better), min_delta 1%: 1.0 -> 0.5 improves; 0.498 is within 1% of 0.5 (no
     improvement); 0.51 worse: two evaluations without one, patience 2 -> stop."""

@@ -80,7 +80,12 @@ def test_grpo_temperature_zero_is_refused_and_unset_means_one(data_root):
         (
             {"distill": {"sampling_temperature": 0, "num_samples": 4}},
             "stages[0].distill.num_samples",
-            "greedy answers are all alike: set 1",
+            "4 greedy answers are all alike: set 1",
+        ),
+        (  # a filter that chooses among samples asks for 4 by default
+            {"distill": {"sampling_temperature": 0, "filter": "best_of_n"}},
+            "stages[0].distill.num_samples",
+            "4 greedy answers are all alike: set 1",
         ),
         (
             {"distill": {"kd_loss": "mse"}},
