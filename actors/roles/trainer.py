@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -374,6 +375,10 @@ class Trainer:
         dist.barrier()
         return str(root / tag)
 
+    def prune_checkpoints(self, keep: list[int]) -> list[str]:
+        """Delete this rank's complete checkpoints saved at data cursors outside `keep`."""
+        return checkpoints_pruned(self.spec.checkpoint_dir, set(keep))
+
     def resume(self, cursor: int | None = None) -> int:
         """Load the newest complete checkpoint (or the one saved at data cursor `cursor`), if any;
         return its data cursor (0 when none)."""
@@ -398,3 +403,17 @@ def latest_complete(checkpoint_dir: str, cursor: int | None = None) -> str | Non
     if cursor is not None:
         done = [p for p in done if json.loads((p / COMPLETE).read_text())["cursor"] == cursor]
     return done[-1].name if done else None
+
+
+def checkpoints_pruned(checkpoint_dir: str, keep: set[int]) -> list[str]:
+    """Delete the complete checkpoints saved at data cursors outside `keep` (a distill stage keeps
+    its best evaluation's and its newest: one is ~16 bytes a parameter with Adam's state). Returns
+    the deleted tags."""
+    root = Path(checkpoint_dir)
+    gone = []
+    for path in sorted(root.glob("step-*")) if root.exists() else []:
+        marker = path / COMPLETE
+        if marker.exists() and json.loads(marker.read_text())["cursor"] not in keep:
+            shutil.rmtree(path, ignore_errors=True)  # every rank prunes: on a shared disk, one wins
+            gone.append(path.name)
+    return gone

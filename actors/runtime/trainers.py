@@ -99,6 +99,11 @@ def resume(trainers: Group, cursor: int | None = None) -> int:
     return ray.get([t.resume.remote(cursor) for t in trainers])[0]
 
 
+def prune_checkpoints(trainers: Group, keep: set[int]) -> None:
+    """Every rank deletes its checkpoints saved at data cursors outside `keep`."""
+    ray.get([t.prune_checkpoints.remote(sorted(keep)) for t in trainers])
+
+
 def save_checkpoint(trainers: Group, cursor: int) -> None:
     ray.get([t.save_checkpoint.remote(cursor) for t in trainers])
 

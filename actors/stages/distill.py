@@ -30,7 +30,7 @@ from stillroom.actors.runtime.context import StageContext
 from stillroom.actors.runtime.journal import Journal
 from stillroom.actors.runtime.loop import TrainLoop
 from stillroom.actors.runtime.restarts import TrainerGroup, run_steps, with_restarts
-from stillroom.actors.runtime.trainers import eval_sums, resume, save_checkpoint, weights
+from stillroom.actors.runtime.trainers import eval_sums, prune_checkpoints, resume, save_checkpoint, weights
 from stillroom.actors.stages.distill_samples import DistillConfig, prepare, without_passages
 from stillroom.actors.stages.distill_until import BUDGET, KL, STEPS, Until, stop_message, train_until
 from stillroom.actors.stages.index import prompt_rows, retrieved
@@ -177,11 +177,26 @@ def train_to_outcome(chunks: Chunks, until: Until | None, start: int, total: int
         reason, plateau = BUDGET, None
     else:
         reason, plateau = train_until(
-            chunks, measure, until, start, ctx.metrics, ctx.artifact_dir / ctx.stage / "until.json"
+            chunks,
+            measure,
+            until,
+            start,
+            ctx.metrics,
+            ctx.artifact_dir / ctx.stage / "until.json",
+            partial(prune, chunks.group),
         )
     ctx.metrics({f"distill/stop_reason/{reason}": 1.0, "distill/steps": float(chunks.trained)})
     ctx.log(stop_message(reason, plateau, chunks.trained))
     return plateau
+
+
+def prune(group: TrainerGroup, plateau) -> None:
+    """After each evaluation, only the checkpoints of the best one so far and the newest stay (one
+    is ~16 bytes a parameter with Adam's state): a restarted trainer resumes from the newest,
+    keep_best loads the best."""
+    best = plateau.best()
+    keep = {plateau.history[-1][0]} | ({best[0]} if best else set())
+    with_restarts(group, lambda actors: prune_checkpoints(actors, keep), "pruning checkpoints")
 
 
 def keep_best(group: TrainerGroup, plateau, trained: int, ctx: StageContext) -> None:

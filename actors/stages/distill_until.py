@@ -98,10 +98,12 @@ def train_until(
     start: int,
     report: Callable[[dict[str, float]], None],
     history_file: Path,
+    evaluated_at: Callable[[Plateau], None] = lambda plateau: None,
 ) -> tuple[str, Plateau]:
     """run_chunk(done, end) trains steps done..end-1; measure() the held-out value after it. Every
     eval_every steps from `start` (a resumed cursor) until plateau or max_steps. Returns the stop
-    reason and the evaluations; each is reported as eval/<metric> at its step."""
+    reason and the evaluations; each is reported as eval/<metric> at its step, then handed to
+    evaluated_at (the stage prunes its checkpoints there)."""
     plateau = Plateau(until, load_history(history_file, start))
     done = start
     if not plateau.history:  # the student before any training: the baseline of the first comparison
@@ -113,6 +115,7 @@ def train_until(
         stop = plateau.add(done, evaluated(measure, until, done, report))
         history_file.parent.mkdir(parents=True, exist_ok=True)
         history_file.write_text(json.dumps(plateau.history))
+        evaluated_at(plateau)
         if stop:
             return PLATEAU, plateau
     return BUDGET, plateau

@@ -5,6 +5,7 @@ as a warning event when below min_retained."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ def test_distill_trains_until_the_held_out_kl_plateaus_and_evaluate_says_what_it
         assert 0 < best_step < trained and any(f"student: step {best_step:.0f}'s" in e.message for e in events)
     else:
         assert stops[0].startswith("stop_reason=budget")
+    # after each evaluation only the best one's and the newest checkpoints stay
+    checkpoints = Path(server.home, "artifacts", done.id, "distill", "checkpoints")
+    saved = {json.loads(m.read_text())["cursor"] for m in checkpoints.glob("step-*/COMPLETE")}
+    assert saved == {best_step, trained}, sorted(p.name for p in checkpoints.iterdir())
     # the teacher labelled the prompts once; every further pass replayed its journal
     assert metric_series(c, done.id, "teacher/generated_batches") == [12.0]
     assert metric_series(c, done.id, "teacher/replayed_batches") == [trained - 12]
