@@ -138,4 +138,5 @@ def stop_message(reason: str, plateau: Plateau | None, steps: int) -> str:
             f"stop_reason={PLATEAU}: held-out {u.metric} did not improve by more than {u.min_delta:g} of its best "
             f"in {u.patience} evaluations (every {u.eval_every} steps); {where}; {steps} steps"
         )
-    return f"stop_reason={BUDGET}: reached until.max_steps {u.max_steps} still improving; {where}"
+    improving = "still improving" if best and best[0] == steps else "its last evaluation no better than the best"
+    return f"stop_reason={BUDGET}: reached until.max_steps {u.max_steps}, {improving}; {where}"

@@ -74,7 +74,7 @@ def test_train_until_stops_at_the_plateau_or_the_budget_and_says_why(tmp_path):
     # a budget it never plateaus within; resumed at step 5 (a checkpoint): the next chunk ends at 10
     chunks.clear()
     falling = iter([0.5 / 2**i for i in range(10)])
-    reason, _ = train_until(
+    reason, falling_plateau = train_until(
         lambda a, b: chunks.append((a, b)),
         lambda: next(falling),
         Until("kl", 2, 25, 10, 0.01),
@@ -83,6 +83,9 @@ def test_train_until_stops_at_the_plateau_or_the_budget_and_says_why(tmp_path):
         tmp_path / "fresh.json",
     )
     assert reason == BUDGET and chunks == [(5, 10), (10, 20), (20, 25)]
+    assert "until.max_steps 25, still improving" in stop_message(reason, falling_plateau, 25)
+    flat = Plateau(Until("kl", 2, 20, 10, 0.01), [(0, 1.0), (10, 0.5), (20, 0.499)])
+    assert "no better than the best; best held-out kl 0.5 at step 10" in stop_message(BUDGET, flat, 20)
     # the history a previous attempt wrote, up to the cursor it resumes from
     reason, plateau = train_until(lambda a, b: None, lambda: 9.0, until, 20, lambda m: None, tmp_path / "u.json")
     assert plateau.history[:3] == [(0, 2.0), (10, 1.0), (20, 0.6)] and reason == PLATEAU
