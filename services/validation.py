@@ -328,7 +328,7 @@ def _distill(s: pb.DistillStage, p: str, v: Violations) -> None:
     v.number(s.temperature, f"{p}.temperature", lo=0, lo_open=True)
     v.number(s.sampling_temperature, f"{p}.sampling_temperature", lo=0)
     n, temperature = teacher_sampling(s)
-    v.check(temperature > 0 or n == 1, f"{p}.num_samples", f"{n} greedy answers are all alike: set 1")
+    v.check(temperature != 0 or n <= 1, f"{p}.num_samples", f"{n} greedy answers are all alike: set 1")
     v.number(s.max_new_tokens, f"{p}.max_new_tokens", lo=1)
     _rewards(s.rewards, f"{p}.rewards", v)
     _optim(s.optim, f"{p}.optim", v, {"batch_size": "each step is prompts_per_step prompts x num_samples"})
