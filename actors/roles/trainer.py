@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -39,12 +38,11 @@ from stillroom.actors.models.loading import (
     use_cores,
     with_new_adapter,
 )
+from stillroom.actors.roles.checkpoints import COMPLETE, checkpoints_pruned, latest_complete
 from stillroom.actors.roles.steps import accumulation_chunks, forward_from_first_loss
 from stillroom.actors.roles.weights import gathered, named_trainable, to_wire, trainable
 from stillroom.actors.runtime.metrics import record, tags_of
 from transformers import get_scheduler
-
-COMPLETE = "COMPLETE"
 
 
 @dataclass(frozen=True)
@@ -393,27 +391,3 @@ class Trainer:
         random.setstate(rng["python"])
         self.step = state["step"]
         return state["cursor"]
-
-
-def latest_complete(checkpoint_dir: str, cursor: int | None = None) -> str | None:
-    """The newest step-N directory with a COMPLETE marker (with `cursor`: the newest saved at that
-    data cursor); half-written ones are ignored."""
-    root = Path(checkpoint_dir)
-    done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.exists() else []
-    if cursor is not None:
-        done = [p for p in done if json.loads((p / COMPLETE).read_text())["cursor"] == cursor]
-    return done[-1].name if done else None
-
-
-def checkpoints_pruned(checkpoint_dir: str, keep: set[int]) -> list[str]:
-    """Delete the complete checkpoints saved at data cursors outside `keep` (a distill stage keeps
-    its best evaluation's and its newest: one is ~16 bytes a parameter with Adam's state). Returns
-    the deleted tags."""
-    root = Path(checkpoint_dir)
-    gone = []
-    for path in sorted(root.glob("step-*")) if root.exists() else []:
-        marker = path / COMPLETE
-        if marker.exists() and json.loads(marker.read_text())["cursor"] not in keep:
-            shutil.rmtree(path, ignore_errors=True)  # every rank prunes: on a shared disk, one wins
-            gone.append(path.name)
-    return gone

@@ -16,9 +16,10 @@ from stillroom.actors.algo.rewards import (
     numeric_match,
     regex_format,
 )
+from stillroom.actors.roles.checkpoints import latest_complete
 from stillroom.actors.roles.generator import Generator, GeneratorSpec, SamplingParams
 from stillroom.actors.roles.scorer import RewardScorer, RewardSpec, ScorerSpec, failure_metrics, resolve
-from stillroom.actors.roles.trainer import Trainer, TrainerSpec, latest_complete
+from stillroom.actors.roles.trainer import Trainer, TrainerSpec
 from stillroom.actors.runtime.batches import batch_id, make_batch, training_arrays
 from stillroom.actors.runtime.channels import END, Channel, Seen, pump
 from stillroom.actors.runtime.journal import Journal
